@@ -1,0 +1,207 @@
+"""DashKVCache: a transformers ``Cache`` that keeps every token and hashes each key once as it is stored.
+
+Layers follow transformers' ``cache_utils`` pattern: ``DashKVCache`` holds one layer object per model layer.
+Full-attention layers are :class:`DashKVLayer` (hashed, or dense for the "sandwich" layers); sliding-window
+layers are transformers' own ``DynamicSlidingWindowLayer``, exact and bounded as usual.
+
+The attention function is not given the cache, so a hashed layer's ``update`` leaves a hand-off for the
+attention call that immediately follows it in the same attention module (:func:`take_pending`). The
+hand-off is matched by tensor identity: attention that receives other keys (another cache, no cache)
+finds nothing and stays exact.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
+
+from .config import DashKVConfig
+from .encoders import HashEncoders, LayerEncoders
+from .layout import ModelLayout
+
+_pending = threading.local()
+_MIN_CAPACITY = 256
+
+
+def take_pending(keys: torch.Tensor) -> "DashKVLayer | None":
+    """The hashed layer whose ``update`` just returned ``keys``, if any; consumes the hand-off."""
+    layer = getattr(_pending, "layer", None)
+    if layer is None or layer.keys is not keys:
+        return None
+    _pending.layer = None
+    return layer
+
+
+class DashKVLayer(CacheLayerMixin):
+    """One full-attention layer's cache: K/V ``[B, Hkv, N, D]`` and, if hashed, key codes ``[B, Hkv, N, bits/8]``.
+
+    Storage grows by doubling, so appending a token costs O(1) amortised instead of a full copy per step
+    (``DynamicLayer`` concatenates). ``keys`` / ``values`` / ``key_codes`` are views of the first ``N`` rows.
+    Nothing is ever evicted: selection happens in attention, afresh at every step.
+
+    Args:
+        encoders: the layer's hash encoders, or ``None`` for a dense layer (full attention, no codes).
+        config: the DashKVConfig the attention reads budgets from.
+    """
+
+    is_sliding = False
+    is_croppable = True
+    is_compileable = False
+
+    def __init__(self, encoders: LayerEncoders | None, config: DashKVConfig):
+        super().__init__()
+        self.encoders = encoders
+        self.config = config
+        self.length = 0
+        self.key_codes: torch.Tensor | None = None
+        self.last_selection: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    @property
+    def hashed(self) -> bool:
+        return self.encoders is not None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        batch, heads, _, head_dim = key_states.shape
+        self._buffers = {
+            "keys": key_states.new_empty(batch, heads, 0, head_dim),
+            "values": value_states.new_empty(batch, heads, 0, value_states.shape[-1]),
+        }
+        if self.hashed:
+            # one model split over devices: each layer's encoders live with that layer's K/V
+            self.encoders.to(self.device)
+            self._buffers["key_codes"] = torch.empty(
+                batch, heads, 0, self.config.code_bytes, dtype=torch.uint8, device=self.device
+            )
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Store new K/V ``[B, Hkv, T, D]`` (hashing the keys) and return all K/V so far, ``[B, Hkv, N, D]``."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        new = {"keys": key_states, "values": value_states}
+        if self.hashed:
+            new["key_codes"] = self.encoders.encode_keys(key_states)
+        start, end = self.length, self.length + key_states.shape[-2]
+        self._reserve(end)
+        for name, tensor in new.items():
+            self._buffers[name][:, :, start:end] = tensor
+        self.length = end
+        self._refresh_views()
+        if self.hashed:
+            if getattr(_pending, "layer", None) is self:  # updated twice and no attention call took it
+                warnings.warn(
+                    "DashKVCache is in use but the model's attention does not read it, so decoding runs full "
+                    "attention. Load the model with attn_implementation='dashkv' (after `import hf_dashkv`), or call "
+                    "model.set_attn_implementation('dashkv').",
+                    stacklevel=2,
+                )
+            _pending.layer = self
+        return self.keys, self.values
+
+    def _reserve(self, needed: int) -> None:
+        capacity = self._buffers["keys"].shape[2]
+        if needed <= capacity:
+            return
+        capacity = max(needed, 2 * capacity, _MIN_CAPACITY)
+        for name, old in self._buffers.items():
+            grown = old.new_empty(*old.shape[:2], capacity, old.shape[3])
+            grown[:, :, : self.length] = old[:, :, : self.length]
+            self._buffers[name] = grown
+
+    def _refresh_views(self) -> None:
+        views = {name: buf[:, :, : self.length] for name, buf in self._buffers.items()}
+        self.keys, self.values = views["keys"], views["values"]
+        self.key_codes = views.get("key_codes")
+
+    def _apply(self, fn) -> None:
+        """Apply ``fn`` to every stored tensor (batch or device changes), keeping only the filled rows."""
+        if self.is_initialized:
+            self._buffers = {name: fn(buf[:, :, : self.length]) for name, buf in self._buffers.items()}
+            self._refresh_views()
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self._buffers = {}
+        self.keys = self.values = self.key_codes = self.last_selection = None
+        self.length = 0
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` tokens (assisted decoding rolls back rejected drafts)."""
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"crop({tokens_to_remove}): pass a negative number of tokens to remove, as transformers does."
+            )
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        self.length = max(0, self.length + tokens_to_remove)
+        self._refresh_views()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._apply(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._apply(lambda t: t[indices])
+
+    def offload(self) -> None:
+        self._apply(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        self._apply(lambda t: t.to(self.device, non_blocking=True))
+
+
+class DashKVCache(Cache):
+    """A transformers ``Cache`` whose full-attention layers decode with DASH-KV hash selection.
+
+    Use it with a model loaded with ``attn_implementation="dashkv"`` (importing ``hf_dashkv`` registers it)::
+
+        cache = DashKVCache(model.config, encoders=HashEncoders.from_pretrained(path))
+        model.generate(**inputs, past_key_values=cache)
+
+    Args:
+        model_config: the model's transformers config.
+        encoders: hash encoders for this model (``HashEncoders.random`` for the untrained baseline).
+        config: budgets and dense layers; defaults to the encoders' own config. Its ``bits`` and
+            ``query_hidden`` must match the encoders'; it may make more layers dense than they cover.
+    """
+
+    def __init__(self, model_config, encoders: HashEncoders | None = None, config: DashKVConfig | None = None):
+        if config is None:
+            if encoders is None:
+                raise ValueError("DashKVCache needs encoders (HashEncoders.from_pretrained or .random) or a config.")
+            config = encoders.config
+        layout = ModelLayout.from_model_config(model_config, config)
+        if layout.hashed_layers and encoders is None:
+            raise ValueError(
+                f"DashKVCache: layers {list(layout.hashed_layers)} are hashed but no encoders were given; pass "
+                "encoders=HashEncoders.from_pretrained(...) (trained) or HashEncoders.random(model.config, config)."
+            )
+        if encoders is not None:
+            encoders.check_compatible(model_config, config)
+        sliding_kwargs = get_layer_types_and_kwargs(model_config.get_text_config(decoder=True))[1]
+        layers: list = []
+        for idx, layer_type in enumerate(layout.layer_types):
+            if layer_type == "sliding_attention":
+                layers.append(DynamicSlidingWindowLayer(**sliding_kwargs[idx]))
+            else:
+                layers.append(DashKVLayer(encoders[idx] if idx in layout.hashed_layers else None, config))
+        super().__init__(layers=layers)
+        self.config = config
+        self.layout = layout
+        self.encoders = encoders

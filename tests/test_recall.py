@@ -1,0 +1,31 @@
+import torch
+
+from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders
+from hf_dashkv.recall import attention_recall, selected_mass
+from tests.tiny import tiny_model
+
+
+def test_selected_mass_is_the_softmax_share_of_the_rows():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 4, 1, 8, generator=g), torch.randn(1, 2, 10, 8, generator=g)
+    every = torch.arange(10).expand(1, 2, 10)
+    assert torch.allclose(selected_mass(q, k, None, every, torch.ones(1, 2, 10, dtype=torch.bool), 0.5), torch.ones(1, 4))
+    rows = torch.tensor([[[0, 3, 0], [9, 9, 9]]])
+    ok = torch.tensor([[[True, True, False], [True, False, False]]])  # padded slots point at rows too
+    mass = selected_mass(q, k, None, rows, ok, 0.5)
+    probs = torch.softmax(torch.einsum("hd,knd->hkn", q[0, :, 0], k[0]) * 0.5, -1)  # [Hq, Hkv, N]
+    assert torch.allclose(mass[0], torch.stack([probs[0, 0, [0, 3]].sum(), probs[1, 0, [0, 3]].sum(), probs[2, 1, 9], probs[3, 1, 9]]))
+
+
+def test_recall_grows_with_the_budget_and_leaves_the_model_as_it_was():
+    model = tiny_model("llama-gqa")
+    ids = torch.randint(3, 97, (1, 120), generator=torch.Generator().manual_seed(0))
+    recalls = []
+    for budget in (4, 32):
+        config = DashKVConfig(bits=32, budget=budget, sink_tokens=2, recent_tokens=4, query_hidden=0, dense_layers=(0,))
+        cache = DashKVCache(model.config, HashEncoders.random(model.config, config), config)
+        recalls.append(attention_recall(model, ids, cache, decode_steps=3))
+    assert sorted(recalls[0]) == [1, 2, 3]
+    for layer, small in recalls[0].items():
+        assert 0 < small <= recalls[1][layer] <= 1 + 1e-6
+    assert model.config._attn_implementation == "dashkv"

@@ -1,0 +1,45 @@
+import torch
+
+from hf_dashkv import DashKVConfig
+from hf_dashkv.codes import pack_signs
+from hf_dashkv.selection import select_rows
+
+
+def random_codes(batch=2, kv_heads=3, group=2, n=50, bits=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = pack_signs(torch.randn(batch, kv_heads, group, bits, generator=g))
+    k = pack_signs(torch.randn(batch, kv_heads, n, bits, generator=g))
+    return q, k
+
+
+def test_selection_holds_sinks_recent_and_budget_and_skips_padding():
+    q, k = random_codes()
+    valid = torch.ones(2, 50, dtype=torch.bool)
+    valid[1, :7] = False  # left padding
+    config = DashKVConfig(bits=32, budget=10, sink_tokens=3, recent_tokens=5)
+    rows, ok = select_rows(q, k, valid, config)
+    assert rows.shape == ok.shape == (2, 3, 18)
+    for b, first in ((0, 0), (1, 7)):
+        for h in range(3):
+            chosen = rows[b, h][ok[b, h]].tolist()
+            assert len(chosen) == len(set(chosen)) == 18
+            assert set(range(first, first + 3)) <= set(chosen)  # sinks: first real tokens
+            assert set(range(45, 50)) <= set(chosen)  # recent window, current token included
+            assert all(valid[b, p] for p in chosen)
+
+
+def test_selection_picks_the_nearest_codes():
+    q, k = random_codes(batch=1, kv_heads=1, group=1, n=40, bits=64)
+    k[0, 0, 20] = q[0, 0, 0]  # an exact match in the middle
+    config = DashKVConfig(bits=64, budget=1, sink_tokens=1, recent_tokens=1)
+    rows, ok = select_rows(q, k, torch.ones(1, 40, dtype=torch.bool), config)
+    assert rows[0, 0].tolist() == [0, 39, 20] and ok.all()
+
+
+def test_overlapping_sinks_and_recent_are_not_counted_twice():
+    q, k = random_codes(batch=1, n=12)
+    valid = torch.ones(1, 12, dtype=torch.bool)
+    valid[0, :9] = False  # only 3 real tokens: sinks fall inside the recent window
+    rows, ok = select_rows(q, k, valid, DashKVConfig(bits=32, budget=2, sink_tokens=2, recent_tokens=3))
+    for h in range(3):
+        assert sorted(rows[0, h][ok[0, h]].tolist()) == [9, 10, 11]

