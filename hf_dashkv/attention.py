@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from . import kernels
 from .cache import take_pending
 from .selection import select_rows
 
@@ -37,14 +38,17 @@ def dashkv_attention_forward(
     query_codes = layer.encoders.encode_query(query[:, :, 0])
     rows, row_valid = select_rows(query_codes, layer.key_codes, valid, layer.config)
     layer.last_selection = (rows, row_valid)
-    return attend_rows(query, key, value, rows, row_valid, scaling), None
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if kernels.supports_attend(key, value):
+        return kernels.attend_rows(query, key, value, rows, row_valid, scale), None
+    return attend_rows(query, key, value, rows, row_valid, scale), None
 
 
 def key_validity(attention_mask: torch.Tensor | None, key: torch.Tensor) -> torch.Tensor:
-    """Which keys the (single) query may see, bool ``[B, N]``, from a 4D bool or additive mask (or ``None``)."""
+    """Which keys the (single) query may see, bool ``[B, N]``, from a 4D bool or additive mask; ``None`` for all."""
     batch, n = key.shape[0], key.shape[2]
     if attention_mask is None:
-        return torch.ones(batch, n, dtype=torch.bool, device=key.device)
+        return None
     last = attention_mask[:, 0, -1, -n:]
     if last.dtype != torch.bool:
         last = last > torch.finfo(last.dtype).min / 2
@@ -71,9 +75,24 @@ def attend_rows(
     """
     batch, heads, _, head_dim = query.shape
     kv_heads = key.shape[1]
-    index = rows.unsqueeze(-1)
-    k = key.gather(2, index.expand(-1, -1, -1, key.shape[-1]))
-    v = value.gather(2, index.expand(-1, -1, -1, value.shape[-1]))
+    k, v = gather_rows(key, rows), gather_rows(value, rows)
     q = query.reshape(batch, kv_heads, heads // kv_heads, head_dim)
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=row_valid.unsqueeze(2), scale=scaling)
     return out.reshape(batch, heads, 1, -1).transpose(1, 2)
+
+
+def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``x[b, h, rows[b, h, m]]`` for ``x [B, H, N, D]`` and ``rows [B, H, M]`` -> ``[B, H, M, D]``.
+
+    One ``index_select`` of whole rows over the storage (each cached head is a block of contiguous rows,
+    also in the cache's over-allocated buffer): copies rows, where ``torch.gather`` reads one index per value.
+    """
+    batch, heads, _, dim = x.shape
+    if x.stride(-1) != 1 or x.stride(-2) != dim or x.stride(1) % dim or x.stride(0) % dim:
+        x = x.contiguous()
+    head_start = (torch.arange(batch, device=x.device).view(-1, 1, 1) * (x.stride(0) // dim)
+                  + torch.arange(heads, device=x.device).view(1, -1, 1) * (x.stride(1) // dim))
+    flat = (head_start + rows).reshape(-1)
+    span = (batch - 1) * (x.stride(0) // dim) + (heads - 1) * (x.stride(1) // dim) + x.shape[2]
+    table = x.as_strided((span, dim), (dim, 1))
+    return table.index_select(0, flat).view(batch, heads, -1, dim)

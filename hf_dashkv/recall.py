@@ -57,7 +57,9 @@ def selected_mass(query, key, attention_mask, rows, row_valid, scaling) -> torch
     scale = scaling if scaling is not None else head_dim**-0.5
     q = query.reshape(batch, kv_heads, heads // kv_heads, head_dim).float()
     scores = torch.einsum("bkgd,bknd->bkgn", q, key.float()) * scale
-    scores = scores.masked_fill(~key_validity(attention_mask, key)[:, None, None, :], float("-inf"))
+    valid = key_validity(attention_mask, key)
+    if valid is not None:
+        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     probs = scores.softmax(-1)
     chosen = torch.zeros(batch, kv_heads, n, dtype=probs.dtype).scatter_add_(2, rows, row_valid.to(probs.dtype))
     return torch.einsum("bkgn,bkn->bkg", probs, chosen.clamp(max=1)).reshape(batch, heads)

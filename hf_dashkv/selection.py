@@ -15,14 +15,14 @@ from .config import DashKVConfig
 
 
 def select_rows(
-    query_codes: torch.Tensor, key_codes: torch.Tensor, valid: torch.Tensor, config: DashKVConfig
+    query_codes: torch.Tensor, key_codes: torch.Tensor, valid: torch.Tensor | None, config: DashKVConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of the cache that one decode step attends to exactly.
 
     Args:
         query_codes: ``[B, Hkv, G, nbytes]`` uint8, the step's query codes grouped by KV head.
         key_codes: ``[B, Hkv, N, nbytes]`` uint8, the cached key codes.
-        valid: bool ``[B, N]``, ``False`` at padding (left padding: a suffix of each row is valid).
+        valid: bool ``[B, N]``, ``False`` at padding, or ``None`` when every key is visible.
         config: sinks, recent window, budget and group reduction.
 
     Returns:
@@ -34,17 +34,29 @@ def select_rows(
     sinks, recent = config.sink_tokens, config.recent_tokens
     budget = config.budget_tokens(n)
     device = key_codes.device
-    positions = torch.arange(n, device=device)
+    if valid is None:
+        first = torch.zeros(batch, dtype=torch.long, device=device)
+        valid = torch.ones(batch, n, dtype=torch.bool, device=device)
+        left_padded = True
+    else:
+        first = valid.int().argmax(-1)  # first non-padding position per sequence
+        left_padded = bool((valid.sum(-1) == n - first).all())  # valid is a suffix of every row
 
-    first = valid.int().argmax(-1)  # first non-padding position per sequence
     sink_rows = (first.unsqueeze(1) + torch.arange(sinks, device=device)).clamp(max=n - 1)  # [B, S]
     sink_ok = valid.gather(1, sink_rows) & (sink_rows < n - recent)
-    recent_rows = positions[n - recent :].expand(batch, -1)  # [B, R]
+    recent_rows = torch.arange(n - recent, n, device=device).expand(batch, -1)  # [B, R]
     recent_ok = valid[:, n - recent :]
 
-    lo = (first + sinks).unsqueeze(1)
-    candidates = valid & (positions >= lo) & (positions < n - recent)  # [B, N]
-    near_rows, near_ok = _nearest_codes(query_codes, key_codes, candidates, budget, config)
+    lo, hi = first + sinks, n - recent  # hashing candidates: after the sinks, before the recent window
+    if left_padded and kernels.supports(key_codes):
+        near_rows, near_ok = kernels.nearest_codes(query_codes, key_codes, lo, hi, budget, config.group_reduce)
+    else:
+        positions = torch.arange(n, device=device)
+        candidates = valid & (positions >= lo.unsqueeze(1)) & (positions < hi)
+        group = query_codes.shape[2]
+        max_distance = config.bits * (group if config.group_reduce == "sum" else 1)
+        distances = group_distances(query_codes, key_codes, config.group_reduce)
+        near_rows, near_ok = nearest(distances, candidates.unsqueeze(1).expand_as(distances), budget, max_distance)
 
     def per_head(t: torch.Tensor) -> torch.Tensor:
         return t.unsqueeze(1).expand(-1, kv_heads, -1)
@@ -52,13 +64,3 @@ def select_rows(
     rows = torch.cat([per_head(sink_rows), per_head(recent_rows), near_rows], dim=-1)
     row_valid = torch.cat([per_head(sink_ok), per_head(recent_ok), near_ok], dim=-1)
     return rows, row_valid
-
-
-def _nearest_codes(query_codes, key_codes, candidates, budget, config):
-    """The ``budget`` candidates nearest to the query group, per KV head: ``([B, Hkv, k], [B, Hkv, k])``."""
-    if kernels.supports(key_codes, candidates):
-        return kernels.nearest_codes(query_codes, key_codes, candidates, budget, config.group_reduce)
-    group = query_codes.shape[2]
-    max_distance = config.bits * (group if config.group_reduce == "sum" else 1)
-    distances = group_distances(query_codes, key_codes, config.group_reduce)
-    return nearest(distances, candidates.unsqueeze(1).expand_as(distances), budget, max_distance)

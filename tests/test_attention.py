@@ -1,7 +1,7 @@
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from hf_dashkv.attention import attend_rows, dashkv_attention_forward, key_validity
+from hf_dashkv.attention import attend_rows, dashkv_attention_forward, gather_rows, key_validity
 
 
 class Module(torch.nn.Module):
@@ -46,7 +46,7 @@ def test_key_validity_reads_bool_and_additive_masks():
     assert torch.equal(key_validity(bool_mask, k), bool_mask[:, 0, 0])
     additive = torch.zeros(2, 1, 1, 4).masked_fill(~bool_mask, torch.finfo(torch.float32).min)
     assert torch.equal(key_validity(additive, k), bool_mask[:, 0, 0])
-    assert key_validity(None, k).all()
+    assert key_validity(None, k) is None
 
 
 def test_without_a_dashkv_cache_it_is_plain_sdpa():
@@ -54,3 +54,13 @@ def test_without_a_dashkv_cache_it_is_plain_sdpa():
     out, _ = dashkv_attention_forward(Module(), q, k, v, None, scaling=0.3)
     ref, _ = sdpa_attention_forward(Module(), q, k, v, None, scaling=0.3)
     assert torch.equal(out, ref)
+
+
+def test_gather_rows_reads_views_of_an_overallocated_buffer():
+    buffer = torch.randn(2, 3, 50, 4)
+    x = buffer[:, :, :20]  # what the cache hands over: the first N rows of a larger buffer
+    rows = torch.randint(0, 20, (2, 3, 7))
+    expected = torch.stack([torch.stack([x[b, h, rows[b, h]] for h in range(3)]) for b in range(2)])
+    assert torch.equal(gather_rows(x, rows), expected)
+    assert torch.equal(gather_rows(x.transpose(2, 3).transpose(2, 3).contiguous(), rows), expected)
+    assert torch.equal(gather_rows(x.to(torch.bfloat16), rows), expected.to(torch.bfloat16))

@@ -2,6 +2,7 @@ import torch
 
 from hf_dashkv import DashKVConfig
 from hf_dashkv.codes import pack_signs
+from hf_dashkv import kernels
 from hf_dashkv.selection import select_rows
 
 
@@ -43,3 +44,21 @@ def test_overlapping_sinks_and_recent_are_not_counted_twice():
     rows, ok = select_rows(q, k, valid, DashKVConfig(bits=32, budget=2, sink_tokens=2, recent_tokens=3))
     for h in range(3):
         assert sorted(rows[0, h][ok[0, h]].tolist()) == [9, 10, 11]
+
+
+def test_kernel_and_reference_paths_agree_and_holes_in_the_mask_are_respected(monkeypatch):
+    q, k = random_codes(batch=2, n=60, bits=64)
+    config = DashKVConfig(bits=64, budget=9, sink_tokens=2, recent_tokens=3)
+    padded = torch.ones(2, 60, dtype=torch.bool)
+    padded[1, :11] = False
+    fast = select_rows(q, k, padded, config)
+    monkeypatch.setattr(kernels, "supports", lambda codes: False)
+    reference = select_rows(q, k, padded, config)
+    assert all(torch.equal(a, b) for a, b in zip(fast, reference))
+
+    holes = padded.clone()
+    holes[0, 20:40] = False  # not left padding: the general (reference) path must honour it
+    monkeypatch.undo()
+    rows, ok = select_rows(q, k, holes, config)
+    assert not any(20 <= p < 40 for p in rows[0][ok[0]].tolist())
+    assert ok[0].sum(-1).eq(14).all()
