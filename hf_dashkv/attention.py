@@ -14,7 +14,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from . import kernels
 from .cache import take_pending
-from .selection import select_rows
+from .selection import first_valid, select_rows
 
 
 def dashkv_attention_forward(
@@ -34,14 +34,21 @@ def dashkv_attention_forward(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
+    config = layer.config
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     valid = key_validity(attention_mask, key)
     query_codes = layer.encoders.encode_query(query[:, :, 0])
-    rows, row_valid = select_rows(query_codes, layer.key_codes, valid, layer.config)
+    first, left_padded = first_valid(valid, key.shape[0], key.device)
+    if left_padded and kernels.supports_decode(key, value):
+        out, rows, row_valid = kernels.decode_attention(
+            query, query_codes, key, value, layer.key_codes, first, config.sink_tokens, config.recent_tokens,
+            config.budget_tokens(n), config.group_reduce, scale,
+        )
+    else:
+        rows, row_valid = select_rows(query_codes, layer.key_codes, valid, config)
+        out = attend_rows(query, key, value, rows, row_valid, scale)
     layer.last_selection = (rows, row_valid)
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if kernels.supports_attend(key, value):
-        return kernels.attend_rows(query, key, value, rows, row_valid, scale), None
-    return attend_rows(query, key, value, rows, row_valid, scale), None
+    return out, None
 
 
 def key_validity(attention_mask: torch.Tensor | None, key: torch.Tensor) -> torch.Tensor:

@@ -205,3 +205,7 @@ class DashKVCache(Cache):
         self.config = config
         self.layout = layout
         self.encoders = encoders
+
+    def added_bytes_per_token(self) -> int:
+        """Bytes DASH-KV stores per cached token beyond plain K/V: the packed key codes of every hashed layer."""
+        return len(self.layout.hashed_layers) * self.layout.num_kv_heads * self.config.code_bytes

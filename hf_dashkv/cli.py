@@ -78,6 +78,47 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import DashKVConfig, HashEncoders
+    from .bench import BenchCase, generate_speed, generate_table, markdown_table, run, selection_speed
+    from .models import load_model
+
+    cases = [
+        BenchCase(shape, dtype, context, budget)
+        for shape in args.shapes
+        for dtype in args.dtypes
+        for budget in args.budgets
+        for context in args.contexts
+    ]
+    out_dir = Path(args.out_dir)
+    results = run(cases, out_dir, bits=args.bits, query_hidden=args.query_hidden, repeats=args.repeats)
+    print("\nDecode attention, one layer, one step (ms, median ± IQR); ratios > 1: DASH-KV is faster\n")
+    print(markdown_table(results))
+    selection = selection_speed(args.contexts, budget=args.budgets[0], bits=args.bits)
+    print(f"\nChoosing the nearest keys (ms, median)\n\n{selection}")
+    (out_dir / "selection.md").write_text(selection + "\n")
+    if args.generate_contexts:
+        model, tokenizer = load_model(args.model)
+        lines = []
+        for dense in (tuple(args.dense_layers), ()):
+            config = DashKVConfig(bits=args.bits, budget=args.budgets[0], dense_layers=dense, query_hidden=args.query_hidden)
+            encoders = HashEncoders.random(model.config, config, seed=0)
+            table = generate_table(generate_speed(model, tokenizer, encoders, config, args.generate_contexts))
+            lines.append(f"\nEnd-to-end generate, {args.model}, dense layers {list(dense)}, decode tokens/s\n\n{table}")
+        print("\n".join(lines))
+        (out_dir / "generate.md").write_text("\n".join(lines) + "\n")
+    print(f"\nwrote {out_dir}/: results.json, results.md, latency.png, selection.md"
+          + (", generate.md" if args.generate_contexts else ""))
+    return 0
+
+
+def _tokens(text: str) -> int:
+    """``4096`` or ``4k`` -> 4096."""
+    return int(text[:-1]) * 1024 if text.lower().endswith("k") else int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dashkv", description="DASH-KV hashed attention for transformers")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +129,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=16)
     _add_config_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+    bench = sub.add_parser("bench", help="decode attention latency and generate tokens/s, full vs DASH-KV")
+    bench.add_argument("--shapes", nargs="+", default=["llama3-8b", "smollm2"], choices=["llama3-8b", "smollm2"])
+    bench.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    bench.add_argument("--contexts", nargs="+", type=_tokens, default=[4096, 16384, 65536, 131072],
+                       help="context lengths, e.g. 4k 16k 128k")
+    bench.add_argument("--budgets", nargs="+", type=_budget, default=[1 / 32, 1 / 16, 2048])
+    bench.add_argument("--bits", type=int, default=32)
+    bench.add_argument("--query-hidden", type=int, default=0, help="query encoder MLP width (0: linear)")
+    bench.add_argument("--repeats", type=int, default=15)
+    bench.add_argument("--out-dir", default="docs/bench")
+    bench.add_argument("--generate-contexts", nargs="*", type=_tokens, default=[8192, 32768],
+                       help="end-to-end generate with --model at these contexts (none: skip)")
+    bench.add_argument("--model", default="smollm2-135m")
+    bench.add_argument("--dense-layers", type=int, nargs="*", default=[0, 1, -2, -1])
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

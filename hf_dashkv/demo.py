@@ -47,7 +47,7 @@ def passkey_prompt(tokenizer, context_tokens: int, passkey: str = "71432", depth
     return PasskeyPrompt(text=text, answer=passkey, num_tokens=len(tokenizer(text).input_ids))
 
 
-class _StepClock(LogitsProcessor):
+class StepClock(LogitsProcessor):
     """Records the time of every generation step; the first step comes right after prefill."""
 
     def __init__(self):
@@ -56,6 +56,11 @@ class _StepClock(LogitsProcessor):
     def __call__(self, input_ids, scores):
         self.times.append(time.perf_counter())
         return scores
+
+    def tokens_per_second(self) -> float:
+        """Decode steps per second, prefill excluded."""
+        steps = len(self.times) - 1
+        return steps / (self.times[-1] - self.times[0]) if steps > 0 else float("nan")
 
 
 @dataclass
@@ -69,7 +74,7 @@ class TimedGeneration:
 def timed_generate(model, tokenizer, prompt: str, cache, max_new_tokens: int) -> TimedGeneration:
     """Greedy ``generate`` with ``cache``, timing decode steps only (prefill excluded)."""
     inputs = tokenizer(prompt, return_tensors="pt")
-    clock = _StepClock()
+    clock = StepClock()
     out = model.generate(
         **inputs,
         past_key_values=cache,
@@ -79,6 +84,4 @@ def timed_generate(model, tokenizer, prompt: str, cache, max_new_tokens: int) ->
         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
     )
     new = out[0, inputs.input_ids.shape[1] :]
-    steps = len(clock.times) - 1
-    rate = steps / (clock.times[-1] - clock.times[0]) if steps > 0 else float("nan")
-    return TimedGeneration(tokenizer.decode(new, skip_special_tokens=True), len(new), rate)
+    return TimedGeneration(tokenizer.decode(new, skip_special_tokens=True), len(new), clock.tokens_per_second())

@@ -23,6 +23,17 @@ from .layout import ModelLayout
 WEIGHTS_NAME = "model.safetensors"
 
 
+def project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Per-head linear map: ``x [..., H, T, D] @ weight [H, D, K] -> [..., H, T, K]``.
+
+    At decode (``T == 1``) a broadcast multiply-sum: the work is tiny, and a batched matmul there costs ~15x
+    more in waking its thread pool (measured ~48 us vs ~3 us on 2 cores with OMP_WAIT_POLICY=PASSIVE).
+    """
+    if x.shape[-2] == 1:
+        return (x.transpose(-1, -2) * weight).sum(-2, keepdim=True)
+    return torch.matmul(x, weight)
+
+
 class KeyEncoder(nn.Module):
     """``k -> k @ W[h] + b[h]`` for each KV head ``h``: ``[B, Hkv, T, D] -> [B, Hkv, T, bits]`` (pre-sign)."""
 
@@ -32,7 +43,7 @@ class KeyEncoder(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_kv_heads, bits))
 
     def forward(self, keys: torch.Tensor) -> torch.Tensor:
-        return torch.matmul(keys.to(self.weight.dtype), self.weight) + self.bias[:, None]
+        return project(keys.to(self.weight.dtype), self.weight) + self.bias[:, None]
 
 
 class QueryEncoder(nn.Module):
@@ -54,14 +65,14 @@ class QueryEncoder(nn.Module):
             self.b3 = nn.Parameter(torch.zeros(num_heads, bits))
 
     def forward(self, queries: torch.Tensor) -> torch.Tensor:
-        # [..., H, 1, D] @ [H, D, K]: one batched matmul per head (einsum is several times slower at decode sizes)
-        q = queries.to(self.proj.dtype).unsqueeze(-2)
-        out = torch.matmul(q, self.proj)
+        lead, (heads, dim) = queries.shape[:-2], queries.shape[-2:]
+        q = queries.to(self.proj.dtype).reshape(-1, heads, dim).transpose(0, 1)  # [H, M, D]
+        out = project(q, self.proj)
         if self.hidden:
-            x = nn.functional.silu(torch.matmul(q, self.w1) + self.b1.unsqueeze(-2))
-            x = nn.functional.silu(torch.matmul(x, self.w2) + self.b2.unsqueeze(-2))
-            out = out + torch.matmul(x, self.w3) + self.b3.unsqueeze(-2)
-        return out.squeeze(-2)
+            x = nn.functional.silu(project(q, self.w1) + self.b1.unsqueeze(1))
+            x = nn.functional.silu(project(x, self.w2) + self.b2.unsqueeze(1))
+            out = out + project(x, self.w3) + self.b3.unsqueeze(1)
+        return out.transpose(0, 1).reshape(*lead, heads, -1)
 
 
 class LayerEncoders(nn.Module):

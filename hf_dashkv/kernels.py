@@ -1,14 +1,20 @@
-"""Compiled CPU kernel: Hamming scoring and nearest-k selection of packed codes in one pass per KV head.
+"""Compiled CPU kernels for the decode step: Hamming scoring, nearest-k selection and sparse attention.
 
-Same definition as ``codes.group_distances`` + ``codes.nearest`` (ties go to the later position), without
-materialising per-token float scores or sorting: per (batch, KV head) it computes integer distances with
-hardware popcount on 64-bit words, counts them into a histogram, reads the threshold off it, and writes
-the chosen positions in ascending order. Rows run in parallel threads.
+They compute exactly the definitions in ``codes.py`` / ``selection.py`` / ``attention.py`` (tested against
+them in ``tests/test_kernels.py``), faster:
 
-Why numba: it ships as a wheel (no compiler at install time, unlike a C++ extension), compiles to LLVM with
-the ``ctpop`` intrinsic, and caches the machine code on disk; ``tests/test_kernels.py`` checks it against the
-PyTorch reference. Where numba is missing or the tensors are not on the CPU, ``supports`` says no and the
-PyTorch reference runs instead.
+- selection: per (batch, KV head), integer distances by hardware popcount over packed words (the inner loop
+  vectorises), a histogram, the threshold read off it, and one pass that writes the chosen positions in
+  ascending order; no per-token float score and no sort;
+- attention: each selected K/V row is read once, straight from the cache buffer (no gathered copy),
+  with software prefetch of the rows ahead, since scattered rows defeat the hardware prefetcher;
+- :func:`decode_attention` does both in one parallel call over (batch, KV head), which saves a thread-pool
+  wake-up and the glue between them.
+
+Why numba: it installs as a wheel (no compiler at install time, unlike a C++ extension), reaches LLVM's
+``ctpop`` and ``prefetch`` intrinsics, runs ``prange`` loops on all cores, and caches machine code on disk.
+Where numba is missing, the tensors are not on the CPU, or the dtype is not fp32/bf16, the PyTorch
+definitions run instead.
 """
 
 from __future__ import annotations
@@ -22,11 +28,12 @@ try:
     from numba import types
     from numba.core import cgutils
     from numba.extending import intrinsic
-except ImportError:  # the reference paths in codes.py and attention.py still work
+except ImportError:  # the PyTorch definitions still work
     numba = None
 
 _PREFETCH_ROWS_AHEAD = 8  # measured best of 2/4/8/16 for random 512-byte rows on the 2-core CI machine
 _CACHE_LINE = 64
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16)  # bf16 travels as its bits (uint16) and is widened in-kernel
 
 
 def supports(key_codes: torch.Tensor) -> bool:
@@ -34,17 +41,22 @@ def supports(key_codes: torch.Tensor) -> bool:
     return numba is not None and key_codes.device.type == "cpu"
 
 
+def supports_decode(key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether :func:`decode_attention` can run on these K/V (CPU, numba, fp32 or bf16)."""
+    return supports(key) and key.dtype in _FLOAT_DTYPES and value.dtype == key.dtype
+
+
 def nearest_codes(
     query_codes: torch.Tensor, key_codes: torch.Tensor, lo: torch.Tensor, hi: int, budget: int, reduce: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused ``nearest(group_distances(query_codes, key_codes, reduce), candidates, budget)``.
+    """``codes.nearest(codes.group_distances(query_codes, key_codes, reduce), candidates, budget)``, compiled.
 
     The candidates of batch row ``b`` are the positions ``lo[b] <= p < hi`` (left padding and sinks below,
     the recent window above).
 
     Args:
         query_codes: ``[B, Hkv, G, nbytes]`` uint8.
-        key_codes: ``[B, Hkv, N, nbytes]`` uint8, a view of the first N rows of a contiguous buffer.
+        key_codes: ``[B, Hkv, N, nbytes]`` uint8 (the cache hands a view of its buffer's first N rows).
         lo: int ``[B]``; hi: int.
         budget: positions to choose per (batch, KV head).
         reduce: ``"sum"`` or ``"min"`` over the G query heads.
@@ -52,49 +64,63 @@ def nearest_codes(
     Returns:
         ``(positions int64 [B, Hkv, budget], valid bool [B, Hkv, budget])``.
     """
-    word = _word_dtype(query_codes.shape[-1])
-    q = query_codes.contiguous().numpy().view(word)
-    k = _row_buffer(key_codes).view(word)
-    batch, heads, group = query_codes.shape[:3]
-    bits = query_codes.shape[-1] * 8
-    max_distance = bits * group if reduce == "sum" else bits
+    batch, heads = query_codes.shape[:2]
     rows = np.zeros((batch, heads, budget), dtype=np.int64)
     valid = np.zeros((batch, heads, budget), dtype=np.bool_)
-    lo = lo.to(torch.int64).contiguous().numpy()
-    _nearest_kernel(q, k, lo, hi, budget, reduce == "sum", max_distance, rows, valid)
+    q, k, max_distance = _code_arrays(query_codes, key_codes, reduce)
+    _nearest_kernel(q, k, lo.to(torch.int64).numpy(), hi, budget, reduce == "sum", max_distance, rows, valid)
     return torch.from_numpy(rows), torch.from_numpy(valid)
 
 
-_ATTEND_DTYPES = {torch.float32: np.float32, torch.bfloat16: np.uint16}  # bf16 travels as its bits
-
-
-def supports_attend(key: torch.Tensor, value: torch.Tensor) -> bool:
-    """Whether :func:`attend_rows` can run on these K/V (CPU, numba, fp32 or bf16)."""
-    return supports(key) and key.dtype in _ATTEND_DTYPES and value.dtype == key.dtype
-
-
-def attend_rows(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rows: torch.Tensor, row_valid: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """Fused gather + exact attention over selected rows; same contract as ``attention.attend_rows``.
-
-    Reads each selected K/V row once, straight from the cache buffer, without copying the rows out first.
+def decode_attention(
+    query: torch.Tensor,
+    query_codes: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_codes: torch.Tensor,
+    first: torch.Tensor,
+    sinks: int,
+    recent: int,
+    budget: int,
+    reduce: str,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One decode step of a hashed layer: ``selection.select_rows`` then ``attention.attend_rows``, fused.
 
     Args:
-        query: ``[B, Hq, 1, D]``; key, value: ``[B, Hkv, N, D]`` views of the cache; rows, row_valid: ``[B, Hkv, M]``.
+        query: ``[B, Hq, 1, D]``; query_codes: ``[B, Hkv, G, nbytes]``.
+        key, value: ``[B, Hkv, N, D]``, key_codes: ``[B, Hkv, N, nbytes]`` (views of the cache's buffers).
+        first: int ``[B]``, the first non-padding position of each sequence (left padding only).
+        sinks, recent, budget, reduce: as in DashKVConfig (budget in tokens).
+        scale: the attention scaling.
 
     Returns:
-        ``[B, 1, Hq, D]`` in the query's dtype.
+        ``(output [B, 1, Hq, D] in the query's dtype, rows [B, Hkv, M], row_valid [B, Hkv, M])``,
+        ``M = sinks + recent + budget``, the same rows ``select_rows`` returns.
     """
     batch, heads, _, head_dim = query.shape
-    kv_heads = key.shape[1]
-    q = query.reshape(batch, kv_heads, heads // kv_heads, head_dim).float().contiguous().numpy()
-    out = np.zeros((batch, kv_heads, heads // kv_heads, value.shape[-1]), dtype=np.float32)
-    _attend_kernel(
-        q, _row_buffer(key), _row_buffer(value), rows.contiguous().numpy(), row_valid.contiguous().numpy(),
-        np.float32(scale), out,
+    kv_heads, n = key.shape[1], key.shape[2]
+    group = heads // kv_heads
+    slots = sinks + recent + budget
+    rows = np.zeros((batch, kv_heads, slots), dtype=np.int64)
+    valid = np.zeros((batch, kv_heads, slots), dtype=np.bool_)
+    out = np.zeros((batch, kv_heads, group, value.shape[-1]), dtype=np.float32)
+    q_codes, k_codes, max_distance = _code_arrays(query_codes, key_codes, reduce)
+    _decode_kernel(
+        query.reshape(batch, kv_heads, group, head_dim).float().numpy(), q_codes, k_codes,
+        _row_buffer(key), _row_buffer(value), first.to(torch.int64).numpy(), n, sinks, recent, budget,
+        reduce == "sum", max_distance, np.float32(scale), rows, valid, out,
     )
-    return torch.from_numpy(out).reshape(batch, heads, 1, -1).transpose(1, 2).to(query.dtype)
+    output = torch.from_numpy(out).reshape(batch, heads, 1, -1).transpose(1, 2).to(query.dtype)
+    return output, torch.from_numpy(rows), torch.from_numpy(valid)
+
+
+def _code_arrays(query_codes: torch.Tensor, key_codes: torch.Tensor, reduce: str):
+    """Codes as arrays of the widest whole word (uint64 for 64-bit multiples), and the largest distance."""
+    word = _word_dtype(query_codes.shape[-1])
+    bits, group = query_codes.shape[-1] * 8, query_codes.shape[2]
+    max_distance = bits * group if reduce == "sum" else bits
+    return query_codes.contiguous().numpy().view(word), _row_buffer(key_codes).view(word), max_distance
 
 
 def _row_buffer(x: torch.Tensor) -> np.ndarray:
@@ -171,92 +197,110 @@ if numba is not None:
 
     @numba.njit(inline="always")
     def _prefetch_row(array, b, h, rows, m):
-        # selected rows are scattered: the hardware prefetcher cannot guess them, so fetch a few rows ahead
         if m + _PREFETCH_ROWS_AHEAD < rows.shape[2]:
             row = rows[b, h, m + _PREFETCH_ROWS_AHEAD]
             for col in range(0, array.shape[3], _CACHE_LINE // array.itemsize):
                 _prefetch(array, b, h, row, col)
 
-    @numba.njit(parallel=True, cache=True, nogil=True, fastmath=True)
-    def _attend_kernel(q, k, v, rows, row_valid, scale, out):
-        batch, heads, group, dim = q.shape
-        slots = rows.shape[2]
-        for r in numba.prange(batch * heads):
-            b = r // heads
-            h = r % heads
-            scores = np.full((group, slots), -np.inf, np.float32)
-            for m in range(slots):
-                _prefetch_row(k, b, h, rows, m)
-                if row_valid[b, h, m]:
-                    row = rows[b, h, m]
-                    for g in range(group):
-                        acc = np.float32(0.0)
-                        for d in range(dim):
-                            acc += q[b, h, g, d] * _as_float(k[b, h, row, d])
-                        scores[g, m] = acc * scale
-            for g in range(group):
-                top = scores[g].max()
-                total = np.float32(0.0)
-                for m in range(slots):
-                    w = np.exp(scores[g, m] - top)
-                    scores[g, m] = w
-                    total += w
-                scores[g] /= total
-            for m in range(slots):
-                _prefetch_row(v, b, h, rows, m)
-                if row_valid[b, h, m]:
-                    row = rows[b, h, m]
-                    for g in range(group):
-                        w = scores[g, m]
-                        for d in range(dim):
-                            out[b, h, g, d] += w * _as_float(v[b, h, row, d])
+    @numba.njit(cache=True, nogil=True, fastmath=True)
+    def _select_nearest(q, k, b, h, lo, hi, budget, reduce_sum, max_distance, rows_out, valid_out, offset):
+        """The ``budget`` positions in ``[lo, hi)`` nearest to (b, h)'s query group, into slots ``offset...``."""
+        group, words = q.shape[2], q.shape[3]
+        count = max(hi - lo, 0)
+        keys = k[b, h, lo:hi]
+        dist = np.zeros(count, np.int32) if reduce_sum else np.full(count, max_distance, np.int32)
+        part = np.empty(count, np.int32)
+        for g in range(group):
+            # flat passes over the codes: the inner loops vectorise (vector popcount where the CPU has it)
+            target = dist if reduce_sum else part
+            if not reduce_sum:
+                part[:] = 0
+            for w in range(words):
+                qw = q[b, h, g, w]
+                for i in range(count):
+                    target[i] += _popcount(qw ^ keys[i, w])
+            if not reduce_sum:
+                for i in range(count):
+                    dist[i] = min(dist[i], part[i])
+        # four interleaved histograms: distances cluster, and one counter would serialise the increments
+        hists = np.zeros((4, max_distance + 1), np.int64)
+        for i in range(count):
+            hists[i & 3, dist[i]] += 1
+        hist = hists.sum(0)
+        take = min(budget, count)
+        threshold = 0
+        below = 0
+        while threshold < max_distance and below + hist[threshold] < take:
+            below += hist[threshold]
+            threshold += 1
+        # ties at the threshold go to the latest positions: find where they start
+        ties = take - below
+        cut = count
+        i = count - 1
+        while ties > 0:
+            if dist[i] == threshold:
+                ties -= 1
+                cut = i
+            i -= 1
+        slot = offset
+        for i in range(count):
+            if dist[i] < threshold or (dist[i] == threshold and i >= cut):
+                rows_out[b, h, slot] = lo + i
+                valid_out[b, h, slot] = True
+                slot += 1
 
-    @numba.njit(parallel=True, cache=True, nogil=True, fastmath=True)
+    @numba.njit(cache=True, nogil=True, fastmath=True)
+    def _attend(q, k, v, b, h, rows, row_valid, scale, out):
+        """Softmax attention of (b, h)'s query group over its selected rows, into ``out[b, h]``."""
+        group, dim = q.shape[2], q.shape[3]
+        slots = rows.shape[2]
+        scores = np.full((group, slots), -np.inf, np.float32)
+        for m in range(slots):
+            _prefetch_row(k, b, h, rows, m)
+            if row_valid[b, h, m]:
+                row = rows[b, h, m]
+                for g in range(group):
+                    acc = np.float32(0.0)
+                    for d in range(dim):
+                        acc += q[b, h, g, d] * _as_float(k[b, h, row, d])
+                    scores[g, m] = acc * scale
+        for g in range(group):
+            top = scores[g].max()
+            total = np.float32(0.0)
+            for m in range(slots):
+                w = np.exp(scores[g, m] - top)
+                scores[g, m] = w
+                total += w
+            scores[g] /= total
+        for m in range(slots):
+            _prefetch_row(v, b, h, rows, m)
+            if row_valid[b, h, m]:
+                row = rows[b, h, m]
+                for g in range(group):
+                    w = scores[g, m]
+                    for d in range(dim):
+                        out[b, h, g, d] += w * _as_float(v[b, h, row, d])
+
+    @numba.njit(parallel=True, cache=True, nogil=True)
     def _nearest_kernel(q, k, lo, hi, budget, reduce_sum, max_distance, rows_out, valid_out):
-        batch, heads, group, words = q.shape
+        batch, heads = q.shape[:2]
         for r in numba.prange(batch * heads):
-            b = r // heads
-            h = r % heads
-            start = lo[b]
-            count = max(hi - start, 0)
-            keys = k[b, h, start:hi]
-            dist = np.zeros(count, np.int32) if reduce_sum else np.full(count, max_distance, np.int32)
-            part = np.empty(count, np.int32)
-            for g in range(group):
-                # flat passes over the codes: the inner loops vectorise (vector popcount where the CPU has it)
-                target = dist if reduce_sum else part
-                if not reduce_sum:
-                    part[:] = 0
-                for w in range(words):
-                    qw = q[b, h, g, w]
-                    for i in range(count):
-                        target[i] += _popcount(qw ^ keys[i, w])
-                if not reduce_sum:
-                    for i in range(count):
-                        dist[i] = min(dist[i], part[i])
-            # four interleaved histograms: distances cluster, and one counter would serialise the increments
-            hists = np.zeros((4, max_distance + 1), np.int64)
-            for i in range(count):
-                hists[i & 3, dist[i]] += 1
-            hist = hists.sum(0)
-            take = min(budget, count)
-            threshold = 0
-            below = 0
-            while threshold < max_distance and below + hist[threshold] < take:
-                below += hist[threshold]
-                threshold += 1
-            # ties at the threshold go to the latest positions: find where they start
-            ties = take - below
-            cut = count
-            i = count - 1
-            while ties > 0:
-                if dist[i] == threshold:
-                    ties -= 1
-                    cut = i
-                i -= 1
-            slot = 0
-            for i in range(count):
-                if dist[i] < threshold or (dist[i] == threshold and i >= cut):
-                    rows_out[b, h, slot] = start + i
-                    valid_out[b, h, slot] = True
-                    slot += 1
+            b, h = r // heads, r % heads
+            _select_nearest(q, k, b, h, lo[b], hi, budget, reduce_sum, max_distance, rows_out, valid_out, 0)
+
+    @numba.njit(parallel=True, cache=True, nogil=True)
+    def _decode_kernel(query, q_codes, k_codes, k, v, first, n, sinks, recent, budget, reduce_sum, max_distance,
+                       scale, rows, valid, out):
+        batch, heads = q_codes.shape[:2]
+        for r in numba.prange(batch * heads):
+            b, h = r // heads, r % heads
+            # same slots as selection.select_rows: sinks, recent window, then the nearest
+            for i in range(sinks):
+                rows[b, h, i] = min(first[b] + i, n - 1)
+                valid[b, h, i] = rows[b, h, i] < n - recent
+            for i in range(recent):
+                rows[b, h, sinks + i] = n - recent + i
+                valid[b, h, sinks + i] = n - recent + i >= first[b]
+            _select_nearest(q_codes, k_codes, b, h, first[b] + sinks, n - recent, budget, reduce_sum, max_distance,
+                            rows, valid, sinks + recent)
+            _attend(query, k, v, b, h, rows, valid, scale, out)

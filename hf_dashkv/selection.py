@@ -14,6 +14,18 @@ from .codes import group_distances, nearest
 from .config import DashKVConfig
 
 
+def first_valid(valid: torch.Tensor | None, batch: int, device) -> tuple[torch.Tensor, bool]:
+    """First non-padding position of each sequence ``[B]``, and whether padding is left padding only.
+
+    Sinks start at the first real token. Left padding (the valid keys of each row are a suffix, what batched
+    ``generate`` produces) is the case the compiled kernels handle; other masks take the general path.
+    """
+    if valid is None:
+        return torch.zeros(batch, dtype=torch.long, device=device), True
+    first = valid.int().argmax(-1)
+    return first, bool((valid.sum(-1) == valid.shape[-1] - first).all())
+
+
 def select_rows(
     query_codes: torch.Tensor, key_codes: torch.Tensor, valid: torch.Tensor | None, config: DashKVConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,13 +46,9 @@ def select_rows(
     sinks, recent = config.sink_tokens, config.recent_tokens
     budget = config.budget_tokens(n)
     device = key_codes.device
+    first, left_padded = first_valid(valid, batch, device)
     if valid is None:
-        first = torch.zeros(batch, dtype=torch.long, device=device)
         valid = torch.ones(batch, n, dtype=torch.bool, device=device)
-        left_padded = True
-    else:
-        first = valid.int().argmax(-1)  # first non-padding position per sequence
-        left_padded = bool((valid.sum(-1) == n - first).all())  # valid is a suffix of every row
 
     sink_rows = (first.unsqueeze(1) + torch.arange(sinks, device=device)).clamp(max=n - 1)  # [B, S]
     sink_ok = valid.gather(1, sink_rows) & (sink_rows < n - recent)

@@ -35,6 +35,13 @@ def test_layers_follow_the_layout():
     assert cache.get_seq_length() == 0
 
 
+def test_added_memory_is_the_codes_only():
+    cache = make_cache()
+    assert cache.added_bytes_per_token() == 3 * 2 * 4  # hashed layers x KV heads x bits/8
+    fill(cache.layers[1], batch=1, tokens=(10,))
+    assert cache.layers[1].key_codes.element_size() * cache.layers[1].key_codes[0, :, 0].numel() == 2 * 4
+
+
 def test_update_stores_every_token_and_hashes_keys_once():
     cache = make_cache()
     layer = cache.layers[1]

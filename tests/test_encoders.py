@@ -70,3 +70,18 @@ def test_folder_without_config_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"something": 1}))
     with pytest.raises(ValueError, match="not written by HashEncoders.save_pretrained"):
         HashEncoders.from_pretrained(tmp_path)
+
+
+def test_query_encoder_is_the_same_map_at_any_batch_shape():
+    config = DashKVConfig(bits=16, query_hidden=8)
+    enc = HashEncoders.random(CONFIGS["llama-gqa"](), config, seed=2)[1].query
+    for w in (enc.w3, enc.b1):
+        w.data.normal_()
+    q = torch.randn(3, 5, 4, 16)  # [B, T, Hq, D]: training sees many positions
+    one_by_one = torch.stack([torch.stack([enc(q[b, t]) for t in range(5)]) for b in range(3)])
+    torch.testing.assert_close(enc(q), one_by_one)
+    head = 2
+    x = torch.nn.functional.silu(q[..., head, :] @ enc.w1[head] + enc.b1[head])
+    x = torch.nn.functional.silu(x @ enc.w2[head] + enc.b2[head])
+    expected = q[..., head, :] @ enc.proj[head] + x @ enc.w3[head] + enc.b3[head]
+    torch.testing.assert_close(enc(q)[..., head, :], expected)

@@ -37,32 +37,47 @@ def test_supports_cpu_only():
     assert not kernels.supports(codes.to("meta"))
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(
     batch=st.integers(1, 2), kv_heads=st.integers(1, 3), group=st.sampled_from([1, 2, 4]),
-    n=st.integers(1, 80), slots=st.integers(1, 40), dim=st.sampled_from([8, 64, 72]),
-    dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16),
+    n=st.integers(2, 120), budget=st.integers(1, 40), dim=st.sampled_from([8, 64, 72]),
+    bits=st.sampled_from([32, 64, 128]), sinks=st.integers(0, 4), recent=st.integers(1, 8),
+    reduce=st.sampled_from(["sum", "min"]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
 )
-def test_fused_attention_equals_gather_then_sdpa(batch, kv_heads, group, n, slots, dim, dtype, seed):
+def test_fused_decode_equals_select_rows_then_attend_rows(
+    batch, kv_heads, group, n, budget, dim, bits, sinks, recent, reduce, dtype, seed
+):
+    from hf_dashkv import DashKVConfig
     from hf_dashkv.attention import attend_rows
+    from hf_dashkv.selection import select_rows
 
+    recent = min(recent, n)
     g = torch.Generator().manual_seed(seed)
     query = torch.randn(batch, kv_heads * group, 1, dim, generator=g).to(dtype)
-    buffer_k = torch.randn(batch, kv_heads, n + 5, dim, generator=g).to(dtype)
-    buffer_v = torch.randn(batch, kv_heads, n + 5, dim, generator=g).to(dtype)
-    key, value = buffer_k[:, :, :n], buffer_v[:, :, :n]  # views of an over-allocated cache buffer
-    rows = torch.randint(0, n, (batch, kv_heads, slots), generator=g)
-    row_valid = torch.rand(batch, kv_heads, slots, generator=g) < 0.8
-    row_valid[..., 0] = True
-    assert kernels.supports_attend(key, value)
-    fused = kernels.attend_rows(query, key, value, rows, row_valid, 0.25)
-    reference = attend_rows(query.float(), key.float(), value.float(), rows, row_valid, 0.25)
-    assert fused.dtype == dtype and fused.shape == (batch, 1, kv_heads * group, dim)
-    torch.testing.assert_close(fused.float(), reference, atol=1e-2 if dtype == torch.bfloat16 else 1e-5, rtol=1e-2)
+    # views of over-allocated cache buffers, as the cache hands them over
+    key = torch.randn(batch, kv_heads, n + 5, dim, generator=g).to(dtype)[:, :, :n]
+    value = torch.randn(batch, kv_heads, n + 5, dim, generator=g).to(dtype)[:, :, :n]
+    key_codes = pack_signs(torch.randn(batch, kv_heads, n + 5, bits, generator=g))[:, :, :n]
+    query_codes = pack_signs(torch.randn(batch, kv_heads, group, bits, generator=g))
+    first = torch.randint(0, n - recent + 1, (batch,), generator=g)  # left padding, keeping the recent window real
+    valid = torch.arange(n) >= first.unsqueeze(1)
+    config = DashKVConfig(bits=bits, budget=budget, sink_tokens=sinks, recent_tokens=recent, group_reduce=reduce)
+
+    assert kernels.supports_decode(key, value)
+    out, rows, row_valid = kernels.decode_attention(
+        query, query_codes, key, value, key_codes, first, sinks, recent, budget, reduce, 0.25
+    )
+    ref_rows, ref_valid = select_rows(query_codes, key_codes, valid, config)
+    assert torch.equal(row_valid, ref_valid)
+    assert torch.equal(rows[row_valid], ref_rows[ref_valid])
+    reference = attend_rows(query.float(), key.float(), value.float(), ref_rows, ref_valid, 0.25)
+    assert out.dtype == dtype and out.shape == (batch, 1, kv_heads * group, dim)
+    torch.testing.assert_close(out.float(), reference, atol=1e-2 if dtype == torch.bfloat16 else 1e-5, rtol=1e-2)
 
 
-def test_fused_attention_is_only_used_where_it_applies():
+def test_fused_decode_is_only_used_where_it_applies():
     x = torch.zeros(1, 1, 4, 8)
-    assert kernels.supports_attend(x, x) and kernels.supports_attend(x.bfloat16(), x.bfloat16())
-    assert not kernels.supports_attend(x.half(), x.half())
-    assert not kernels.supports_attend(x, x.bfloat16())
+    assert kernels.supports_decode(x, x) and kernels.supports_decode(x.bfloat16(), x.bfloat16())
+    assert not kernels.supports_decode(x.half(), x.half())
+    assert not kernels.supports_decode(x, x.bfloat16())
