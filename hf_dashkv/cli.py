@@ -73,7 +73,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(f"\n{'method':<16} {'answer':<{width}}  correct  decode tok/s")
     for name, run in (("full attention", full), ("DASH-KV", dash)):
         ok = "yes" if prompt.answer in run.text else "no"
-        print(f"{name:<16} {run.text.strip()!s:<{width}}  {ok:<7}  {run.decode_tokens_per_s:8.1f}")
+        print(f"{name:<16} {run.text.strip().replace(chr(10), ' '):<{width}}  {ok:<7}  {run.decode_tokens_per_s:8.1f}")
     print(f"\nDASH-KV / full decode speed: {dash.decode_tokens_per_s / full.decode_tokens_per_s:.2f}x")
     return 0
 
@@ -114,6 +114,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lightning(args: argparse.Namespace) -> int:
+    from .lightning_cli import main as lightning_main
+
+    lightning_main([args.command, *args.rest])
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from lightning_modules.export import encoders_from_checkpoint, export
+
+    encoders, facts = encoders_from_checkpoint(args.checkpoint)
+    folder = export(encoders, facts, args.out_dir)
+    print(f"wrote {folder}/config.json, model.safetensors, README.md ({facts['steps']} steps of {facts['base_model']})")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from lightning_modules.export import push
+
+    print(push(args.folder, args.repo_id, private=args.private))
+    return 0
+
+
 def _tokens(text: str) -> int:
     """``4096`` or ``4k`` -> 4096."""
     return int(text[:-1]) * 1024 if text.lower().endswith("k") else int(text)
@@ -145,6 +168,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", default="smollm2-135m")
     bench.add_argument("--dense-layers", type=int, nargs="*", default=[0, 1, -2, -1])
     bench.set_defaults(func=cmd_bench)
+
+    for name in ("fit", "validate"):
+        train = sub.add_parser(name, help=f"the same as `lightning {name}` (LightningCLI; --config recipes/...yaml)",
+                               add_help=False)
+        train.add_argument("rest", nargs=argparse.REMAINDER)
+        train.set_defaults(func=cmd_lightning)
+    export = sub.add_parser("export", help="trained encoders from a training checkpoint, with a model card")
+    export.add_argument("checkpoint")
+    export.add_argument("out_dir")
+    export.set_defaults(func=cmd_export)
+    push = sub.add_parser("push", help="publish an exported encoders folder to the Hugging Face Hub")
+    push.add_argument("folder")
+    push.add_argument("repo_id")
+    push.add_argument("--private", action="store_true")
+    push.set_defaults(func=cmd_push)
     return parser
 
 

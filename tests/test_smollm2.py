@@ -64,7 +64,18 @@ def test_small_budget_attends_only_to_selected_rows(smollm2):
 def test_dashkv_generate_command(capsys):
     from hf_dashkv.cli import main
 
+    from hf_dashkv.cli import shipped_encoders
+
     assert main(["generate", "--context-tokens", "600", "--max-new-tokens", "6"]) == 0
     out = capsys.readouterr().out
-    assert "UNTRAINED random-projection encoders" in out
+    assert f"trained encoders from {shipped_encoders('smollm2-135m')}" in out
     assert "full attention" in out and "DASH-KV / full decode speed" in out
+
+
+def test_shipped_encoders_fit_the_embedded_model(smollm2):
+    from hf_dashkv.cli import shipped_encoders
+
+    model, _ = smollm2
+    encoders = HashEncoders.from_pretrained(str(shipped_encoders("smollm2-135m")))
+    encoders.check_compatible(model.config, encoders.config)
+    assert encoders.config.bits == 64 and len(encoders.layout.hashed_layers) == 26

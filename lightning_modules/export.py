@@ -1,0 +1,130 @@
+"""Exporting trained encoders: safetensors + config + a model card; optionally published to the Hub."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from hf_dashkv import DashKVConfig, HashEncoders, ModelLayout
+
+
+def encoders_from_checkpoint(path: str | Path) -> tuple[HashEncoders, dict]:
+    """The trained encoders of a DashKVDistillation checkpoint, without loading the base model."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if "dashkv" not in checkpoint:
+        raise ValueError(f"{path} is not a DashKVDistillation checkpoint (it has no 'dashkv' entry).")
+    encoders = HashEncoders(ModelLayout(**checkpoint["dashkv"]["layout"]), DashKVConfig(**checkpoint["dashkv"]["config"]))
+    state = {k[len("encoders."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("encoders.")}
+    encoders.load_state_dict(state, strict=True)
+    facts = {
+        "base_model": checkpoint["hyper_parameters"].get("model"),
+        "steps": checkpoint.get("global_step"),
+        "data": checkpoint.get("datamodule_hyper_parameters", {}).get("sources"),
+        "recall": checkpoint["dashkv"].get("recall"),
+    }
+    return encoders, facts
+
+
+def with_dense_layers(encoders: HashEncoders, dense_layers: list[int]) -> HashEncoders:
+    """The same encoders with ``dense_layers`` left dense: their weights dropped, the layout and config updated."""
+    config = DashKVConfig(**{**encoders.config.to_dict(), "dense_layers": tuple(dense_layers)})
+    dense = set(config.resolve_dense_layers(encoders.layout.num_layers))
+    layout = ModelLayout(**{**asdict(encoders.layout),
+                            "hashed_layers": tuple(i for i in encoders.layout.hashed_layers if i not in dense)})
+    kept = HashEncoders(layout, config)
+    for layer in layout.hashed_layers:
+        kept[layer].load_state_dict(encoders[layer].state_dict())
+    return kept
+
+
+def model_card(encoders: HashEncoders, facts: dict) -> str:
+    """A Hub model card: what the encoders are for, how they were trained, and what they measured."""
+    layout, config = encoders.layout, encoders.config
+    recall = facts.get("recall") or {}
+    rows = "\n".join(
+        f"| {layer} | {values['trained']:.3f} | {values['random']:.3f} |" for layer, values in sorted(recall.items())
+    )
+    table = f"| layer | trained | random |\n|---:|---:|---:|\n{rows}" if rows else "(not measured)"
+    return f"""---
+library_name: hf_dashkv
+tags: [dash-kv, kv-cache, long-context]
+---
+# DASH-KV hash encoders for {facts.get('base_model')}
+
+Key and query hash encoders for [hf_dashkv](https://arxiv.org/abs/2604.19351)'s `DashKVCache`.
+
+- base model: `{facts.get('base_model')}` ({layout.model_type}, {layout.num_layers} layers, {layout.num_heads} query /
+  {layout.num_kv_heads} KV heads, head_dim {layout.head_dim})
+- bits: {config.bits}; query encoder hidden width: {config.query_hidden}
+- hashed layers: {list(layout.hashed_layers)}; dense layers: {list(config.dense_layers)}
+- training data: {facts.get('data')}; optimizer steps: {facts.get('steps')}
+- {facts.get('notes', '')}
+
+Attention recall (share of the model's softmax attention mass inside sinks {config.sink_tokens} + recent
+{config.recent_tokens} + the budget {config.budget} chosen by Hamming distance), held-out text:
+
+{table}
+
+```python
+import hf_dashkv
+from hf_dashkv import DashKVCache, HashEncoders
+encoders = HashEncoders.from_pretrained("<this repo or folder>")
+cache = DashKVCache(model.config, encoders)
+```
+"""
+
+
+def export(encoders: HashEncoders, facts: dict, out_dir: str | Path) -> Path:
+    """``save_pretrained``, the model card, and ``training.json`` (the facts, recall included); returns the folder."""
+    out_dir = Path(out_dir)
+    encoders.save_pretrained(out_dir)
+    (out_dir / "README.md").write_text(model_card(encoders, facts))
+    (out_dir / "training.json").write_text(json.dumps(facts, indent=1))
+    return out_dir
+
+
+def read_export(folder: str | Path) -> tuple[HashEncoders, dict]:
+    """An exported folder back: the encoders and the training facts (recall keyed by layer index)."""
+    facts = json.loads((Path(folder) / "training.json").read_text())
+    facts["recall"] = {int(layer): values for layer, values in (facts.get("recall") or {}).items()}
+    return HashEncoders.from_pretrained(folder), facts
+
+
+def push(folder: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
+    """Publish an exported folder to the Hugging Face Hub; returns the repo URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    url = api.create_repo(repo_id, private=private, exist_ok=True)
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="Upload DASH-KV hash encoders")
+    return str(url)
+
+
+class ExportEncoders(L.Callback):
+    """At the end of ``fit`` (rank 0): export the encoders with a model card, and push them if asked.
+
+    Args:
+        out_dir: where to write ``config.json``, ``model.safetensors`` and ``README.md``.
+        push_to_hub: a Hub repo id to publish to, or ``None``.
+    """
+
+    def __init__(self, out_dir: str = "encoders", push_to_hub: str | None = None):
+        self.out_dir = out_dir
+        self.push_to_hub = push_to_hub
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        facts = {
+            "base_model": pl_module.hparams.model,
+            "steps": trainer.global_step,
+            "data": getattr(trainer.datamodule, "sources", None),
+            "recall": getattr(pl_module, "last_recall", None),
+        }
+        folder = export(pl_module.encoders, facts, self.out_dir)
+        if self.push_to_hub:
+            push(folder, self.push_to_hub)

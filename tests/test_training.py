@@ -1,0 +1,217 @@
+"""Training the encoders: the Lightning module, the data module, `lightning fit`, resume, export and push."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from hf_dashkv import HashEncoders
+from hf_dashkv.models import embedded_model_dir
+from lightning_modules import DashKVDistillation, LongTextDataModule
+from lightning_modules.export import encoders_from_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Llama with SmolLM2's tokenizer, saved as a transformers folder, plus a few text documents."""
+    folder = tmp_path_factory.mktemp("tiny")
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir("smollm2-135m"))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # sharper attention than a random init gives, so that there is something to learn
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4)
+            layer.self_attn.k_proj.weight.mul_(4)
+    model.save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    (folder / "docs").mkdir()
+    words = "the of a river mountain city council harbour treaty budget navy winter".split()
+    generator = torch.Generator().manual_seed(1)
+    for i in range(6):
+        picks = torch.randint(0, len(words), (900,), generator=generator).tolist()
+        (folder / "docs" / f"doc{i}.txt").write_text(" ".join(words[j] for j in picks))
+    return folder
+
+
+def tiny_module(tiny_dir, **overrides):
+    kwargs = dict(model=str(tiny_dir / "model"), bits=16, budget=0.125, sink_tokens=2, recent_tokens=8,
+                  query_positions=32, lr=0.02, dense_layers=[0])
+    return DashKVDistillation(**{**kwargs, **overrides})
+
+
+def tiny_data(tiny_dir, **overrides):
+    kwargs = dict(sources=[str(tiny_dir / "docs" / "*.txt")], tokenizer=str(tiny_dir / "model"), seq_len=128,
+                  val_documents=1, max_val_blocks=1)
+    return LongTextDataModule(**{**kwargs, **overrides})
+
+
+def test_a_few_steps_reduce_the_loss_and_raise_recall(tiny_dir):
+    module = tiny_module(tiny_dir, bits=32, beta_start=10.0, beta_end=10.0)
+    ids = torch.randint(0, 1000, (2, 128), generator=torch.Generator().manual_seed(0))
+    captured = module.capture(ids)
+    positions = module.sample_positions(128, 0)
+
+    def kl_and_recall(encoders):
+        kl = sum(module.layer_losses(layer, *captured[layer], positions)["kl"].item() for layer in module.hashed_layers)
+        recall = sum(float(module.layer_recall(encoders, layer, *captured[layer], positions))
+                     for layer in module.hashed_layers)
+        return kl, recall
+
+    kl_before, recall_before = kl_and_recall(module.encoders)
+    optimizer = torch.optim.AdamW([*module.encoders.parameters(), module.log_temperature], lr=0.02)
+    for _ in range(40):
+        loss = 0
+        for layer in module.hashed_layers:
+            parts = module.layer_losses(layer, *captured[layer], positions)
+            loss = loss + parts["kl"] + 0.1 * parts["balance"] + 0.1 * parts["quantization"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    kl_after, recall_after = kl_and_recall(module.encoders)
+    assert kl_after < 0.8 * kl_before
+    assert recall_after > recall_before
+    assert kl_and_recall(module.random_encoders)[1] == pytest.approx(recall_before)  # training started at SimHash
+
+
+def test_capture_leaves_the_model_outputs_unchanged(tiny_dir):
+    module = tiny_module(tiny_dir)
+    ids = torch.randint(0, 1000, (1, 40))
+    reference = LlamaForCausalLM.from_pretrained(tiny_dir / "model", attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        assert torch.equal(module.base(input_ids=ids).logits, reference(input_ids=ids).logits)
+    captured = module.capture(ids)
+    assert sorted(captured) == [0, 1, 2] and captured[1][0].shape == (1, 4, 40, 16)
+
+
+def test_qwen2_family_trains_too(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    Qwen2ForCausalLM(config).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(embedded_model_dir("smollm2-135m")).save_pretrained(tmp_path)
+    module = DashKVDistillation(model=str(tmp_path), bits=16, sink_tokens=2, recent_tokens=8, query_positions=16)
+    captured = module.capture(torch.randint(0, 300, (1, 96)))
+    losses = module.layer_losses(1, *captured[1], module.sample_positions(96, 0))
+    losses["kl"].backward()
+    assert module.encoders[1].query.proj.grad.abs().sum() > 0
+    assert module.encoders[1].key.weight.grad.abs().sum() > 0
+
+
+def test_documents_are_split_not_blocks(tiny_dir):
+    data = tiny_data(tiny_dir)
+    data.prepare_data()
+    data.setup("fit")
+    train, val = data.splits["train"], data.splits["val"]
+    assert train.shape[1] == val.shape[1] == 128 and len(train) > len(val) >= 1
+    train_rows = {tuple(row.tolist()) for row in train}
+    assert not any(tuple(row.tolist()) in train_rows for row in val)
+
+
+class KillAfter(L.Callback):
+    """Stops training abruptly after ``steps`` optimizer steps, as a killed job would (its checkpoint is written)."""
+
+    def __init__(self, steps):
+        self.steps = steps
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step >= self.steps:
+            trainer.should_stop = True
+
+
+def fit(tiny_dir, root, max_steps, ckpt_path=None, kill_after=None):
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=max_steps, use_distributed_sampler=False, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        default_root_dir=root, log_every_n_steps=1,
+        callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=root, every_n_train_steps=2, save_last=True,
+                                                        save_top_k=-1)] + ([KillAfter(kill_after)] if kill_after else []),
+    )
+    L.seed_everything(0)
+    module = tiny_module(tiny_dir)
+    trainer.fit(module, datamodule=tiny_data(tiny_dir), ckpt_path=ckpt_path)
+    return trainer, module
+
+
+def test_resume_after_a_kill_loses_no_step_and_no_data(tiny_dir, tmp_path):
+    _, straight = fit(tiny_dir, tmp_path / "straight", 4)
+    first, _ = fit(tiny_dir, tmp_path / "killed", 4, kill_after=2)  # killed right after the step-2 checkpoint
+    assert first.global_step == 2
+    trainer, resumed = fit(tiny_dir, tmp_path / "killed", 4, ckpt_path="last")
+    assert trainer.global_step == 4
+    for name, tensor in straight.encoders.state_dict().items():
+        assert torch.equal(tensor, resumed.encoders.state_dict()[name]), name
+
+
+def test_export_round_trip_and_push_arguments(tiny_dir, tmp_path, monkeypatch):
+    _, module = fit(tiny_dir, tmp_path, 2)
+    out = tmp_path / "exported"
+    subprocess.run([sys.executable, "-m", "hf_dashkv.cli", "export", str(tmp_path / "last.ckpt"), str(out)],
+                   check=True, cwd=REPO)
+    loaded = HashEncoders.from_pretrained(out)
+    for name, tensor in module.encoders.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
+    card = (out / "README.md").read_text()
+    assert str(tiny_dir / "model") in card and "optimizer steps: 2" in card
+
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls.append(("init", token))
+
+        def create_repo(self, repo_id, private, exist_ok):
+            calls.append(("create_repo", repo_id, private, exist_ok))
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, folder_path, repo_id, commit_message):
+            calls.append(("upload_folder", folder_path, repo_id))
+
+    monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
+    from hf_dashkv.cli import main
+
+    assert main(["push", str(out), "me/tiny-dashkv"]) == 0
+    assert calls[1:] == [("create_repo", "me/tiny-dashkv", False, True), ("upload_folder", str(out), "me/tiny-dashkv")]
+
+
+def test_export_refuses_other_checkpoints(tmp_path):
+    torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match="not a DashKVDistillation checkpoint"):
+        encoders_from_checkpoint(tmp_path / "other.ckpt")
+
+
+def test_lightning_fit_runs_ddp_with_two_processes(tiny_dir, tmp_path):
+    command = [
+        "lightning", "fit", "--config", str(REPO / "recipes" / "smollm2.yaml"),
+        "--model.init_args.model", str(tiny_dir / "model"), "--model.init_args.bits", "16",
+        "--model.init_args.query_positions", "16", "--model.init_args.recent_tokens", "8",
+        "--data.init_args.tokenizer", str(tiny_dir / "model"),
+        "--data.init_args.sources", f"[{tiny_dir / 'docs' / '*.txt'}]", "--data.init_args.seq_len", "128",
+        "--data.init_args.val_documents", "1", "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
+        "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "2",
+    ]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Starting with 2 processes" in done.stderr + done.stdout
+    exported = HashEncoders.from_pretrained(tmp_path / "runs" / "smollm2" / "encoders")
+    assert exported.config.bits == 16
+    assert (tmp_path / "runs" / "smollm2" / "encoders" / "README.md").read_text().count("| 1 |") == 1
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_every_recipe_parses(recipe):
+    done = subprocess.run(["lightning", "fit", "--config", str(recipe), "--print_config"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "class_path: lightning_modules.DashKVDistillation" in done.stdout
