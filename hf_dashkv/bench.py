@@ -158,6 +158,11 @@ def _iqr(values: list[float]) -> float:
     return q[2] - q[0]
 
 
+def budget_label(budget: int | float) -> str:
+    """``1/32`` for a fraction, the token count otherwise."""
+    return f"1/{round(1 / budget)}" if isinstance(budget, float) else str(budget)
+
+
 def markdown_table(results: list[BenchResult]) -> str:
     """Ratio table, one row per case."""
     lines = [
@@ -165,9 +170,8 @@ def markdown_table(results: list[BenchResult]) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
-        budget = f"1/{round(1 / r.budget)}" if isinstance(r.budget, float) else str(r.budget)
         lines.append(
-            f"| {r.shape} | {r.dtype} | {r.context // 1024}k | {budget} | {r.exact_rows} | "
+            f"| {r.shape} | {r.dtype} | {r.context // 1024}k | {budget_label(r.budget)} | {r.exact_rows} | "
             f"{r.sdpa_ms:.2f} ± {r.sdpa_iqr_ms:.2f} | {r.hf_default_ms:.2f} | {r.dashkv_ms:.2f} ± {r.dashkv_iqr_ms:.2f} | "
             f"**{r.speedup:.1f}x** | {r.speedup_vs_default:.1f}x |"
         )
@@ -191,8 +195,7 @@ def plot(results: list[BenchResult], path: Path) -> None:
         ax.plot([r.context for r in first], [r.hf_default_ms for r in first], "k--", label="HF default")
         for budget in budgets:
             sel = [r for r in rows if r.budget == budget]
-            label = f"DASH-KV 1/{round(1 / budget)}" if isinstance(budget, float) else f"DASH-KV {budget}"
-            ax.plot([r.context for r in sel], [r.dashkv_ms for r in sel], "-o", label=label)
+            ax.plot([r.context for r in sel], [r.dashkv_ms for r in sel], "-o", label=f"DASH-KV {budget_label(budget)}")
         ax.set(xscale="log", yscale="log", xlabel="context N (tokens)", ylabel="ms per decode step (one layer)",
                title=f"{shape}, {dtype}")
         ax.grid(True, which="both", alpha=0.3)
@@ -293,9 +296,8 @@ def generate_table(results: list[GenerateResult]) -> str:
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
-        budget = f"1/{round(1 / r.budget)}" if isinstance(r.budget, float) else str(r.budget)
         lines.append(
-            f"| {r.context // 1024}k | {budget} | {r.hf_default_tok_s:.1f} | {r.full_tok_s:.1f} | {r.dashkv_tok_s:.1f} | "
+            f"| {r.context // 1024}k | {budget_label(r.budget)} | {r.hf_default_tok_s:.1f} | {r.full_tok_s:.1f} | {r.dashkv_tok_s:.1f} | "
             f"**{r.dashkv_tok_s / r.full_tok_s:.2f}x** | {r.dashkv_tok_s / r.hf_default_tok_s:.2f}x |"
         )
     return "\n".join(lines)
