@@ -3,8 +3,10 @@
 Registered with transformers on ``import hf_dashkv`` (with the sdpa mask, so padding is honoured), so that
 ``from_pretrained(..., attn_implementation="dashkv")`` uses it. The decode path reads in one direction:
 the cache's ``update`` has stored and hashed the new key -> the query is encoded -> rows are selected ->
-exact attention runs over those rows only. Everything else (prefill, dense layers, sliding layers, another
-cache or none, a budget that covers the context) is plain SDPA, so it is exact by construction.
+exact attention runs over those rows only. On the CPU the hash selector's whole step is one compiled kernel;
+the baselines of ``hf_dashkv.selectors`` take the same path in PyTorch. Everything else (prefill, dense
+layers, sliding layers, another cache or none, a budget that covers the context) is plain SDPA, so it is
+exact by construction.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from . import kernels
 from .cache import take_pending
 from .selection import first_valid, select_rows
+from .selectors import selector_distances
 
 
 def dashkv_attention_forward(
@@ -37,15 +40,16 @@ def dashkv_attention_forward(
     config = layer.config
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     valid = key_validity(attention_mask, key)
-    query_codes = layer.encoders.encode_query(query[:, :, 0])
     first, left_padded = first_valid(valid, key.shape[0], key.device)
-    if left_padded and kernels.supports_decode(key, value):
+    if config.selector == "hash" and left_padded and kernels.supports_decode(key, value):
+        query_codes = layer.encoders.encode_query(query[:, :, 0])
         out, rows, row_valid = kernels.decode_attention(
             query, query_codes, key, value, layer.key_codes, first, config.sink_tokens, config.recent_tokens,
             config.budget_tokens(n), config.group_reduce, scale,
         )
     else:
-        rows, row_valid = select_rows(query_codes, layer.key_codes, valid, config)
+        distances = selector_distances(query[:, :, 0], key, layer, config, scale)
+        rows, row_valid = select_rows(distances, valid, config)
         out = attend_rows(query, key, value, rows, row_valid, scale)
     layer.last_selection = (rows, row_valid)
     return out, None

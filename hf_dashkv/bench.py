@@ -321,7 +321,7 @@ def selection_speed(contexts: list[int], budget: float = 1 / 32, bits: int = 32,
         everything = torch.ones(1, 8, n, dtype=torch.bool)
         runs = {
             "kernel": lambda: kernels.nearest_codes(q, k, torch.zeros(1, dtype=torch.long), n, k_budget, "sum"),
-            "torch": lambda: nearest(group_distances(q, k), everything, k_budget, 4 * bits),
+            "torch": lambda: nearest(group_distances(q, k), everything, k_budget),
         }
         times = {name: [] for name in runs}
         for fn in runs.values():

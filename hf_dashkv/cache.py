@@ -4,7 +4,7 @@ Layers follow transformers' ``cache_utils`` pattern: ``DashKVCache`` holds one l
 Full-attention layers are :class:`DashKVLayer` (hashed, or dense for the "sandwich" layers); sliding-window
 layers are transformers' own ``DynamicSlidingWindowLayer``, exact and bounded as usual.
 
-The attention function is not given the cache, so a hashed layer's ``update`` leaves a hand-off for the
+The attention function is not given the cache, so a sparse layer's ``update`` leaves a hand-off for the
 attention call that immediately follows it in the same attention module (:func:`take_pending`). The
 hand-off is matched by tensor identity: attention that receives other keys (another cache, no cache)
 finds nothing and stays exact.
@@ -21,13 +21,14 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindo
 from .config import DashKVConfig
 from .encoders import HashEncoders, LayerEncoders
 from .layout import ModelLayout
+from .selectors import needs_encoders
 
 _pending = threading.local()
 _MIN_CAPACITY = 256
 
 
 def take_pending(keys: torch.Tensor) -> "DashKVLayer | None":
-    """The hashed layer whose ``update`` just returned ``keys``, if any; consumes the hand-off."""
+    """The sparse layer whose ``update`` just returned ``keys``, if any; consumes the hand-off."""
     layer = getattr(_pending, "layer", None)
     if layer is None or layer.keys is not keys:
         return None
@@ -43,18 +44,20 @@ class DashKVLayer(CacheLayerMixin):
     Nothing is ever evicted: selection happens in attention, afresh at every step.
 
     Args:
-        encoders: the layer's hash encoders, or ``None`` for a dense layer (full attention, no codes).
+        encoders: the layer's hash encoders (its keys are then hashed as they are stored), or ``None``.
         config: the DashKVConfig the attention reads budgets from.
+        sparse: whether decode steps select rows (``False``: a dense layer, always full attention).
     """
 
     is_sliding = False
     is_croppable = True
     is_compileable = False
 
-    def __init__(self, encoders: LayerEncoders | None, config: DashKVConfig):
+    def __init__(self, encoders: LayerEncoders | None, config: DashKVConfig, sparse: bool = True):
         super().__init__()
         self.encoders = encoders
         self.config = config
+        self.sparse = sparse
         self.length = 0
         self.key_codes: torch.Tensor | None = None
         self.last_selection: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -92,7 +95,7 @@ class DashKVLayer(CacheLayerMixin):
             self._buffers[name][:, :, start:end] = tensor
         self.length = end
         self._refresh_views()
-        if self.hashed:
+        if self.sparse:
             if getattr(_pending, "layer", None) is self:  # updated twice and no attention call took it
                 warnings.warn(
                     "DashKVCache is in use but the model's attention does not read it, so decoding runs full "
@@ -176,7 +179,8 @@ class DashKVCache(Cache):
 
     Args:
         model_config: the model's transformers config.
-        encoders: hash encoders for this model (``HashEncoders.random`` for the untrained baseline).
+        encoders: hash encoders for this model (``HashEncoders.random`` for the untrained baseline); not needed
+            (and unused) when ``config.selector`` is a baseline that does not hash.
         config: budgets and dense layers; defaults to the encoders' own config. Its ``bits`` and
             ``query_hidden`` must match the encoders'; it may make more layers dense than they cover.
     """
@@ -187,12 +191,13 @@ class DashKVCache(Cache):
                 raise ValueError("DashKVCache needs encoders (HashEncoders.from_pretrained or .random) or a config.")
             config = encoders.config
         layout = ModelLayout.from_model_config(model_config, config)
-        if layout.hashed_layers and encoders is None:
+        hashing = needs_encoders(config)
+        if layout.hashed_layers and hashing and encoders is None:
             raise ValueError(
                 f"DashKVCache: layers {list(layout.hashed_layers)} are hashed but no encoders were given; pass "
                 "encoders=HashEncoders.from_pretrained(...) (trained) or HashEncoders.random(model.config, config)."
             )
-        if encoders is not None:
+        if encoders is not None and hashing:
             encoders.check_compatible(model_config, config)
         sliding_kwargs = get_layer_types_and_kwargs(model_config.get_text_config(decoder=True))[1]
         layers: list = []
@@ -200,12 +205,15 @@ class DashKVCache(Cache):
             if layer_type == "sliding_attention":
                 layers.append(DynamicSlidingWindowLayer(**sliding_kwargs[idx]))
             else:
-                layers.append(DashKVLayer(encoders[idx] if idx in layout.hashed_layers else None, config))
+                sparse = idx in layout.hashed_layers
+                layers.append(DashKVLayer(encoders[idx] if sparse and hashing else None, config, sparse=sparse))
         super().__init__(layers=layers)
         self.config = config
         self.layout = layout
-        self.encoders = encoders
+        self.encoders = encoders if hashing else None
 
     def added_bytes_per_token(self) -> int:
         """Bytes DASH-KV stores per cached token beyond plain K/V: the packed key codes of every hashed layer."""
+        if self.encoders is None:
+            return 0
         return len(self.layout.hashed_layers) * self.layout.num_kv_heads * self.config.code_bytes

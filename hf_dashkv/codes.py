@@ -50,32 +50,33 @@ def group_distances(query_codes: torch.Tensor, key_codes: torch.Tensor, reduce: 
     return dist.sum(-2, dtype=torch.int32) if reduce == "sum" else dist.amin(-2)
 
 
-def nearest(distances: torch.Tensor, candidates: torch.Tensor, k: int, max_distance: int) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest(distances: torch.Tensor, candidates: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` candidates of smallest distance in each row; ties go to the more recent (later) position.
 
-    This is the definition, in PyTorch (any device). It ranks by one integer key per position, distance first
-    and lateness second, with ``torch.topk``: in PyTorch that measured faster than counting (histogram,
-    threshold, tie pass), which is what the compiled CPU kernel does (``kernels.py``).
+    This is the definition, in PyTorch (any device). Integer distances (Hamming) are ranked by one integer per
+    position, distance first and lateness second, with ``torch.topk``: in PyTorch that measured faster than
+    counting (histogram, threshold, tie pass), which is what the compiled CPU kernel does (``kernels.py``).
+    Float distances (other selectors) are ranked as they are.
 
     Args:
-        distances: int ``[R..., N]`` in ``[0, max_distance]``.
+        distances: ``[R..., N]``, lower is nearer.
         candidates: bool ``[R..., N]``, the positions that may be chosen.
         k: how many to choose per row.
-        max_distance: the largest possible distance.
 
     Returns:
         ``(positions, valid)``, each ``[R..., k]``: chosen positions in ascending order, and ``False`` where a row
         had fewer than ``k`` candidates (those slots hold position 0 and must be masked).
     """
     lead, n = distances.shape[:-1], distances.shape[-1]
-    d = distances.reshape(-1, n).long()
     cand = candidates.reshape(-1, n)
-    later_first = n - 1 - torch.arange(n, device=d.device)
-    rank = torch.where(cand, d * n + later_first, (max_distance + 1) * n)  # non-candidates rank last
-    take = min(k, n)
+    if distances.is_floating_point():
+        rank = torch.where(cand, distances.reshape(-1, n), float("inf"))
+    else:
+        later_first = n - 1 - torch.arange(n, device=distances.device)
+        rank = torch.where(cand, distances.reshape(-1, n).long() * n + later_first, torch.iinfo(torch.long).max)
     chosen = torch.zeros_like(cand)
-    best = rank.topk(take, dim=1, largest=False).indices
-    chosen.scatter_(1, best, True)
+    if k > 0:
+        chosen.scatter_(1, rank.topk(min(k, n), dim=1, largest=False).indices, True)
     return _compact(chosen & cand, k, lead)
 
 

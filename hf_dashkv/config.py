@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 GROUP_REDUCTIONS = ("sum", "min")
+SELECTORS = ("hash", "oracle", "quest", "streaming")
 
 
 @dataclass
@@ -23,6 +24,10 @@ class DashKVConfig:
         query_hidden: width of the query encoder's MLP; 0 makes the query encoder a single linear map.
         group_reduce: how the query heads of one GQA group combine their Hamming distances into the one
             selection they share: ``"sum"`` (mean distance) or ``"min"`` (closest to any head).
+        selector: what picks the budget's tokens: ``"hash"`` (DASH-KV), or a baseline through the same cache and
+            attention path (``hf_dashkv.selectors``): ``"oracle"`` (exact scores, the ceiling), ``"quest"``
+            (per-page key bounds), ``"streaming"`` (no budget: sinks + recent window only).
+        page_size: tokens per page for ``"quest"``.
     """
 
     bits: int = 64
@@ -32,6 +37,8 @@ class DashKVConfig:
     dense_layers: tuple[int, ...] = field(default_factory=tuple)
     query_hidden: int = 256
     group_reduce: str = "sum"
+    selector: str = "hash"
+    page_size: int = 16
 
     def __post_init__(self) -> None:
         # JSON (Hub configs, YAML recipes) gives lists; keep one hashable, comparable form.
@@ -55,6 +62,10 @@ class DashKVConfig:
             raise ValueError(
                 "DashKVConfig.recent_tokens=0: the current token must always attend to itself; use recent_tokens >= 1."
             )
+        if self.selector not in SELECTORS:
+            raise ValueError(f"DashKVConfig.selector={self.selector!r}: choose one of {SELECTORS}.")
+        if not isinstance(self.page_size, int) or self.page_size < 1:
+            raise ValueError(f"DashKVConfig.page_size={self.page_size!r}: must be an int >= 1.")
         if self.group_reduce not in GROUP_REDUCTIONS:
             raise ValueError(f"DashKVConfig.group_reduce={self.group_reduce!r}: choose one of {GROUP_REDUCTIONS}.")
 
@@ -64,7 +75,9 @@ class DashKVConfig:
         return self.bits // 8
 
     def budget_tokens(self, context_length: int) -> int:
-        """The hashing budget in tokens for a context of ``context_length`` tokens."""
+        """The budget in tokens for a context of ``context_length`` tokens (none for the streaming baseline)."""
+        if self.selector == "streaming":
+            return 0
         if isinstance(self.budget, float):
             return max(1, math.ceil(self.budget * context_length))
         return self.budget

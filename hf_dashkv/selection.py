@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import kernels
-from .codes import group_distances, nearest
+from .codes import nearest
 from .config import DashKVConfig
 
 
@@ -18,7 +17,7 @@ def first_valid(valid: torch.Tensor | None, batch: int, device) -> tuple[torch.T
     """First non-padding position of each sequence ``[B]``, and whether padding is left padding only.
 
     Sinks start at the first real token. Left padding (the valid keys of each row are a suffix, what batched
-    ``generate`` produces) is the case the compiled kernels handle; other masks take the general path.
+    ``generate`` produces) is the case the compiled kernel handles; other masks take the general path.
     """
     if valid is None:
         return torch.zeros(batch, dtype=torch.long, device=device), True
@@ -27,26 +26,24 @@ def first_valid(valid: torch.Tensor | None, batch: int, device) -> tuple[torch.T
 
 
 def select_rows(
-    query_codes: torch.Tensor, key_codes: torch.Tensor, valid: torch.Tensor | None, config: DashKVConfig
+    distances: torch.Tensor, valid: torch.Tensor | None, config: DashKVConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of the cache that one decode step attends to exactly.
 
     Args:
-        query_codes: ``[B, Hkv, G, nbytes]`` uint8, the step's query codes grouped by KV head.
-        key_codes: ``[B, Hkv, N, nbytes]`` uint8, the cached key codes.
+        distances: ``[B, Hkv, N]`` from the configured selector (``hf_dashkv.selectors``), lower is nearer.
         valid: bool ``[B, N]``, ``False`` at padding, or ``None`` when every key is visible.
-        config: sinks, recent window, budget and group reduction.
+        config: sinks, recent window and budget.
 
     Returns:
         ``(rows, row_valid)``, each ``[B, Hkv, sinks + recent + budget]``: cache positions (sinks, then the
         recent window, then the nearest in ascending position) and whether each slot is in use. Slots that
         are padding, or duplicates of the recent window, are marked unused.
     """
-    batch, kv_heads, n = key_codes.shape[:3]
+    batch, kv_heads, n = distances.shape
     sinks, recent = config.sink_tokens, config.recent_tokens
-    budget = config.budget_tokens(n)
-    device = key_codes.device
-    first, left_padded = first_valid(valid, batch, device)
+    device = distances.device
+    first, _ = first_valid(valid, batch, device)
     if valid is None:
         valid = torch.ones(batch, n, dtype=torch.bool, device=device)
 
@@ -55,16 +52,10 @@ def select_rows(
     recent_rows = torch.arange(n - recent, n, device=device).expand(batch, -1)  # [B, R]
     recent_ok = valid[:, n - recent :]
 
-    lo, hi = first + sinks, n - recent  # hashing candidates: after the sinks, before the recent window
-    if left_padded and kernels.supports(key_codes):
-        near_rows, near_ok = kernels.nearest_codes(query_codes, key_codes, lo, hi, budget, config.group_reduce)
-    else:
-        positions = torch.arange(n, device=device)
-        candidates = valid & (positions >= lo.unsqueeze(1)) & (positions < hi)
-        group = query_codes.shape[2]
-        max_distance = config.bits * (group if config.group_reduce == "sum" else 1)
-        distances = group_distances(query_codes, key_codes, config.group_reduce)
-        near_rows, near_ok = nearest(distances, candidates.unsqueeze(1).expand_as(distances), budget, max_distance)
+    # candidates: after the sinks, before the recent window
+    positions = torch.arange(n, device=device)
+    candidates = valid & (positions >= (first + sinks).unsqueeze(1)) & (positions < n - recent)
+    near_rows, near_ok = nearest(distances, candidates.unsqueeze(1).expand_as(distances), config.budget_tokens(n))
 
     def per_head(t: torch.Tensor) -> torch.Tensor:
         return t.unsqueeze(1).expand(-1, kv_heads, -1)

@@ -159,7 +159,7 @@ class DashKVDistillation(L.LightningModule):
         ).transpose(-1, -2)
         distance = (cfg.bits - same).unflatten(1, (kv_heads, group)).sum(2).long()  # [B, Hkv, P, T]
         candidates = self.candidate_mask(positions, length).expand_as(distance)
-        rows, ok = nearest(distance, candidates, cfg.budget_tokens(length), cfg.bits * group)
+        rows, ok = nearest(distance, candidates, cfg.budget_tokens(length))
         chosen = torch.zeros_like(distance, dtype=full.dtype).scatter_add_(-1, rows, ok.to(full.dtype)).clamp(max=1)
         always = (keys < cfg.sink_tokens) | (keys > positions.unsqueeze(1) - cfg.recent_tokens)
         chosen = torch.maximum(chosen, always.to(chosen.dtype)).repeat_interleave(group, 1)

@@ -56,11 +56,11 @@ def sort_reference(dist: torch.Tensor, cand: torch.Tensor, k: int) -> list[list[
     rows=st.integers(1, 4), n=st.integers(1, 40), k=st.integers(1, 45),
     max_d=st.integers(0, 8), seed=st.integers(0, 2**16),
 )
-def test_nearest_by_counting_equals_sorting(rows, n, k, max_d, seed):
+def test_nearest_equals_a_sort_with_ties_to_the_later_position(rows, n, k, max_d, seed):
     g = torch.Generator().manual_seed(seed)
     dist = torch.randint(0, max_d + 1, (rows, n), generator=g)  # few values: many ties
     cand = torch.rand(rows, n, generator=g) < 0.7
-    positions, valid = nearest(dist, cand, k, max_d)
+    positions, valid = nearest(dist, cand, k)
     assert positions.shape == valid.shape == (rows, k)
     got = [p[v].tolist() for p, v in zip(positions, valid)]
     assert got == sort_reference(dist, cand, k)

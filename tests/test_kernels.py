@@ -25,8 +25,7 @@ def test_kernel_selects_exactly_the_reference_set(batch, kv_heads, group, n, bud
     cand = (torch.arange(n) >= lo.unsqueeze(1)) & (torch.arange(n) < hi)
     rows, valid = kernels.nearest_codes(q, k, lo, hi, budget, reduce)
     dist = group_distances(q, k, reduce)
-    max_d = bits * (group if reduce == "sum" else 1)
-    ref_rows, ref_valid = nearest(dist, cand.unsqueeze(1).expand_as(dist), budget, max_d)
+    ref_rows, ref_valid = nearest(dist, cand.unsqueeze(1).expand_as(dist), budget)
     assert torch.equal(valid, ref_valid)
     assert torch.equal(rows[valid], ref_rows[ref_valid])
 
@@ -68,7 +67,7 @@ def test_fused_decode_equals_select_rows_then_attend_rows(
     out, rows, row_valid = kernels.decode_attention(
         query, query_codes, key, value, key_codes, first, sinks, recent, budget, reduce, 0.25
     )
-    ref_rows, ref_valid = select_rows(query_codes, key_codes, valid, config)
+    ref_rows, ref_valid = select_rows(group_distances(query_codes, key_codes, reduce), valid, config)
     assert torch.equal(row_valid, ref_valid)
     assert torch.equal(rows[row_valid], ref_rows[ref_valid])
     reference = attend_rows(query.float(), key.float(), value.float(), ref_rows, ref_valid, 0.25)

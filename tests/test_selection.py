@@ -1,8 +1,7 @@
 import torch
 
-from hf_dashkv import DashKVConfig
-from hf_dashkv.codes import pack_signs
-from hf_dashkv import kernels
+from hf_dashkv import DashKVConfig, kernels
+from hf_dashkv.codes import group_distances, pack_signs
 from hf_dashkv.selection import select_rows
 
 
@@ -18,7 +17,7 @@ def test_selection_holds_sinks_recent_and_budget_and_skips_padding():
     valid = torch.ones(2, 50, dtype=torch.bool)
     valid[1, :7] = False  # left padding
     config = DashKVConfig(bits=32, budget=10, sink_tokens=3, recent_tokens=5)
-    rows, ok = select_rows(q, k, valid, config)
+    rows, ok = select_rows(group_distances(q, k), valid, config)
     assert rows.shape == ok.shape == (2, 3, 18)
     for b, first in ((0, 0), (1, 7)):
         for h in range(3):
@@ -33,7 +32,7 @@ def test_selection_picks_the_nearest_codes():
     q, k = random_codes(batch=1, kv_heads=1, group=1, n=40, bits=64)
     k[0, 0, 20] = q[0, 0, 0]  # an exact match in the middle
     config = DashKVConfig(bits=64, budget=1, sink_tokens=1, recent_tokens=1)
-    rows, ok = select_rows(q, k, torch.ones(1, 40, dtype=torch.bool), config)
+    rows, ok = select_rows(group_distances(q, k), torch.ones(1, 40, dtype=torch.bool), config)
     assert rows[0, 0].tolist() == [0, 39, 20] and ok.all()
 
 
@@ -41,24 +40,29 @@ def test_overlapping_sinks_and_recent_are_not_counted_twice():
     q, k = random_codes(batch=1, n=12)
     valid = torch.ones(1, 12, dtype=torch.bool)
     valid[0, :9] = False  # only 3 real tokens: sinks fall inside the recent window
-    rows, ok = select_rows(q, k, valid, DashKVConfig(bits=32, budget=2, sink_tokens=2, recent_tokens=3))
+    rows, ok = select_rows(group_distances(q, k), valid, DashKVConfig(bits=32, budget=2, sink_tokens=2, recent_tokens=3))
     for h in range(3):
         assert sorted(rows[0, h][ok[0, h]].tolist()) == [9, 10, 11]
 
 
-def test_kernel_and_reference_paths_agree_and_holes_in_the_mask_are_respected(monkeypatch):
+def test_holes_in_the_mask_are_respected():
     q, k = random_codes(batch=2, n=60, bits=64)
     config = DashKVConfig(bits=64, budget=9, sink_tokens=2, recent_tokens=3)
-    padded = torch.ones(2, 60, dtype=torch.bool)
-    padded[1, :11] = False
-    fast = select_rows(q, k, padded, config)
-    monkeypatch.setattr(kernels, "supports", lambda codes: False)
-    reference = select_rows(q, k, padded, config)
-    assert all(torch.equal(a, b) for a, b in zip(fast, reference))
-
-    holes = padded.clone()
-    holes[0, 20:40] = False  # not left padding: the general (reference) path must honour it
-    monkeypatch.undo()
-    rows, ok = select_rows(q, k, holes, config)
+    holes = torch.ones(2, 60, dtype=torch.bool)
+    holes[1, :11] = False
+    holes[0, 20:40] = False  # not left padding
+    rows, ok = select_rows(group_distances(q, k), holes, config)
     assert not any(20 <= p < 40 for p in rows[0][ok[0]].tolist())
     assert ok[0].sum(-1).eq(14).all()
+    assert not any(p < 11 for p in rows[1][ok[1]].tolist())
+
+
+def test_the_kernels_nearest_codes_is_the_reference_selection():
+    q, k = random_codes(batch=2, n=60, bits=64)
+    padded = torch.ones(2, 60, dtype=torch.bool)
+    padded[1, :11] = False
+    config = DashKVConfig(bits=64, budget=9, sink_tokens=2, recent_tokens=3)
+    rows, ok = select_rows(group_distances(q, k), padded, config)
+    lo = torch.tensor([2, 13])
+    fast_rows, fast_ok = kernels.nearest_codes(q, k, lo, 57, 9, "sum")
+    assert torch.equal(fast_ok, ok[..., 5:]) and torch.equal(fast_rows[fast_ok], rows[..., 5:][ok[..., 5:]])

@@ -1,0 +1,24 @@
+"""Quest (Tang et al., ICML 2024, arXiv 2406.10774): training-free, query-aware page selection.
+
+Keys are grouped in pages of ``page_size`` tokens; each page keeps the element-wise minimum and maximum of its
+keys. ``sum_d max(q_d * min_d, q_d * max_d)`` is an upper bound on ``q . k`` for every key of the page, and the
+pages with the largest bound (summed over the GQA group) are selected. Every token gets its page's bound, so
+taking the budget nearest tokens takes whole pages, best first. Here the bounds are computed from the keys at
+each step (Quest keeps them as the cache grows); that changes the cost, not which tokens are chosen.
+"""
+
+import torch
+
+
+def quest_distances(query: torch.Tensor, key: torch.Tensor, layer, config, scale: float) -> torch.Tensor:
+    """``query [B, Hq, D]``, ``key [B, Hkv, N, D]`` -> float ``[B, Hkv, N]``: minus each token's page bound."""
+    batch, heads, dim = query.shape
+    kv_heads, n = key.shape[1], key.shape[2]
+    page = config.page_size
+    pages = -(-n // page)
+    padded = torch.nn.functional.pad(key.float(), (0, 0, 0, pages * page - n), value=float("nan"))
+    blocks = padded.view(batch, kv_heads, pages, page, dim)
+    low, high = blocks.nan_to_num(float("inf")).amin(3), blocks.nan_to_num(float("-inf")).amax(3)
+    q = query.reshape(batch, kv_heads, heads // kv_heads, 1, dim).float()
+    bound = torch.maximum(q * low.unsqueeze(2), q * high.unsqueeze(2)).sum(-1).sum(2)  # [B, Hkv, pages]
+    return -bound.repeat_interleave(page, dim=-1)[..., :n]

@@ -1,0 +1,67 @@
+"""Baseline selectors through the same cache, selection and attention path as DASH-KV."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from hf_dashkv import DashKVCache, DashKVConfig
+from hf_dashkv.selection import select_rows
+from hf_dashkv.selectors import selector_distances
+from tests.tiny import tiny_model
+
+
+def hand_made(n=24, dim=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randn(1, 2, dim, generator=g)  # two query heads sharing one KV head
+    key = torch.randn(1, 1, n, dim, generator=g)
+    return query, key
+
+
+def chosen(config, query, key):
+    rows, ok = select_rows(selector_distances(query, key, None, config, 0.5), None, config)
+    return set(rows[0, 0][ok[0, 0]].tolist())
+
+
+def test_oracle_picks_the_true_top_mass():
+    query, key = hand_made()
+    config = DashKVConfig(selector="oracle", budget=5, sink_tokens=1, recent_tokens=2)
+    probs = torch.softmax(query[0] @ key[0, 0].T * 0.5, -1).sum(0)  # group mass per key, head_dim 4
+    candidates = list(range(1, 22))
+    best = sorted(candidates, key=lambda j: -float(probs[j]))[:5]
+    assert chosen(config, query, key) == {0, 22, 23} | set(best)
+
+
+def test_streaming_picks_exactly_sinks_and_recent():
+    query, key = hand_made()
+    config = DashKVConfig(selector="streaming", budget=5, sink_tokens=3, recent_tokens=4)
+    assert chosen(config, query, key) == {0, 1, 2, 20, 21, 22, 23}
+    assert config.exact_tokens(24) == 7
+
+
+def test_quest_page_bound_is_an_upper_bound_and_selects_whole_pages():
+    query, key = hand_made(n=32)
+    config = DashKVConfig(selector="quest", budget=8, sink_tokens=0, recent_tokens=1, page_size=4)
+    bound = -selector_distances(query, key, None, config, 0.5)[0, 0]  # [N], each token's page bound
+    exact = (query[0] @ key[0, 0].T).sum(0)  # group-summed q . k
+    assert torch.all(bound >= exact - 1e-5)
+    picked = sorted(chosen(config, query, key) - {31})
+    pages = {p // 4 for p in picked}
+    assert len(picked) == 8 and len(pages) == 2 and all(sum(p // 4 == page for p in picked) == 4 for page in pages)
+    assert pages == set(torch.topk(bound[::4][:7], 2).indices.tolist())  # the best two pages (page 7 holds recent)
+
+
+@pytest.mark.parametrize("selector", ["oracle", "quest", "streaming"])
+def test_baselines_need_no_encoders_and_are_exact_with_a_covering_budget(selector):
+    sdpa, dash = tiny_model("llama-gqa", "sdpa"), tiny_model("llama-gqa", "dashkv")
+    ids = torch.randint(3, 97, (1, 30), generator=torch.Generator().manual_seed(0))
+    kwargs = dict(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    covering = DashKVConfig(selector=selector, budget=10_000, sink_tokens=4, recent_tokens=40, dense_layers=(0,))
+    ref = sdpa.generate(past_key_values=DynamicCache(config=sdpa.config), **kwargs)
+    assert torch.equal(dash.generate(past_key_values=DashKVCache(dash.config, config=covering), **kwargs), ref)
+
+    small = DashKVConfig(selector=selector, budget=4, sink_tokens=2, recent_tokens=4, dense_layers=(0,))
+    cache = DashKVCache(dash.config, config=small)
+    out = dash.generate(past_key_values=cache, **kwargs)
+    assert out.shape == (1, 38) and cache.added_bytes_per_token() == 0
+    rows, ok = cache.layers[1].last_selection
+    assert int(ok[0, 0].sum()) == 2 + 4 + (0 if selector == "streaming" else 4)
