@@ -87,13 +87,6 @@ def export(encoders: HashEncoders, facts: dict, out_dir: str | Path) -> Path:
     return out_dir
 
 
-def read_export(folder: str | Path) -> tuple[HashEncoders, dict]:
-    """An exported folder back: the encoders and the training facts (recall keyed by layer index)."""
-    facts = json.loads((Path(folder) / "training.json").read_text())
-    facts["recall"] = {int(layer): values for layer, values in (facts.get("recall") or {}).items()}
-    return HashEncoders.from_pretrained(folder), facts
-
-
 def push(folder: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
     """Publish an exported folder to the Hugging Face Hub; returns the repo URL."""
     from huggingface_hub import HfApi
