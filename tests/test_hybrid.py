@@ -1,0 +1,57 @@
+"""Hybrid sliding/global models (Gemma 3 layout): DASH-KV on the global layers only, sliding layers untouched."""
+
+import torch
+from transformers import DynamicCache, Gemma3ForCausalLM, Gemma3TextConfig
+from transformers.cache_utils import DynamicSlidingWindowLayer
+
+from hf_dashkv import DashKVCache, DashKVConfig, DashKVLayer, HashEncoders
+
+# MQA, head_dim 32, its own query scaling (query_pre_attn_scalar) and q/k norms; window 16 < the 60-token prompt
+CONFIG = dict(
+    vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4,
+    num_key_value_heads=1, head_dim=32, sliding_window=16, query_pre_attn_scalar=24, max_position_embeddings=512,
+    layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
+)
+
+
+def gemma3(impl):
+    torch.manual_seed(0)
+    return Gemma3ForCausalLM._from_config(Gemma3TextConfig(**CONFIG), attn_implementation=impl).eval()
+
+
+def inputs():
+    ids = torch.randint(3, 97, (2, 60), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    ids[1, :9], mask[1, :9] = 0, 0  # left padding
+    return dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+
+
+def cache_for(model, config):
+    return DashKVCache(model.config, HashEncoders.random(model.config, config), config)
+
+
+def test_covering_budget_equals_sdpa_greedy_and_beam():
+    sdpa, dash = gemma3("sdpa"), gemma3("dashkv")
+    covering = DashKVConfig(bits=32, budget=10_000, query_hidden=0)
+    for extra in ({}, {"num_beams": 3}):
+        ref = sdpa.generate(past_key_values=DynamicCache(config=sdpa.config), **inputs(), **extra)
+        assert torch.equal(dash.generate(past_key_values=cache_for(dash, covering), **inputs(), **extra), ref)
+
+
+def test_small_budget_hashes_global_layers_only_and_leaves_sliding_layers_as_they_were():
+    dash = gemma3("dashkv")
+    small = DashKVConfig(bits=32, budget=4, sink_tokens=2, recent_tokens=4, query_hidden=0)
+    cache = cache_for(dash, small)
+    assert [i for i, layer in enumerate(cache.layers) if isinstance(layer, DynamicSlidingWindowLayer)] == [0, 1, 3, 4]
+    assert cache.layout.hashed_layers == (2, 5) and sorted(int(i) for i in cache.encoders.layers) == [2, 5]
+    reference = DynamicCache(config=dash.config)
+    with torch.no_grad():
+        ids = inputs()["input_ids"][:1]
+        for cache_ in (cache, reference):
+            dash(ids, past_key_values=cache_)
+            dash(ids[:, -1:], past_key_values=cache_)  # one decode step
+    assert all(isinstance(cache.layers[i], DashKVLayer) and cache.layers[i].last_selection is not None for i in (2, 5))
+    # the sliding layers hold exactly what transformers' own sliding layers hold (layer 0 sees identical inputs)
+    assert torch.equal(cache.layers[0].keys, reference.layers[0].keys)
+    assert cache.layers[0].keys.shape[2] == reference.layers[0].keys.shape[2] < 61
+    assert cache.get_seq_length() == 61
