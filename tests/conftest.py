@@ -1,4 +1,4 @@
-"""Shared fixtures: the real SmolLM2 (slow, once per session)."""
+"""Shared fixtures: the real SmolLM2 and Gemma-3-270M (slow, loaded once per session)."""
 
 import os
 
@@ -15,3 +15,11 @@ def smollm2():
     from hf_dashkv.models import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma3_270m():
+    """The real Gemma-3-270M (15 sliding + 3 global layers) with "dashkv" attention, and its tokenizer."""
+    from hf_dashkv.models import load_model
+
+    return load_model("gemma3-270m")

@@ -1,5 +1,6 @@
 """Hybrid sliding/global models (Gemma 3 layout): DASH-KV on the global layers only, sliding layers untouched."""
 
+import pytest
 import torch
 from transformers import DynamicCache, Gemma3ForCausalLM, Gemma3TextConfig
 from transformers.cache_utils import DynamicSlidingWindowLayer
@@ -55,3 +56,30 @@ def test_small_budget_hashes_global_layers_only_and_leaves_sliding_layers_as_the
     assert torch.equal(cache.layers[0].keys, reference.layers[0].keys)
     assert cache.layers[0].keys.shape[2] == reference.layers[0].keys.shape[2] < 61
     assert cache.get_seq_length() == 61
+
+
+@pytest.mark.slow
+def test_real_gemma3_is_exact_past_its_sliding_window_and_hashes_only_global_layers(gemma3_270m):
+    from hf_dashkv.demo import passkey_prompt
+
+    model, tokenizer = gemma3_270m
+    tokenizer.padding_side = "left"
+    texts = [passkey_prompt(tokenizer, 700).text, passkey_prompt(tokenizer, 600, passkey="90210").text]
+    batch = tokenizer(texts, return_tensors="pt", padding=True)  # both longer than the 512-token window
+    kwargs = dict(**batch, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    covering = DashKVConfig(bits=64, budget=10_000, query_hidden=0)
+    for extra in ({}, {"num_beams": 3}):
+        model.set_attn_implementation("sdpa")
+        try:
+            ref = model.generate(past_key_values=DynamicCache(config=model.config), **kwargs, **extra)
+        finally:
+            model.set_attn_implementation("dashkv")
+        assert torch.equal(model.generate(past_key_values=cache_for(model, covering), **kwargs, **extra), ref)
+    assert "71432" in tokenizer.decode(ref[0, batch.input_ids.shape[1]:])
+
+    small = DashKVConfig(bits=64, budget=32, sink_tokens=4, recent_tokens=32, query_hidden=0)
+    cache = cache_for(model, small)
+    model.generate(past_key_values=cache, **kwargs)
+    selecting = [i for i, layer in enumerate(cache.layers) if getattr(layer, "last_selection", None) is not None]
+    assert selecting == [5, 11, 17]
+    assert all(isinstance(cache.layers[i], DynamicSlidingWindowLayer) for i in range(18) if i not in (5, 11, 17))
