@@ -26,12 +26,20 @@ from hf_dashkv.codes import nearest
 from hf_dashkv.models import load_model
 
 CAPTURE_IMPLEMENTATION = "dashkv-capture"
-_captured: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+_captured: dict[int, tuple[torch.Tensor, torch.Tensor, float]] | None = None
+_capture_until: int = -1
+
+
+class _CaptureDone(Exception):
+    """Raised after the last layer that is needed: the rest of the forward pass (and the LM head) is skipped."""
 
 
 def _capture_attention_forward(module, query, key, value, attention_mask, **kwargs):
     if _captured is not None:
-        _captured[module.layer_idx] = (query.detach(), key.detach())
+        scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5  # the model's own (e.g. Gemma's query scalar)
+        _captured[module.layer_idx] = (query.detach(), key.detach(), scaling)
+        if module.layer_idx == _capture_until:
+            raise _CaptureDone
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -93,13 +101,16 @@ class DashKVDistillation(L.LightningModule):
         return self.hparams.beta_start + (self.hparams.beta_end - self.hparams.beta_start) * progress
 
     @torch.no_grad()
-    def capture(self, input_ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """Post-RoPE ``(query [B, Hq, T, D], key [B, Hkv, T, D])`` of every layer, from one frozen forward pass."""
-        global _captured
+    def capture(self, input_ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor, float]]:
+        """``(query [B, Hq, T, D], key [B, Hkv, T, D], scaling)`` of every layer, post-RoPE, from one frozen pass."""
+        global _captured, _capture_until
         self.base.to(input_ids.device)
-        _captured = {}
+        _captured, _capture_until = {}, max(self.hashed_layers)
         try:
             self.base(input_ids=input_ids, use_cache=False)
+        except _CaptureDone:
+            pass
+        try:
             return _captured
         finally:
             _captured = None
@@ -118,13 +129,12 @@ class DashKVDistillation(L.LightningModule):
         keys = torch.arange(length, device=positions.device)
         return (keys >= self.config.sink_tokens) & (keys <= positions.unsqueeze(1) - self.config.recent_tokens)
 
-    def layer_losses(self, layer: int, query: torch.Tensor, key: torch.Tensor, positions: torch.Tensor) -> dict:
+    def layer_losses(self, layer: int, query: torch.Tensor, key: torch.Tensor, scale: float, positions) -> dict:
         """KL, bit balance and quantization of one layer for the sampled query positions."""
         encoders = self.encoders[layer]
         beta = self.beta
         length, group = key.shape[2], query.shape[1] // key.shape[1]
         q = query[:, :, positions].float()  # [B, Hq, P, D]
-        scale = q.shape[-1] ** -0.5
         candidates = self.candidate_mask(positions, length)  # [P, T]
         keys_per_head = key.float().repeat_interleave(group, dim=1)  # [B, Hq, T, D]
         teacher = (q @ keys_per_head.transpose(-1, -2) * scale).masked_fill(~candidates, float("-inf")).softmax(-1)
@@ -139,7 +149,7 @@ class DashKVDistillation(L.LightningModule):
         return dict(kl=kl, balance=balance, quantization=quantization)
 
     @torch.no_grad()
-    def layer_recall(self, encoders: HashEncoders, layer: int, query, key, positions) -> torch.Tensor:
+    def layer_recall(self, encoders: HashEncoders, layer: int, query, key, scale, positions) -> torch.Tensor:
         """Share of the teacher's full attention mass inside sinks + recent + the budget nearest (hard codes).
 
         As at inference: one selection per KV head from the summed Hamming distances of its query heads; the
@@ -149,7 +159,7 @@ class DashKVDistillation(L.LightningModule):
         length, kv_heads = key.shape[2], key.shape[1]
         group = query.shape[1] // kv_heads
         q = query[:, :, positions].float()
-        full = q @ key.float().repeat_interleave(group, dim=1).transpose(-1, -2) * q.shape[-1] ** -0.5
+        full = q @ key.float().repeat_interleave(group, dim=1).transpose(-1, -2) * scale
         keys = torch.arange(length, device=q.device)
         full = full.masked_fill(keys > positions.unsqueeze(1), float("-inf")).softmax(-1)  # [B, Hq, P, T]
         q_bits = layer_enc.query(q.transpose(1, 2)).gt(0).transpose(1, 2).float()  # [B, Hq, P, bits]

@@ -83,3 +83,13 @@ def test_real_gemma3_is_exact_past_its_sliding_window_and_hashes_only_global_lay
     selecting = [i for i, layer in enumerate(cache.layers) if getattr(layer, "last_selection", None) is not None]
     assert selecting == [5, 11, 17]
     assert all(isinstance(cache.layers[i], DynamicSlidingWindowLayer) for i in range(18) if i not in (5, 11, 17))
+
+
+@pytest.mark.slow
+def test_shipped_gemma3_encoders_fit_its_global_layers(gemma3_270m):
+    from hf_dashkv.cli import shipped_encoders
+
+    model, _ = gemma3_270m
+    encoders = HashEncoders.from_pretrained(str(shipped_encoders("gemma3-270m")))
+    encoders.check_compatible(model.config, encoders.config)
+    assert encoders.layout.hashed_layers == (5, 11, 17) and encoders.config.bits == 128

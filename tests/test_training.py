@@ -89,8 +89,10 @@ def test_capture_leaves_the_model_outputs_unchanged(tiny_dir):
     reference = LlamaForCausalLM.from_pretrained(tiny_dir / "model", attn_implementation="sdpa").eval()
     with torch.no_grad():
         assert torch.equal(module.base(input_ids=ids).logits, reference(input_ids=ids).logits)
-    captured = module.capture(ids)
+    captured = module.capture(ids)  # stops after the last hashed layer
     assert sorted(captured) == [0, 1, 2] and captured[1][0].shape == (1, 4, 40, 16)
+    assert sorted(tiny_module(tiny_dir, dense_layers=[2]).capture(ids)) == [0, 1]
+    assert captured[1][2] == 16**-0.5  # the model's own scaling
 
 
 def test_qwen2_family_trains_too(tmp_path):
