@@ -12,6 +12,7 @@ finds nothing and stays exact.
 
 from __future__ import annotations
 
+import copy
 import threading
 import warnings
 
@@ -208,9 +209,25 @@ class DashKVCache(Cache):
                 sparse = idx in layout.hashed_layers
                 layers.append(DashKVLayer(encoders[idx] if sparse and hashing else None, config, sparse=sparse))
         super().__init__(layers=layers)
+        self.model_config = model_config
         self.config = config
         self.layout = layout
         self.encoders = encoders if hashing else None
+
+    def fork(self, encoders: HashEncoders | None = None, config: DashKVConfig | None = None) -> "DashKVCache":
+        """A new cache holding this cache's tokens under other encoders and/or config; its keys are hashed anew.
+
+        Prefill is exact whatever the method, so several methods can decode from one prefill (``dashkv eval``).
+        Arguments as for :class:`DashKVCache`; this cache is left as it is.
+        """
+        fork = DashKVCache(self.model_config, encoders, config)
+        for index, (mine, theirs) in enumerate(zip(self.layers, fork.layers)):
+            if not isinstance(theirs, DashKVLayer):
+                fork.layers[index] = copy.deepcopy(mine)
+            elif mine.is_initialized:
+                theirs.update(mine.keys, mine.values)
+        _pending.layer = None  # these updates are not followed by attention
+        return fork
 
     def added_bytes_per_token(self) -> int:
         """Bytes DASH-KV stores per cached token beyond plain K/V: the packed key codes of every hashed layer."""

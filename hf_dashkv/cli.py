@@ -19,7 +19,9 @@ def shipped_encoders(model_name: str):
 
 
 def _budget(text: str) -> int | float:
-    value = float(text)
+    """``256`` (tokens), ``0.03125`` or ``1/32`` (a fraction of the context)."""
+    numerator, _, denominator = text.partition("/")
+    value = float(numerator) / float(denominator or 1)
     return int(value) if value >= 1 else value
 
 
@@ -117,6 +119,50 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trained_encoders(model_name: str, path: str | None):
+    """The encoders ``--encoders`` names, or the shipped ones of an embedded model; a clear error otherwise."""
+    from . import HashEncoders
+
+    source = path or shipped_encoders(model_name)
+    if source is None:
+        raise SystemExit(
+            f"no trained encoders ship for {model_name!r}: train them (`dashkv fit --config recipes/...yaml`) and pass "
+            "--encoders OUT_DIR."
+        )
+    return HashEncoders.from_pretrained(str(source))
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .evaluation.longbench import load_longbench
+    from .evaluation.report import write_report
+    from .evaluation.runner import Evaluator, evaluate, setups
+    from .evaluation.suite import build_suite
+    from .models import load_model
+
+    torch_threads_note = os.environ.get("OMP_NUM_THREADS")
+    print(f"loading {args.model} ...", flush=True)
+    model, tokenizer = load_model(args.model)
+    encoders = _trained_encoders(args.model, args.encoders)
+    encoders.check_compatible(model.config, encoders.config)
+    samples = [] if args.no_suite else build_suite(tokenizer, args.context, args.samples, args.tasks, args.seed)
+    if args.longbench_dir:
+        samples += load_longbench(args.longbench_dir, tokenizer, args.longbench_tasks, args.longbench_max_length,
+                                  args.samples)
+    if not samples:
+        raise SystemExit("nothing to evaluate: drop --no-suite or give --longbench-dir.")
+    runs = setups(model.config, encoders, args.methods, args.budgets)
+    out_dir = Path(args.out_dir)
+    print(f"{len(samples)} samples x {len(runs)} method/budget runs -> {out_dir}/"
+          + (f" (OMP_NUM_THREADS={torch_threads_note})" if torch_threads_note else ""))
+    records = evaluate(Evaluator(model, tokenizer, runs), samples, out_dir / "predictions.jsonl")
+    keys = {s.key for s in samples}
+    print("\n" + write_report([r for r in records if r["key"] in keys], out_dir))
+    print(f"\nwrote {out_dir}/: predictions.jsonl, results.md, results.csv, results.png")
+    return 0
+
+
 def cmd_lightning(args: argparse.Namespace) -> int:
     from .lightning_cli import main as lightning_main
 
@@ -172,6 +218,26 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", default="smollm2-135m")
     bench.add_argument("--dense-layers", type=int, nargs="*", default=[0, 1, -2, -1])
     bench.set_defaults(func=cmd_bench)
+
+    from .evaluation.runner import METHODS
+    from .evaluation.suite import TASKS
+
+    ev = sub.add_parser("eval", help="task scores and fidelity: DASH-KV vs full attention and baselines, one run")
+    ev.add_argument("--model", default="smollm2-135m",
+                    help="embedded model (smollm2-135m, gemma3-270m) or a transformers path / Hub id")
+    ev.add_argument("--encoders", default=None, help="trained encoders (folder or Hub id); default: shipped ones")
+    ev.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ev.add_argument("--budgets", nargs="+", type=_budget, default=[1 / 32, 1 / 16], help="e.g. 1/32 1/16 256")
+    ev.add_argument("--context", nargs="+", type=_tokens, default=[4096], help="offline suite lengths, e.g. 4k 8k")
+    ev.add_argument("--tasks", nargs="+", default=None, choices=sorted(TASKS), help="offline tasks (default: all)")
+    ev.add_argument("--samples", type=int, default=4, help="samples per task and length")
+    ev.add_argument("--no-suite", action="store_true", help="skip the offline suite (e.g. LongBench only)")
+    ev.add_argument("--longbench-dir", default=None, help="folder of LongBench's JSONL files (data.zip, unpacked)")
+    ev.add_argument("--longbench-tasks", nargs="+", default=None, help="LongBench task names (default: all English)")
+    ev.add_argument("--longbench-max-length", type=int, default=3500, help="LongBench's prompt truncation length")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--out-dir", default="runs/eval", help="predictions.jsonl (resumable) and the reports")
+    ev.set_defaults(func=cmd_eval)
 
     for name in ("fit", "validate"):
         train = sub.add_parser(name, help=f"the same as `lightning {name}` (LightningCLI; --config recipes/...yaml)",

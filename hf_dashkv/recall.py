@@ -9,6 +9,7 @@ measurement tool; the model's outputs are those of "dashkv".
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import contextmanager
 
 import torch
 from transformers import AttentionInterface
@@ -26,6 +27,9 @@ class _RecallMeter:
         self.cache = cache
         self.sums: dict[int, float] = defaultdict(float)
         self.counts: dict[int, int] = defaultdict(int)
+
+    def per_layer(self) -> dict[int, float]:
+        return {i: self.sums[i] / self.counts[i] for i in sorted(self.counts)}
 
 
 _meter: _RecallMeter | None = None
@@ -65,23 +69,33 @@ def selected_mass(query, key, attention_mask, rows, row_valid, scaling) -> torch
     return torch.einsum("bkgn,bkn->bkg", probs, chosen.clamp(max=1)).reshape(batch, heads)
 
 
-@torch.inference_mode()
-def attention_recall(model, input_ids: torch.Tensor, cache: DashKVCache, decode_steps: int = 8) -> dict[int, float]:
-    """Mean selected attention mass per hashed layer over ``decode_steps`` greedy steps after ``input_ids``.
+@contextmanager
+def measuring_recall(model, cache: DashKVCache):
+    """Within the block, ``model`` decodes as with "dashkv" and records recall for ``cache``; yields the meter.
 
-    Returns ``{layer_idx: recall}``, averaged over query heads, batch and steps.
+    ``meter.per_layer()`` gives ``{layer_idx: recall}`` averaged over query heads, batch and decode steps so far.
     """
     global _meter
     previous = model.config._attn_implementation
     model.set_attn_implementation(RECALL_IMPLEMENTATION)
     _meter = meter = _RecallMeter(cache)
     try:
+        yield meter
+    finally:
+        model.set_attn_implementation(previous)
+        _meter = None
+
+
+@torch.inference_mode()
+def attention_recall(model, input_ids: torch.Tensor, cache: DashKVCache, decode_steps: int = 8) -> dict[int, float]:
+    """Mean selected attention mass per hashed layer over ``decode_steps`` greedy steps after ``input_ids``.
+
+    Returns ``{layer_idx: recall}``, averaged over query heads, batch and steps.
+    """
+    with measuring_recall(model, cache) as meter:
         out = model(input_ids, past_key_values=cache)
         token = out.logits[:, -1:].argmax(-1)
         for _ in range(decode_steps):
             out = model(token, past_key_values=cache)
             token = out.logits[:, -1:].argmax(-1)
-        return {i: meter.sums[i] / meter.counts[i] for i in sorted(meter.counts)}
-    finally:
-        model.set_attn_implementation(previous)
-        _meter = None
+        return meter.per_layer()

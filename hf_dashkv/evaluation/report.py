@@ -1,0 +1,180 @@
+"""Tables (markdown + CSV) and plots from the predictions of ``dashkv eval``: every method as a ratio to ``full``."""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import defaultdict
+from pathlib import Path
+from statistics import mean
+
+FIELDS = ("task", "context_tokens", "method", "budget", "samples", "score", "ratio_to_full", "kl", "agreement",
+          "nll", "perplexity", "recall")
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return mean(values) if values else None
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """One row per (task, context, method, budget): means over samples, and the score's ratio to ``full``.
+
+    ``recall`` is the mean over hashed layers and samples; ``perplexity`` is ``exp`` of the mean continuation NLL.
+    """
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for record in records:
+        if record.get("error") is not None:
+            continue
+        groups[(record["task"], record["context_tokens"], record["method"], record["budget"])].append(record)
+    rows = []
+    for (task, context, method, budget), group in sorted(groups.items(), key=lambda item: _order(item[0])):
+        nll = _mean(r["nll"] for r in group)
+        rows.append(dict(
+            task=task, context_tokens=context, method=method, budget=budget, samples=len(group),
+            score=_mean(r["score"] for r in group), kl=_mean(r["kl"] for r in group),
+            agreement=_mean(r["agreement"] for r in group), nll=nll,
+            perplexity=math.exp(nll) if nll is not None else None,
+            recall=_mean(v for r in group for v in r["recall"].values()),
+        ))
+    full = {(r["task"], r["context_tokens"]): r["score"] for r in rows if r["method"] == "full"}
+    for row in rows:
+        reference = full.get((row["task"], row["context_tokens"]))
+        row["ratio_to_full"] = row["score"] / reference if row["score"] is not None and reference else None
+    return rows
+
+
+def failed_samples(records: list[dict]) -> list[str]:
+    """Keys of samples whose last attempt failed (a rerun retries them; an earlier failure then no longer counts)."""
+    succeeded = {r["key"] for r in records if r.get("error") is None}
+    return sorted({r["key"] for r in records if r.get("error") is not None} - succeeded)
+
+
+def _order(key: tuple) -> tuple:
+    from .runner import METHODS
+
+    task, context, method, budget = key
+    return (context, task, budget != "-", _budget_value(budget), METHODS.index(method) if method in METHODS else 99)
+
+
+def _budget_value(label: str) -> float:
+    if label == "-":
+        return 0.0
+    return 1 / float(label[2:]) if label.startswith("1/") else float(label)
+
+
+def columns(rows: list[dict]) -> list[tuple[str, str]]:
+    """(method, budget) pairs in display order: full, then by budget, each budget in METHODS order."""
+    seen = []
+    for row in sorted(rows, key=lambda r: _order((r["task"], 0, r["method"], r["budget"]))):
+        pair = (row["method"], row["budget"])
+        if pair not in seen:
+            seen.append(pair)
+    return seen
+
+
+def _label(method: str, budget: str) -> str:
+    return method if budget == "-" else f"{method} {budget}"
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(rows: list[dict], failed: list[str] = ()) -> str:
+    """Task scores per method (ratio to full in brackets), then fidelity per method, as markdown tables."""
+    pairs = columns(rows)
+    scored = [r for r in rows if r["score"] is not None]
+    tasks = sorted({(r["context_tokens"], r["task"]) for r in scored})
+    cell = {(r["context_tokens"], r["task"], r["method"], r["budget"]): r for r in rows}
+    head = "| tokens | task | n | " + " | ".join(_label(*p) for p in pairs) + " |"
+    lines = [head, "|" + "---|" * (3 + len(pairs))]
+    for context, task in tasks:
+        values = []
+        for method, budget in pairs:
+            row = cell.get((context, task, method, budget))
+            if row is None or row["score"] is None:
+                values.append("–")
+            elif method == "full":
+                values.append(_fmt(row["score"]))
+            else:
+                values.append(f"{_fmt(row['score'])} ({_fmt(row['ratio_to_full'], 2)})")
+        n = cell.get((context, task, "full", "-"), {}).get("samples", "")
+        lines.append(f"| {context} | {task} | {n} | " + " | ".join(values) + " |")
+    averages = []
+    for method, budget in pairs:
+        score = _mean(r["score"] for r in scored if (r["method"], r["budget"]) == (method, budget))
+        ratio = _mean(r["ratio_to_full"] for r in scored if (r["method"], r["budget"]) == (method, budget))
+        averages.append(_fmt(score) if method == "full" else f"{_fmt(score)} ({_fmt(ratio, 2)})")
+    lines.append("| all | **mean** | | " + " | ".join(averages) + " |")
+
+    ppl = {(r["method"], r["budget"]): r["perplexity"] for r in rows if r["task"] == "perplexity"}
+    lines += ["", "| method | budget | recall | next-token KL | greedy agreement | gold NLL | perplexity (Δ full) |"]
+    lines.append("|---|---|---|---|---|---|---|")
+    full_ppl = ppl.get(("full", "-"))
+    for method, budget in pairs:
+        group = [r for r in rows if (r["method"], r["budget"]) == (method, budget)]
+        gold = _mean(r["nll"] for r in group if r["task"] != "perplexity")
+        value = ppl.get((method, budget))
+        delta = f"{_fmt(value, 2)} ({value - full_ppl:+.2f})" if value is not None and full_ppl else "–"
+        recall = _mean(r["recall"] for r in group) if method != "full" else 1.0
+        lines.append(
+            f"| {method} | {budget} | {_fmt(recall)} | {_fmt(_mean(r['kl'] for r in group), 4)} | "
+            f"{_fmt(_mean(r['agreement'] for r in group))} | {_fmt(gold)} | {delta} |"
+        )
+    if failed:
+        lines += ["", f"{len(failed)} sample(s) failed ({', '.join(failed)}); their errors are in the predictions file."]
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows({k: row.get(k) for k in FIELDS} for row in rows)
+
+
+def plot(rows: list[dict], records: list[dict], path: Path) -> None:
+    """Left: mean task score (ratio to full) vs budget per method. Right: attention recall per layer per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    scored = [r for r in rows if r["ratio_to_full"] is not None and r["method"] != "full"]
+    budgets = sorted({r["budget"] for r in scored if r["budget"] != "-"}, key=_budget_value)
+    for method in sorted({r["method"] for r in scored}, key=lambda m: _order(("", 0, m, "-"))):
+        ys = [_mean(r["ratio_to_full"] for r in scored if r["method"] == method and r["budget"] in (b, "-"))
+              for b in budgets]
+        left.plot(budgets, ys, "o-", label=method)
+    left.axhline(1.0, color="k", linestyle="--", label="full")
+    left.set(xlabel="budget (share of the context, + sinks + recent)", ylabel="mean task score / full",
+             title="task score relative to full attention")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8)
+
+    per_layer: dict[tuple, dict[int, list]] = defaultdict(lambda: defaultdict(list))
+    for record in records:
+        if record.get("error") is None and record["method"] != "full":
+            for layer, value in record["recall"].items():
+                per_layer[(record["method"], record["budget"])][int(layer)].append(value)
+    for (method, budget), layers in sorted(per_layer.items(), key=lambda item: _order(("", 0, *item[0]))):
+        xs = sorted(layers)
+        right.plot(xs, [mean(layers[x]) for x in xs], "o-", markersize=3, label=_label(method, budget))
+    right.set(xlabel="layer", ylabel="attention recall", title="recall per layer (decode steps)", ylim=(0, 1.02))
+    right.grid(alpha=0.3)
+    right.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(records: list[dict], out_dir: Path) -> str:
+    """``results.md``, ``results.csv`` and ``results.png`` in ``out_dir``; returns the markdown."""
+    rows = summarize(records)
+    text = markdown(rows, failed_samples(records))
+    (out_dir / "results.md").write_text(text + "\n", encoding="utf-8")
+    write_csv(rows, out_dir / "results.csv")
+    plot(rows, records, out_dir / "results.png")
+    return text

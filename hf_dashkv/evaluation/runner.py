@@ -1,0 +1,242 @@
+"""Run every method on the same prompts, in one process, from one shared prefill; write predictions as JSONL.
+
+Prefill is exact whatever the method (DASH-KV and its baselines only change decode steps), so each prompt is
+prefilled once and every method decodes from a fork of that cache (:meth:`DashKVCache.fork`). All methods go
+through the same cache and attention path and differ only in their selector (``hf_dashkv.selectors``):
+
+- ``full``: a budget that covers the context, i.e. exact attention;
+- ``dashkv``: the trained encoders; ``random``: untrained random-projection hashing (``HashEncoders.random``);
+- ``streaming``, ``quest``, ``oracle``: the training-free baselines and the ceiling.
+
+Per prompt and method (design.md §4, against ``full`` on the same prompt):
+- the greedy answer and its task score;
+- teacher-forced along full attention's greedy answer: next-token KL(full || method) and greedy-token agreement at
+  each decode step, and the attention recall of every hashed layer at those steps;
+- the negative log-likelihood of the reference continuation (gold answer, or held-out text), one decode step per
+  token.
+
+A prompt is finished when all its (method, budget) records are in the predictions file; a rerun skips those, so an
+interrupted run resumes where it stopped. A prompt that fails is recorded with its error and the run goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from ..bench import budget_label
+from ..cache import DashKVCache
+from ..config import DashKVConfig
+from ..encoders import HashEncoders
+from ..recall import measuring_recall
+from .metrics import score
+from .sample import Sample
+
+METHODS = ("full", "dashkv", "random", "streaming", "quest", "oracle")
+# a budget no context reaches: the selection covers every key, so attention is exact (the tested guarantee)
+_COVERING_BUDGET = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One method at one budget: what ``DashKVCache.fork`` needs."""
+
+    method: str
+    budget: str
+    encoders: HashEncoders | None
+    config: DashKVConfig
+
+
+def setups(model_config, encoders: HashEncoders, methods: list[str], budgets: list[int | float]) -> list[Setup]:
+    """``full`` once, then every other method at every budget; all share the trained encoders' layout and windows."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {METHODS}.")
+    base = encoders.config
+    random_encoders = HashEncoders.random(model_config, base, seed=0) if "random" in methods else None
+    selector = {"dashkv": "hash", "random": "hash", "streaming": "streaming", "quest": "quest", "oracle": "oracle"}
+    out = [Setup("full", "-", None, replace(base, selector="oracle", budget=_COVERING_BUDGET))]
+    for budget in budgets:
+        for method in methods:
+            if method == "full":
+                continue
+            chosen = {"dashkv": encoders, "random": random_encoders}.get(method)
+            label = "-" if method == "streaming" else budget_label(budget)
+            if any(s.method == method and s.budget == label for s in out):
+                continue  # streaming has no budget: once is enough
+            out.append(Setup(method, label, chosen, replace(base, selector=selector[method], budget=budget)))
+    return out
+
+
+class Evaluator:
+    """Runs :func:`setups` on samples with one model and tokenizer.
+
+    Args:
+        model: a causal LM loaded with ``attn_implementation="dashkv"``.
+        setups: from :func:`setups`; the first must be ``full``.
+        prefill_chunk: prompt tokens per prefill forward pass (bounds the memory of long prompts).
+    """
+
+    def __init__(self, model, tokenizer, setups: list[Setup], prefill_chunk: int = 2048):
+        if not setups or setups[0].method != "full":
+            raise ValueError("the first setup must be 'full': every other method is compared with it.")
+        self.model, self.tokenizer, self.setups, self.prefill_chunk = model, tokenizer, setups, prefill_chunk
+        self.eos = set(filter(None, [tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)]))
+        self.eos = {t for e in self.eos for t in (e if isinstance(e, list) else [e])}
+
+    @torch.inference_mode()
+    def run_sample(self, sample: Sample, only: set[tuple[str, str]] | None = None) -> list[dict]:
+        """Records of one sample for every setup (or only those in ``only``: ``(method, budget)`` pairs)."""
+        ids = self.tokenizer(sample.prompt, return_tensors="pt").input_ids
+        full = self.setups[0]
+        base = DashKVCache(self.model.config, None, full.config)
+        first = self._prefill(ids, base)
+        reference, reference_logprobs = self._greedy(base.fork(None, full.config), first, sample)
+        continuation = sample.continuation if sample.continuation is not None else (
+            " " + sample.answers[0] if sample.answers else None)
+        target = self.tokenizer(continuation, add_special_tokens=False).input_ids if continuation else []
+        full_text = self._text(reference, sample)
+        records = []
+        for setup in self.setups:
+            if only is not None and (setup.method, setup.budget) not in only:
+                continue
+            start = time.perf_counter()
+            record = self._record_base(sample, setup, ids.shape[1])
+            if setup.method == "full":
+                tokens, fidelity = reference, {"kl": 0.0, "agreement": 1.0, "recall": {}}
+            else:
+                fidelity = self._fidelity(base.fork(setup.encoders, setup.config), reference, reference_logprobs)
+                tokens = reference
+                if fidelity["agreement"] is not None and fidelity["agreement"] < 1.0:
+                    tokens, _ = self._greedy(base.fork(setup.encoders, setup.config), first, sample)
+            prediction = self._text(tokens, sample)
+            nll = self._nll(base.fork(setup.encoders, setup.config), first, target) if target else None
+            references = sample.answers or [full_text]
+            record.update(
+                prediction=prediction,
+                score=score(sample.metric, prediction, references, sample.all_classes, sample.task)
+                if sample.metric else None,
+                nll=nll, nll_tokens=len(target), seconds=round(time.perf_counter() - start, 3), **fidelity,
+            )
+            records.append(record)
+        return records
+
+    def _record_base(self, sample: Sample, setup: Setup, prompt_tokens: int) -> dict:
+        return dict(task=sample.task, context_tokens=sample.context_tokens, sample_id=sample.sample_id,
+                    key=sample.key, method=setup.method, budget=setup.budget, prompt_tokens=prompt_tokens,
+                    answers=sample.answers, error=None)
+
+    def _prefill(self, ids: torch.Tensor, cache: DashKVCache) -> torch.Tensor:
+        """Exact prefill in chunks; log-probabilities of the next token, ``[V]``."""
+        for start in range(0, ids.shape[1], self.prefill_chunk):
+            out = self.model(ids[:, start : start + self.prefill_chunk], past_key_values=cache, logits_to_keep=1)
+        return out.logits[0, -1].float().log_softmax(-1)
+
+    def _step(self, cache: DashKVCache, token: int) -> torch.Tensor:
+        out = self.model(torch.tensor([[token]]), past_key_values=cache)
+        return out.logits[0, -1].float().log_softmax(-1)
+
+    def _greedy(self, cache: DashKVCache, first: torch.Tensor, sample: Sample) -> tuple[list[int], list[torch.Tensor]]:
+        """Greedy tokens (the stopping token included) and the log-probabilities each was chosen from."""
+        tokens, logprobs, current = [], [], first
+        for _ in range(sample.max_new_tokens):
+            token = int(current.argmax())
+            tokens.append(token)
+            logprobs.append(current)
+            if token in self.eos or (sample.stop_at_newline and "\n" in self._decoded(tokens).lstrip()):
+                break
+            current = self._step(cache, token)
+        return tokens, logprobs
+
+    def _fidelity(self, cache: DashKVCache, reference: list[int], reference_logprobs: list[torch.Tensor]) -> dict:
+        """Teacher-forced along full attention's answer: mean KL(full || method), agreement, recall per layer.
+
+        The first answer token comes from the (shared, exact) prefill, so the comparison starts at the second.
+        """
+        if len(reference) < 2:
+            return {"kl": None, "agreement": None, "recall": {}}
+        kls, agree = [], []
+        with measuring_recall(self.model, cache) as meter:
+            for position, token in enumerate(reference[:-1]):
+                mine, theirs = self._step(cache, token), reference_logprobs[position + 1]
+                kls.append(float((theirs.exp() * (theirs - mine)).sum()))
+                agree.append(int(mine.argmax()) == reference[position + 1])
+            recall = {str(layer): round(value, 5) for layer, value in meter.per_layer().items()}
+        return {"kl": sum(kls) / len(kls), "agreement": sum(agree) / len(agree), "recall": recall}
+
+    def _nll(self, cache: DashKVCache, first: torch.Tensor, target: list[int]) -> float:
+        """Mean negative log-likelihood of ``target`` after the prompt, one decode step per token."""
+        total, current = 0.0, first
+        for position, token in enumerate(target):
+            total -= float(current[token])
+            if position + 1 < len(target):
+                current = self._step(cache, token)
+        return total / len(target)
+
+    def _decoded(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def _text(self, tokens: list[int], sample: Sample) -> str:
+        text = self._decoded(tokens).strip()
+        return text.split("\n")[0].strip() if sample.stop_at_newline else text
+
+
+def completed(path: Path) -> dict[str, set[tuple[str, str]]]:
+    """``{sample key: {(method, budget), ...}}`` of the error-free records in the predictions file ``path``."""
+    done: dict[str, set[tuple[str, str]]] = {}
+    if path.exists():
+        for record in read_records(path):
+            if record.get("error") is None:
+                done.setdefault(record["key"], set()).add((record["method"], record["budget"]))
+    return done
+
+
+def read_records(path: Path) -> list[dict]:
+    """Every record of a predictions file; a last line cut short by a kill is ignored."""
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def evaluate(evaluator: Evaluator, samples: list[Sample], predictions: Path) -> list[dict]:
+    """Run ``samples`` not yet finished in ``predictions`` (JSONL, appended to), with a progress bar.
+
+    Returns every record in the file afterwards (earlier runs included).
+    """
+    from tqdm import tqdm
+
+    predictions.parent.mkdir(parents=True, exist_ok=True)
+    wanted = {(s.method, s.budget) for s in evaluator.setups}
+    have = completed(predictions)
+    todo = [s for s in samples if not wanted <= have.get(s.key, set())]
+    if len(todo) < len(samples):
+        print(f"resuming: {len(samples) - len(todo)} of {len(samples)} samples already finished in {predictions}")
+    with open(predictions, "a", encoding="utf-8") as handle, tqdm(todo, desc="dashkv eval", unit="sample") as bar:
+        if handle.tell() and not predictions.read_bytes().endswith(b"\n"):
+            handle.write("\n")  # a killed run can leave half a line: new records start on their own line
+        for sample in bar:
+            bar.set_postfix_str(f"{sample.task} @ {sample.context_tokens}")
+            missing = wanted - have.get(sample.key, set())
+            try:
+                records = evaluator.run_sample(sample, only=missing)
+            except Exception as error:  # one bad sample must not end a long run: record it and go on
+                records = [dict(task=sample.task, context_tokens=sample.context_tokens, sample_id=sample.sample_id,
+                                key=sample.key, method="*", budget="*",
+                                error=f"{type(error).__name__}: {error}",
+                                traceback=traceback.format_exc(limit=3))]
+                bar.write(f"failed: {sample.key}: {records[0]['error']}")
+            for record in records:
+                handle.write(json.dumps(record) + "\n")
+            handle.flush()
+    return read_records(predictions)
+

@@ -1,0 +1,151 @@
+"""`dashkv eval` mechanics on a tiny random Llama: every method from one prefill, fidelity, resume, failures, report."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from hf_dashkv import DashKVConfig, HashEncoders
+from hf_dashkv.evaluation import runner
+from hf_dashkv.evaluation.longbench import load_longbench
+from hf_dashkv.evaluation.report import failed_samples, summarize, write_report
+from hf_dashkv.evaluation.runner import METHODS, Evaluator, evaluate, read_records, setups
+
+from .tiny import byte_tokenizer, tiny_model
+
+FIXTURE = Path(__file__).parent / "fixtures" / "longbench"
+CONFIG = DashKVConfig(bits=32, budget=8, sink_tokens=2, recent_tokens=4, query_hidden=0, dense_layers=(0,))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = tiny_model("llama-gqa", vocab_size=300)
+    encoders = HashEncoders.random(model.config, CONFIG, seed=1)  # stands in for trained encoders
+    return model, byte_tokenizer(), encoders
+
+
+@pytest.fixture(scope="module")
+def samples(tiny):
+    """The LongBench fixture, cut to ~300 tokens, answers of 4 tokens (a random model never stops by itself)."""
+    tasks = sorted(path.stem for path in FIXTURE.glob("*.jsonl"))
+    loaded = load_longbench(FIXTURE, tiny[1], tasks, max_length=300, limit=1)
+    return [dataclasses.replace(s, max_new_tokens=4) for s in loaded]
+
+
+def make_evaluator(tiny, budgets=(8,), methods=METHODS):
+    model, tokenizer, encoders = tiny
+    return Evaluator(model, tokenizer, setups(model.config, encoders, list(methods), list(budgets)), prefill_chunk=96)
+
+
+def test_setups_are_full_once_then_each_method_per_budget(tiny):
+    model, _, encoders = tiny
+    runs = setups(model.config, encoders, list(METHODS), [8, 0.5])
+    assert [(s.method, s.budget) for s in runs][:7] == [
+        ("full", "-"), ("dashkv", "8"), ("random", "8"), ("streaming", "-"), ("quest", "8"), ("oracle", "8"),
+        ("dashkv", "1/2"),
+    ]
+    assert len(runs) == 1 + 5 + 4  # streaming has no budget, so it runs once
+    by_name = {(s.method, s.budget): s for s in runs}
+    assert by_name[("dashkv", "8")].encoders is encoders
+    assert by_name[("random", "8")].encoders is not encoders and by_name[("quest", "8")].encoders is None
+    assert {s.config.selector for s in runs} == {"oracle", "hash", "streaming", "quest"}
+    with pytest.raises(ValueError, match="unknown method"):
+        setups(model.config, encoders, ["h2o"], [8])
+
+
+def test_longbench_fixture_end_to_end(tiny, samples, tmp_path):
+    evaluator = make_evaluator(tiny)
+    records = evaluate(evaluator, samples, tmp_path / "predictions.jsonl")
+    assert len(records) == len(samples) * len(evaluator.setups)
+    for record in records:
+        assert record["error"] is None and 0.0 <= record["score"] <= 1.0
+        assert record["prompt_tokens"] > CONFIG.exact_tokens(300) // 2  # long enough that selection drops keys
+        if record["method"] == "full":
+            assert record["kl"] == 0.0 and record["agreement"] == 1.0 and record["recall"] == {}
+        else:
+            assert record["kl"] >= 0.0 and 0.0 <= record["agreement"] <= 1.0
+            assert set(record["recall"]) == {"1", "2", "3"}  # the hashed layers; layer 0 is dense
+    oracle = [r for r in records if r["method"] == "oracle"]
+    streaming = [r for r in records if r["method"] == "streaming"]
+    assert sum(v for r in oracle for v in r["recall"].values()) > sum(v for r in streaming for v in r["recall"].values())
+    text = write_report(records, tmp_path)
+    assert (tmp_path / "results.csv").read_text().count("\n") == 1 + len(samples) * len(evaluator.setups)
+    assert (tmp_path / "results.png").stat().st_size > 10_000
+    assert "dashkv 8" in text and "longbench/trec" in text
+
+
+def test_a_covering_budget_makes_every_method_equal_full(tiny, samples, tmp_path):
+    records = evaluate(make_evaluator(tiny, budgets=(10**6,), methods=["full", "dashkv", "quest", "oracle"]),
+                       samples[:2], tmp_path / "predictions.jsonl")
+    full = {r["key"]: r for r in records if r["method"] == "full"}
+    for record in records:
+        assert record["prediction"] == full[record["key"]]["prediction"]
+        assert record["kl"] == pytest.approx(0.0, abs=1e-6) and record["agreement"] == 1.0
+        assert record["nll"] == pytest.approx(full[record["key"]]["nll"], abs=1e-5)
+
+
+def test_resume_skips_finished_samples_and_redoes_only_missing_runs(tiny, samples, tmp_path, monkeypatch):
+    path = tmp_path / "predictions.jsonl"
+    evaluator = make_evaluator(tiny, methods=["full", "dashkv", "streaming"])
+    evaluate(evaluator, samples[:2], path)
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if not (json.loads(line)["key"] == samples[1].key
+                                           and json.loads(line)["method"] == "dashkv")]
+    path.write_text("\n".join(kept) + '\n{"task": "cut short by a ki')  # a killed run leaves a partial line
+    calls = []
+    original = Evaluator.run_sample
+
+    def counting(self, sample, only=None):
+        calls.append((sample.key, only))
+        return original(self, sample, only)
+
+    monkeypatch.setattr(Evaluator, "run_sample", counting)
+    records = evaluate(evaluator, samples[:2], path)
+    assert calls == [(samples[1].key, {("dashkv", "8")})]
+    assert len(records) == 2 * 3 and len(read_records(path)) == 2 * 3
+
+
+def test_a_failing_sample_is_recorded_and_the_run_goes_on(tiny, samples, tmp_path, monkeypatch):
+    original = Evaluator.run_sample
+
+    def flaky(self, sample, only=None):
+        if sample.key == samples[0].key:
+            raise RuntimeError("out of memory (simulated)")
+        return original(self, sample, only)
+
+    monkeypatch.setattr(Evaluator, "run_sample", flaky)
+    evaluator = make_evaluator(tiny, methods=["full", "streaming"])
+    records = evaluate(evaluator, samples[:2], tmp_path / "predictions.jsonl")
+    failed = [r for r in records if r["error"] is not None]
+    assert len(failed) == 1 and "simulated" in failed[0]["error"] and failed[0]["key"] == samples[0].key
+    assert len(records) == 1 + 2
+    assert failed_samples(records) == [samples[0].key]
+    assert f"1 sample(s) failed ({samples[0].key})" in write_report(records, tmp_path)
+    monkeypatch.setattr(Evaluator, "run_sample", original)  # a rerun retries the failed sample
+    records = evaluate(evaluator, samples[:2], tmp_path / "predictions.jsonl")
+    assert {r["key"] for r in records if r["error"] is None} == {samples[0].key, samples[1].key}
+    assert failed_samples(records) == []
+
+
+def test_summary_ratios_and_perplexity_by_hand():
+    def record(task, method, budget, score, nll, recall=None):
+        return dict(task=task, context_tokens=4096, sample_id="0", key=f"{task}/0", method=method, budget=budget,
+                    score=score, kl=0.1, agreement=0.5, nll=nll, recall=recall or {}, error=None)
+
+    rows = summarize([
+        record("qa", "full", "-", 0.8, 1.0), record("qa", "dashkv", "1/32", 0.6, 1.5, {"3": 0.9, "4": 0.7}),
+        record("perplexity", "full", "-", None, 2.0), record("perplexity", "dashkv", "1/32", None, 2.5),
+    ])
+    by = {(r["task"], r["method"]): r for r in rows}
+    assert by[("qa", "dashkv")]["ratio_to_full"] == pytest.approx(0.75)
+    assert by[("qa", "dashkv")]["recall"] == pytest.approx(0.8)
+    assert by[("perplexity", "dashkv")]["perplexity"] == pytest.approx(2.718281828**2.5, rel=1e-6)
+    assert by[("perplexity", "full")]["ratio_to_full"] is None
+
+
+def test_runner_methods_match_the_cli_choices():
+    from hf_dashkv.cli import build_parser
+
+    args = build_parser().parse_args(["eval", "--budgets", "1/32", "256", "--context", "4k", "8k"])
+    assert args.methods == list(runner.METHODS) and args.budgets == [1 / 32, 256] and args.context == [4096, 8192]
