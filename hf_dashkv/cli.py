@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--budgets", nargs="+", type=_budget, default=[1 / 32, 1 / 16], help="e.g. 1/32 1/16 256")
     ev.add_argument("--context", nargs="+", type=_tokens, default=[4096], help="offline suite lengths, e.g. 4k 8k")
     ev.add_argument("--tasks", nargs="+", default=None, choices=sorted(TASKS), help="offline tasks (default: all)")
-    ev.add_argument("--samples", type=int, default=4, help="samples per task and length")
+    ev.add_argument("--samples", type=int, default=3, help="samples per task and length")
     ev.add_argument("--no-suite", action="store_true", help="skip the offline suite (e.g. LongBench only)")
     ev.add_argument("--longbench-dir", default=None, help="folder of LongBench's JSONL files (data.zip, unpacked)")
     ev.add_argument("--longbench-tasks", nargs="+", default=None, help="LongBench task names (default: all English)")

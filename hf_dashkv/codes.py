@@ -35,6 +35,18 @@ def hamming_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _POPCOUNT8.to(a.device)[torch.bitwise_xor(a, b).long()].sum(-1, dtype=torch.int32)
 
 
+def head_distances(query_codes: torch.Tensor, key_codes: torch.Tensor) -> torch.Tensor:
+    """Distance of every cached key to each query head: codes ``[B, Hkv, G, nbytes]``, ``[B, Hkv, N, nbytes]``
+    -> int32 ``[B, Hkv, G, N]`` (query head ``h`` is ``[h // G, h % G]``)."""
+    return hamming_distance(query_codes.unsqueeze(-2), key_codes.unsqueeze(-3))
+
+
+def reduce_group(distances: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
+    """Combine the distances of a GQA group's heads, int32 ``[B, Hkv, G, N]`` -> ``[B, Hkv, N]``, by ``"sum"``
+    (in ``[0, G * bits]``) or ``"min"`` (in ``[0, bits]``)."""
+    return distances.sum(-2, dtype=torch.int32) if reduce == "sum" else distances.amin(-2)
+
+
 def group_distances(query_codes: torch.Tensor, key_codes: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
     """Distance of every cached key to the query heads of its GQA group, combined into one per KV head.
 
@@ -46,8 +58,7 @@ def group_distances(query_codes: torch.Tensor, key_codes: torch.Tensor, reduce: 
     Returns:
         int32 ``[B, Hkv, N]``, in ``[0, G * bits]`` for ``"sum"`` and ``[0, bits]`` for ``"min"``.
     """
-    dist = hamming_distance(query_codes.unsqueeze(-2), key_codes.unsqueeze(-3))  # [B, Hkv, G, N]
-    return dist.sum(-2, dtype=torch.int32) if reduce == "sum" else dist.amin(-2)
+    return reduce_group(head_distances(query_codes, key_codes), reduce)
 
 
 def nearest(distances: torch.Tensor, candidates: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

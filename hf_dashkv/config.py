@@ -28,6 +28,14 @@ class DashKVConfig:
             attention path (``hf_dashkv.selectors``): ``"oracle"`` (exact scores, the ceiling), ``"quest"``
             (per-page key bounds), ``"streaming"`` (no budget: sinks + recent window only).
         page_size: tokens per page for ``"quest"``.
+        tier2_budget: tokens (an ``int``, or a ``float`` fraction of the context, as for ``budget``) that get the
+            approximate tier-2 logit of DASH-KV's mixed precision: the next nearest after the budget, attended with
+            a logit fitted from the codes (``hf_dashkv.tiers``) and their exact values. 0 (default): off.
+        spatial_calibration: discount the distance of keys that many query heads of the layer rank among their
+            nearest (``hf_dashkv.calibration``). Off by default.
+        temporal_calibration: discount the distance of keys the previous hashed layer selected at the same step.
+            Off by default. The learned terms need fitted encoders (``lightning_modules.calibration``) and the
+            ``"hash"`` selector; with them on, decode steps take the PyTorch path, not the fused CPU kernel.
     """
 
     bits: int = 64
@@ -39,6 +47,9 @@ class DashKVConfig:
     group_reduce: str = "sum"
     selector: str = "hash"
     page_size: int = 16
+    tier2_budget: int | float = 0
+    spatial_calibration: bool = False
+    temporal_calibration: bool = False
 
     def __post_init__(self) -> None:
         # JSON (Hub configs, YAML recipes) gives lists; keep one hashable, comparable form.
@@ -68,6 +79,22 @@ class DashKVConfig:
             raise ValueError(f"DashKVConfig.page_size={self.page_size!r}: must be an int >= 1.")
         if self.group_reduce not in GROUP_REDUCTIONS:
             raise ValueError(f"DashKVConfig.group_reduce={self.group_reduce!r}: choose one of {GROUP_REDUCTIONS}.")
+        tier2 = self.tier2_budget
+        if isinstance(tier2, bool) or not isinstance(tier2, (int, float)) or tier2 < 0 or (
+            isinstance(tier2, float) and not 0.0 < tier2 < 1.0
+        ):
+            raise ValueError(
+                f"DashKVConfig.tier2_budget={tier2!r}: give an int >= 0 (tokens; 0 is off) or a float in (0, 1) "
+                "(fraction of the context)."
+            )
+        for name in ("spatial_calibration", "temporal_calibration"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"DashKVConfig.{name}={getattr(self, name)!r}: must be True or False.")
+        if self.learned_terms and self.selector != "hash":
+            raise ValueError(
+                f"DashKVConfig: tier2_budget, spatial_calibration and temporal_calibration work on hash codes, but "
+                f"selector={self.selector!r}; use selector='hash' or turn them off."
+            )
 
     @property
     def code_bytes(self) -> int:
@@ -81,6 +108,22 @@ class DashKVConfig:
         if isinstance(self.budget, float):
             return max(1, math.ceil(self.budget * context_length))
         return self.budget
+
+    def tier2_tokens(self, context_length: int) -> int:
+        """How many tokens get the approximate tier-2 logit at a decode step (0: tier 2 is off)."""
+        if isinstance(self.tier2_budget, float):
+            return max(1, math.ceil(self.tier2_budget * context_length))
+        return self.tier2_budget
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether distances get a spatial or temporal discount before selection."""
+        return self.spatial_calibration or self.temporal_calibration
+
+    @property
+    def learned_terms(self) -> bool:
+        """Whether any optional learned term (tier 2, calibration) is on; the fused CPU kernel has none of them."""
+        return self.calibrated or self.tier2_budget != 0
 
     def exact_tokens(self, context_length: int) -> int:
         """How many tokens get exact attention at a decode step (sinks + recent + budget)."""

@@ -6,6 +6,10 @@ Hamming space per KV head. Both encoders see post-RoPE vectors, the ones attenti
 One choice of ours on top of the paper: the query encoder is ``linear(q) + mlp(q)`` with the MLP's last
 layer starting at zero. Untrained encoders (``HashEncoders.random``) then give the query exactly the random
 projection of its KV head's keys, i.e. SimHash, which is the baseline, and training starts from it.
+
+Each layer also holds the paper's optional terms, fitted after training (``lightning_modules.calibration``) and
+used when ``DashKVConfig`` turns them on: the tier-2 logit (``hf_dashkv.tiers``) and the spatial / temporal
+calibration discounts (``hf_dashkv.calibration``).
 """
 
 import math
@@ -75,14 +79,59 @@ class QueryEncoder(nn.Module):
         return out.transpose(0, 1).reshape(*lead, heads, -1)
 
 
+def _neutral_if_absent(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    for name, buffer in module.named_buffers(recurse=False):
+        state_dict.setdefault(prefix + name, buffer)
+
+
+class FittedTerms(nn.Module):
+    """Optional terms fitted after the encoders are trained (least squares, grid search), not by gradient.
+
+    They are buffers: saved and loaded with the encoders, moved with them, and never expected to get a
+    gradient (DDP would wait for one). Checkpoints written before these terms existed (the shipped encoders
+    among them) lack their tensors; loading one keeps the neutral values, with which each term acts as if it
+    were off. Every other tensor still loads strictly.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.register_load_state_dict_pre_hook(_neutral_if_absent)
+
+
+class Tier2Terms(FittedTerms):
+    """Per query head, the tier-2 logit ``features @ weight[h]`` (``hf_dashkv.tiers``): ``weight [Hq, 3]``
+    weighs the hash similarity, a constant and the query norm. Neutral (unfitted): ``[0, -inf, 0]``, which
+    gives tier-2 rows no attention."""
+
+    def __init__(self, num_heads: int):
+        super().__init__()
+        self.register_buffer("weight", torch.tensor([0.0, -math.inf, 0.0]).repeat(num_heads, 1))
+
+    @property
+    def fitted(self) -> bool:
+        return bool(torch.isfinite(self.weight).all())
+
+
+class CalibrationWeights(FittedTerms):
+    """The layer's spatial and temporal distance discounts (``hf_dashkv.calibration``), scalars in distance
+    units, >= 0. Neutral: 0, plain Hamming distance."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("spatial", torch.zeros(()))
+        self.register_buffer("temporal", torch.zeros(()))
+
+
 class LayerEncoders(nn.Module):
-    """The key and query encoders of one model layer, and the packed codes they produce."""
+    """The key and query encoders of one model layer, the packed codes they produce, and its fitted terms."""
 
     def __init__(self, layout: ModelLayout, config: DashKVConfig):
         super().__init__()
         self.group_size = layout.group_size
         self.key = KeyEncoder(layout.num_kv_heads, layout.head_dim, config.bits)
         self.query = QueryEncoder(layout.num_heads, layout.head_dim, config.bits, config.query_hidden)
+        self.tier2 = Tier2Terms(layout.num_heads)
+        self.calibration = CalibrationWeights()
 
     @torch.no_grad()
     def encode_keys(self, keys: torch.Tensor) -> torch.Tensor:
@@ -104,7 +153,8 @@ class HashEncoders(nn.Module, PyTorchModelHubMixin, library_name="hf_dashkv", ta
 
     ``layout`` records the model they belong to and ``config`` (``dashkv_config`` at construction) the DashKVConfig they were made with; both are
     saved in ``config.json`` beside ``model.safetensors`` by ``save_pretrained`` / ``push_to_hub`` and restored by
-    ``from_pretrained``, which loads safetensors only and strictly.
+    ``from_pretrained``, which loads safetensors only and strictly (only the optional fitted terms may be absent, in
+    checkpoints older than them: see :class:`FittedTerms`).
     """
 
     def __init__(self, layout: ModelLayout, dashkv_config: DashKVConfig):
@@ -142,7 +192,8 @@ class HashEncoders(nn.Module, PyTorchModelHubMixin, library_name="hf_dashkv", ta
         return encoders
 
     def check_compatible(self, model_config, config: DashKVConfig) -> None:
-        """Raise ``ValueError`` naming every mismatch between these encoders and a model + config."""
+        """Raise ``ValueError`` naming every mismatch between these encoders and a model + config, or a tier-2
+        budget for layers whose tier-2 terms were never fitted."""
         layout = ModelLayout.from_model_config(model_config, config)
         problems = layout.mismatches(self.layout)
         if config.bits != self.config.bits:
@@ -154,6 +205,13 @@ class HashEncoders(nn.Module, PyTorchModelHubMixin, library_name="hf_dashkv", ta
                 f"These hash encoders do not fit this model/config ({layout.model_type}, {layout.num_layers} layers): "
                 + "; ".join(problems)
                 + ". Use encoders trained for this model, or HashEncoders.random(model.config, config)."
+            )
+        unfitted = [i for i in layout.hashed_layers if not self[i].tier2.fitted]
+        if config.tier2_budget and unfitted:
+            raise ValueError(
+                f"DashKVConfig.tier2_budget={config.tier2_budget!r}, but the tier-2 logit terms of layers {unfitted} "
+                "were never fitted. Fit them (lightning_modules.calibration.fit_tiers, or scripts/fit_tiers.py), "
+                "or set tier2_budget=0."
             )
 
     @classmethod
@@ -194,8 +252,12 @@ class HashEncoders(nn.Module, PyTorchModelHubMixin, library_name="hf_dashkv", ta
         state = safetensors.torch.load_file(str(weights), device=map_location)
         expected = {name: tuple(p.shape) for name, p in encoders.state_dict().items()}
         found = {name: tuple(t.shape) for name, t in state.items()}
-        if expected != found:
-            missing = sorted(set(expected) - set(found))[:5]
+        optional = {  # older checkpoints lack them: they keep their neutral values (FittedTerms)
+            f"{prefix}.{name}" for prefix, module in encoders.named_modules() if isinstance(module, FittedTerms)
+            for name, _ in module.named_buffers(recurse=False)
+        }
+        if {n: shape for n, shape in expected.items() if n in found or n not in optional} != found:
+            missing = sorted(set(expected) - set(found) - optional)[:5]
             unexpected = sorted(set(found) - set(expected))[:5]
             reshaped = [f"{n}: {found[n]} vs {expected[n]}" for n in expected if n in found and found[n] != expected[n]][:5]
             raise ValueError(

@@ -25,6 +25,17 @@ def first_valid(valid: torch.Tensor | None, batch: int, device) -> tuple[torch.T
     return first, bool((valid.sum(-1) == valid.shape[-1] - first).all())
 
 
+def candidate_mask(valid: torch.Tensor | None, first: torch.Tensor, n: int, config: DashKVConfig) -> torch.Tensor:
+    """bool ``[B, N]``: the positions the budget may choose from, after the sinks and before the recent window.
+
+    Args:
+        valid: bool ``[B, N]`` or ``None``; first: ``[B]`` from :func:`first_valid`; n: cached tokens.
+    """
+    positions = torch.arange(n, device=first.device)
+    candidates = (positions >= (first + config.sink_tokens).unsqueeze(1)) & (positions < n - config.recent_tokens)
+    return candidates if valid is None else candidates & valid
+
+
 def select_rows(
     distances: torch.Tensor, valid: torch.Tensor | None, config: DashKVConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,9 +63,7 @@ def select_rows(
     recent_rows = torch.arange(n - recent, n, device=device).expand(batch, -1)  # [B, R]
     recent_ok = valid[:, n - recent :]
 
-    # candidates: after the sinks, before the recent window
-    positions = torch.arange(n, device=device)
-    candidates = valid & (positions >= (first + sinks).unsqueeze(1)) & (positions < n - recent)
+    candidates = candidate_mask(valid, first, n, config)
     near_rows, near_ok = nearest(distances, candidates.unsqueeze(1).expand_as(distances), config.budget_tokens(n))
 
     def per_head(t: torch.Tensor) -> torch.Tensor:
@@ -63,3 +72,13 @@ def select_rows(
     rows = torch.cat([per_head(sink_rows), per_head(recent_rows), near_rows], dim=-1)
     row_valid = torch.cat([per_head(sink_ok), per_head(recent_ok), near_ok], dim=-1)
     return rows, row_valid
+
+
+def row_mask(rows: torch.Tensor, row_valid: torch.Tensor, n: int) -> torch.Tensor:
+    """The positions in use of a selection, ``rows``/``row_valid`` ``[..., M]`` -> bool ``[..., N]``.
+
+    Counted, not scattered as booleans: unused slots point at real positions too, and a scattered ``False``
+    could overwrite a ``True`` for the same position.
+    """
+    counts = torch.zeros(*rows.shape[:-1], n, dtype=torch.int32, device=rows.device)
+    return counts.scatter_add_(-1, rows, row_valid.to(torch.int32)) > 0

@@ -8,11 +8,17 @@ the relaxed hash similarity ``tanh(beta * code_q) . tanh(beta * code_k) / bits``
 Loss = KL(teacher || student) + 0.1 bit balance + 0.1 quantization, with beta annealed from 1 to 10.
 
 Memory is one layer's ``[B, H, positions, T]`` block at a time, never ``T x T``.
+
+Joint LoRA (optional, ``lora_rank > 0``; design.md §1): peft LoRA on the attention projections, trained with the
+encoders so that the adapted model under DASH-KV sparse attention ("dashkv-train": each position attends exactly
+to the rows a decode step would select) matches the frozen model under full attention: KL on next-token logits.
+That pass holds one layer's ``[B, H, T, T]`` mask and scores at a time.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import asdict
 
 import lightning as L
@@ -20,14 +26,21 @@ import torch
 from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from hf_dashkv import DashKVConfig, HashEncoders
-from hf_dashkv.codes import nearest
+from hf_dashkv.codes import group_distances, nearest
+from hf_dashkv.encoders import LayerEncoders
 from hf_dashkv.models import load_model
 
 CAPTURE_IMPLEMENTATION = "dashkv-capture"
+TRAIN_IMPLEMENTATION = "dashkv-train"
+ADAPTER_NAME = "default"  # peft's name for the one adapter
 _captured: dict[int, tuple[torch.Tensor, torch.Tensor, float]] | None = None
 _capture_until: int = -1
+_sparse: HashEncoders | None = None
+# int64 elements of one Hamming-distance intermediate: bounds selection memory to ~128 MB at any sequence length
+_SELECTION_ELEMENTS = 1 << 24
 
 
 class _CaptureDone(Exception):
@@ -43,7 +56,85 @@ def _capture_attention_forward(module, query, key, value, attention_mask, **kwar
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-AttentionInterface.register(CAPTURE_IMPLEMENTATION, _capture_attention_forward)
+def _train_attention_forward(module, query, key, value, attention_mask, **kwargs):
+    """Hashed layers inside :func:`sparse_attention` attend as DASH-KV decodes; everything else as "dashkv-capture"."""
+    encoders, n = _sparse, key.shape[2]
+    hashed = encoders is not None and module.layer_idx in encoders.layout.hashed_layers
+    if not hashed or encoders.config.exact_tokens(n) >= n:  # exact, as at inference (dense, sliding, covering budget)
+        return _capture_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    keep = selection_mask(encoders[module.layer_idx], encoders.config, query, key)
+    keep = keep.repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # query head h reads KV head h // G
+    if attention_mask is not None:  # padding (sdpa_mask gives bool masks)
+        keep = keep & attention_mask
+    return sdpa_attention_forward(module, query, key, value, keep, **kwargs)
+
+
+# The sdpa mask too: without a registered mask function transformers builds none, and sliding-window layers
+# (Gemma 3) would then attend to the whole causal context.
+for _name, _forward in ((CAPTURE_IMPLEMENTATION, _capture_attention_forward),
+                        (TRAIN_IMPLEMENTATION, _train_attention_forward)):
+    AttentionInterface.register(_name, _forward)
+    AttentionMaskInterface.register(_name, sdpa_mask)
+
+
+@contextmanager
+def sparse_attention(encoders: HashEncoders):
+    """Within: a model loaded with ``attn_implementation="dashkv-train"`` runs DASH-KV sparse attention in the hashed
+    layers of ``encoders`` (their ``config`` gives sinks, recent window and budget); outside, plain attention."""
+    global _sparse
+    previous, _sparse = _sparse, encoders
+    try:
+        yield
+    finally:
+        _sparse = previous
+
+
+def position_candidates(config: DashKVConfig, positions: torch.Tensor, length: int) -> torch.Tensor:
+    """bool ``[P, T]``: keys between the sinks and the recent window of each query position (``[P]``), unpadded.
+
+    Training's form of the candidates ``hf_dashkv.selection`` takes at one decode step, for many positions at once.
+    """
+    keys = torch.arange(length, device=positions.device)
+    return (keys >= config.sink_tokens) & (keys <= positions.unsqueeze(1) - config.recent_tokens)
+
+
+@torch.no_grad()
+def selection_mask(encoders: LayerEncoders, config: DashKVConfig, query: torch.Tensor, key: torch.Tensor):
+    """The keys each query position attends to under DASH-KV: what a decode step with the context up to it selects.
+
+    Sinks + recent window + the ``config.budget_tokens(t + 1)`` candidates nearest in Hamming distance (hard codes),
+    one selection per KV head from its query heads' distances combined by ``config.group_reduce``, as at inference
+    (``hf_dashkv.selection.select_rows``). Sequences are taken as unpadded (sinks start at position 0).
+
+    Args:
+        encoders: the layer's hash encoders.
+        query: post-RoPE ``[B, Hq, T, D]``, the last ``T`` positions of ``key``'s ``N``.
+        key: post-RoPE ``[B, Hkv, N, D]``.
+
+    Returns:
+        bool ``[B, Hkv, T, N]``, causal.
+    """
+    batch, kv_heads, n, _ = key.shape
+    length, group = query.shape[2], query.shape[1] // kv_heads
+    positions = torch.arange(n - length, n, device=key.device)
+    candidates = position_candidates(config, positions, n)  # [T, N]
+    causal = torch.arange(n, device=key.device) <= positions.unsqueeze(1)
+    keep = (causal & ~candidates).expand(batch, kv_heads, -1, -1).clone()
+    key_codes = encoders.encode_keys(key).unsqueeze(2)  # [B, Hkv, 1, N, bytes]
+    query_codes = encoders.encode_query(query.transpose(1, 2).flatten(0, 1))  # [B * T, Hkv, G, bytes]
+    query_codes = query_codes.unflatten(0, (batch, length)).transpose(1, 2)  # [B, Hkv, T, G, bytes]
+    budgets = torch.tensor([config.budget_tokens(p + 1) for p in range(n - length, n)], device=key.device)
+    rows = max(1, _SELECTION_ELEMENTS // (batch * kv_heads * group * n * config.code_bytes))
+    for start in range(0, length, rows):
+        distances = group_distances(query_codes[:, :, start:start + rows], key_codes, config.group_reduce)
+        chunk = budgets[start:start + rows]
+        for budget in chunk.unique().tolist():  # a float budget grows with the position
+            index = start + (chunk == budget).nonzero().squeeze(1)
+            part = distances[:, :, index - start]
+            chosen, ok = nearest(part, candidates[index].expand_as(part), budget)
+            picked = torch.zeros_like(part, dtype=torch.uint8).scatter_reduce_(-1, chosen, ok.to(torch.uint8), "amax")
+            keep[:, :, index] |= picked.bool()
+    return keep
 
 
 class DashKVDistillation(L.LightningModule):
@@ -57,7 +148,10 @@ class DashKVDistillation(L.LightningModule):
         query_positions: query positions sampled per sequence per step.
         lr: AdamW learning rate. beta_start, beta_end: the ``tanh`` relaxation, annealed linearly.
         balance_weight, quantization_weight: weights of the bit-balance and quantization terms.
-        init_seed: seed of the random projections the encoders start from (SimHash).
+        init_seed: seed of the random projections the encoders start from (SimHash), and of the LoRA init.
+        lora_rank: 0 (default) trains the encoders alone; ``> 0`` adds a peft LoRA of this rank on ``lora_targets``
+            (the attention projections), trained jointly (design.md §1). lora_alpha: its scaling numerator.
+        lora_weight: weight of the logit KL (full-attention frozen model || adapted model under "dashkv-train").
     """
 
     def __init__(
@@ -76,6 +170,10 @@ class DashKVDistillation(L.LightningModule):
         balance_weight: float = 0.1,
         quantization_weight: float = 0.1,
         init_seed: int = 0,
+        lora_rank: int = 0,
+        lora_alpha: int = 16,
+        lora_targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"],
+        lora_weight: float = 1.0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -83,15 +181,30 @@ class DashKVDistillation(L.LightningModule):
             bits=bits, budget=budget, sink_tokens=sink_tokens, recent_tokens=recent_tokens,
             dense_layers=tuple(dense_layers or ()), query_hidden=query_hidden,
         )
-        base, self.tokenizer = load_model(model, attn_implementation=CAPTURE_IMPLEMENTATION)
+        if not isinstance(lora_rank, int) or lora_rank < 0:
+            raise ValueError(f"DashKVDistillation.lora_rank={lora_rank!r}: must be an int >= 0 (0: no LoRA).")
+        implementation = TRAIN_IMPLEMENTATION if lora_rank else CAPTURE_IMPLEMENTATION
+        base, self.tokenizer = load_model(model, attn_implementation=implementation)
         base.requires_grad_(False)
-        self.__dict__["base"] = base  # not a submodule: frozen, never saved in checkpoints, never wrapped by DDP
         self.encoders = HashEncoders.random(base.config, self.config, seed=init_seed)
         self.random_encoders = HashEncoders.random(base.config, self.config, seed=init_seed)
         self.random_encoders.requires_grad_(False)
         self.hashed_layers = list(self.encoders.layout.hashed_layers)
         # student logits = temperature * similarity in [-1, 1]; start near the spread of attention logits
         self.log_temperature = nn.Parameter(torch.full((len(self.hashed_layers),), math.log(10.0)))
+        self.lora: nn.ParameterDict | None = None
+        if lora_rank:
+            with torch.random.fork_rng(devices=[]):  # the same adapter init for the same init_seed, whatever ran before
+                torch.manual_seed(init_seed)
+                base = require_peft().get_peft_model(base, lora_config(lora_rank, lora_alpha, lora_targets))
+            # The base stays out of the module (below), but its adapter must be optimized, checkpointed, resumed and
+            # DDP-synced: this dict holds the very Parameter objects the peft layers use (not copies), under their
+            # peft names with "/" for "." (parameter names cannot hold dots). Device moves of the module update
+            # them in place, so the peft layers keep seeing them.
+            self.lora = nn.ParameterDict(
+                {name.replace(".", "/"): p for name, p in base.named_parameters() if p.requires_grad}
+            )
+        self.__dict__["base"] = base  # not a submodule: frozen, never saved in checkpoints, never wrapped by DDP
 
     @property
     def beta(self) -> float:
@@ -102,7 +215,11 @@ class DashKVDistillation(L.LightningModule):
 
     @torch.no_grad()
     def capture(self, input_ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor, float]]:
-        """``(query [B, Hq, T, D], key [B, Hkv, T, D], scaling)`` of every layer, post-RoPE, from one frozen pass."""
+        """``(query [B, Hq, T, D], key [B, Hkv, T, D], scaling)`` of every layer, post-RoPE, from one frozen pass.
+
+        With a LoRA the adapter is on: at inference the adapted model hashes its own keys and queries, and the
+        selection has to cover the adapted model's attention, so that is what the encoders learn to rank.
+        """
         global _captured, _capture_until
         self.base.to(input_ids.device)
         _captured, _capture_until = {}, max(self.hashed_layers)
@@ -124,18 +241,13 @@ class DashKVDistillation(L.LightningModule):
         count = min(self.hparams.query_positions, length - low)
         return (low + torch.randperm(length - low, generator=generator)[:count]).sort().values
 
-    def candidate_mask(self, positions: torch.Tensor, length: int) -> torch.Tensor:
-        """bool ``[P, T]``: keys between the sinks and the recent window of each query position."""
-        keys = torch.arange(length, device=positions.device)
-        return (keys >= self.config.sink_tokens) & (keys <= positions.unsqueeze(1) - self.config.recent_tokens)
-
     def layer_losses(self, layer: int, query: torch.Tensor, key: torch.Tensor, scale: float, positions) -> dict:
         """KL, bit balance and quantization of one layer for the sampled query positions."""
         encoders = self.encoders[layer]
         beta = self.beta
         length, group = key.shape[2], query.shape[1] // key.shape[1]
         q = query[:, :, positions].float()  # [B, Hq, P, D]
-        candidates = self.candidate_mask(positions, length)  # [P, T]
+        candidates = position_candidates(self.config, positions, length)  # [P, T]
         keys_per_head = key.float().repeat_interleave(group, dim=1)  # [B, Hq, T, D]
         teacher = (q @ keys_per_head.transpose(-1, -2) * scale).masked_fill(~candidates, float("-inf")).softmax(-1)
         q_code = torch.tanh(beta * encoders.query(q.transpose(1, 2)))  # [B, P, Hq, bits]
@@ -168,7 +280,7 @@ class DashKVDistillation(L.LightningModule):
             1 - k_bits.repeat_interleave(group, 1)
         ).transpose(-1, -2)
         distance = (cfg.bits - same).unflatten(1, (kv_heads, group)).sum(2).long()  # [B, Hkv, P, T]
-        candidates = self.candidate_mask(positions, length).expand_as(distance)
+        candidates = position_candidates(self.config, positions, length).expand_as(distance)
         rows, ok = nearest(distance, candidates, cfg.budget_tokens(length))
         chosen = torch.zeros_like(distance, dtype=full.dtype).scatter_add_(-1, rows, ok.to(full.dtype)).clamp(max=1)
         always = (keys < cfg.sink_tokens) | (keys > positions.unsqueeze(1) - cfg.recent_tokens)
@@ -188,6 +300,9 @@ class DashKVDistillation(L.LightningModule):
         loss = totals["kl"] + self.hparams.balance_weight * totals["balance"] + (
             self.hparams.quantization_weight * totals["quantization"]
         )
+        if self.lora is not None:
+            totals["lora_kl"] = self.lora_loss(input_ids)
+            loss = loss + self.hparams.lora_weight * totals["lora_kl"]
         self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=stage != "train")
         for name, value in totals.items():
             self.log(f"{stage}/{name}", value, sync_dist=stage != "train")
@@ -197,6 +312,21 @@ class DashKVDistillation(L.LightningModule):
         if measure:
             self._log_recall(stage, captured, positions)
         return loss
+
+    def lora_loss(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """KL(frozen model, full attention || adapted model, DASH-KV sparse attention) of next-token distributions.
+
+        Averaged over the positions from ``sink_tokens + recent_tokens`` on (``[B, T - sinks - recent]``), the
+        ones with hashing candidates, where selection can drop keys. Gradients reach the LoRA weights only: the
+        selection itself (hard codes) is not differentiable.
+        """
+        with torch.no_grad(), self.base.disable_adapter():
+            teacher = self.base(input_ids=input_ids, use_cache=False).logits
+        with sparse_attention(self.encoders):
+            student = self.base(input_ids=input_ids, use_cache=False).logits
+        start = self.config.sink_tokens + self.config.recent_tokens
+        teacher, student = (x[:, start:].flatten(0, 1).float().log_softmax(-1) for x in (teacher, student))
+        return nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
     def _log_recall(self, stage: str, captured, positions) -> None:
         sync = stage != "train"
@@ -227,7 +357,7 @@ class DashKVDistillation(L.LightningModule):
         self._step(batch, "val")
 
     def configure_optimizers(self):
-        params = [p for p in self.encoders.parameters()] + [self.log_temperature]
+        params = [p for p in self.parameters() if p.requires_grad]  # encoders, temperature, LoRA (if any)
         optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=0.0)
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else 1000
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -242,3 +372,28 @@ class DashKVDistillation(L.LightningModule):
             "config": self.config.to_dict(),
             "recall": getattr(self, "last_recall", None),
         }
+
+
+def require_peft():
+    """The ``peft`` package, or an ImportError that says how to get it (only a LoRA needs it)."""
+    try:
+        import peft
+    except ImportError as error:
+        raise ImportError(
+            "Joint LoRA (lora_rank > 0) needs peft: `pip install peft`, or set lora_rank: 0 to train the encoders "
+            "alone."
+        ) from error
+    return peft
+
+
+def lora_config(rank: int, alpha: int, targets: list[str]):
+    """peft ``LoraConfig`` of the joint LoRA: ``rank`` / ``alpha`` on the modules named ``targets``, no dropout."""
+    return require_peft().LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none", task_type="CAUSAL_LM"
+    )
+
+
+def peft_weight_name(lora_key: str) -> str:
+    """The name ``PeftModel.save_pretrained`` gives the weight of a ``DashKVDistillation.lora`` entry ``lora_key``:
+    dots restored, the adapter name dropped (peft's own rule), e.g. ``...q_proj.lora_A.weight``."""
+    return lora_key.replace("/", ".").replace(f".{ADAPTER_NAME}", "")

@@ -1,19 +1,76 @@
-"""Exporting trained encoders: safetensors + config + a model card; optionally published to the Hub."""
+"""Exporting trained encoders: safetensors + config + a model card; optionally published to the Hub.
+
+A run with a joint LoRA (``lora_rank > 0``) also exports its adapter in peft's format into ``lora/``, and
+:func:`load_with_adapter` applies it to the base model for ``DashKVCache`` + ``generate``.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import lightning as L
+import safetensors.torch
 import torch
 
 from hf_dashkv import DashKVConfig, HashEncoders, ModelLayout
 
+from .distillation import lora_config, peft_weight_name, require_peft
+
+LORA_DIR = "lora"
+
+
+@dataclass
+class Adapter:
+    """A trained joint LoRA without its base model: peft's ``LoraConfig`` and the weights under peft's saved names."""
+
+    config: object  # peft.LoraConfig
+    weights: dict[str, torch.Tensor]
+
+    def save(self, folder: str | Path) -> None:
+        """Write ``folder`` as ``PeftModel.save_pretrained`` does, without needing the base model."""
+        folder = Path(folder)
+        self.config.save_pretrained(folder)  # adapter_config.json
+        safetensors.torch.save_file(self.weights, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+
+    def summary(self) -> dict:
+        """What ``training.json`` and the model card record of it."""
+        return {"folder": LORA_DIR, "rank": self.config.r, "alpha": self.config.lora_alpha,
+                "targets": sorted(self.config.target_modules)}
+
+
+def adapter_from(state_dict: dict, hparams) -> Adapter | None:
+    """The joint LoRA in a DashKVDistillation state dict (its ``lora.*`` entries); ``None`` for a run without one."""
+    weights = {peft_weight_name(name[len("lora."):]): tensor.detach().cpu().contiguous()
+               for name, tensor in state_dict.items() if name.startswith("lora.")}
+    if not weights:
+        return None
+    config = lora_config(hparams["lora_rank"], hparams["lora_alpha"], hparams["lora_targets"])
+    config.base_model_name_or_path, config.inference_mode = hparams["model"], True  # as PeftModel.save_pretrained
+    return Adapter(config, weights)
+
+
+def load_with_adapter(model, folder: str | Path):
+    """``model`` (the base model, any attention) with the joint LoRA exported in ``folder/lora`` applied.
+
+    Returns a ``peft.PeftModel``: pass it to ``generate`` with a ``DashKVCache`` as the plain model; its
+    ``merge_and_unload()`` folds the adapter into the weights for faster decoding (equal up to rounding).
+    """
+    path = Path(folder) / LORA_DIR
+    if not (path / "adapter_config.json").is_file():
+        raise FileNotFoundError(
+            f"{path} holds no adapter: {folder} was exported from a run without a joint LoRA (lora_rank: 0). "
+            "Use the base model as it is."
+        )
+    return require_peft().PeftModel.from_pretrained(model, path)
+
 
 def encoders_from_checkpoint(path: str | Path) -> tuple[HashEncoders, dict]:
-    """The trained encoders of a DashKVDistillation checkpoint, without loading the base model."""
+    """The trained encoders of a DashKVDistillation checkpoint, without loading the base model.
+
+    The facts hold the run's joint LoRA as ``facts["lora"]`` (an :class:`Adapter`, or ``None``), for :func:`export`.
+    """
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     if "dashkv" not in checkpoint:
         raise ValueError(f"{path} is not a DashKVDistillation checkpoint (it has no 'dashkv' entry).")
@@ -25,6 +82,7 @@ def encoders_from_checkpoint(path: str | Path) -> tuple[HashEncoders, dict]:
         "steps": checkpoint.get("global_step"),
         "data": checkpoint.get("datamodule_hyper_parameters", {}).get("sources"),
         "recall": checkpoint["dashkv"].get("recall"),
+        "lora": adapter_from(checkpoint["state_dict"], checkpoint["hyper_parameters"]),
     }
     return encoders, facts
 
@@ -49,6 +107,13 @@ def model_card(encoders: HashEncoders, facts: dict) -> str:
         f"| {layer} | {values['trained']:.3f} | {values['random']:.3f} |" for layer, values in sorted(recall.items())
     )
     table = f"| layer | trained | random |\n|---:|---:|---:|\n{rows}" if rows else "(not measured)"
+    lora = facts.get("lora")
+    lora_line = (f"- joint LoRA (rank {lora['rank']}, alpha {lora['alpha']}, on {lora['targets']}) in "
+                 f"`{lora['folder']}/`, trained so that the model under sparse attention keeps its full-attention "
+                 "outputs\n" if lora else "")
+    load_adapter = ("from peft import PeftModel  # the encoders were trained with the adapter on: apply it\n"
+                    f"model = PeftModel.from_pretrained(model, \"<this repo or folder>\", "
+                    f"subfolder=\"{lora['folder']}\")\n" if lora else "")
     return f"""---
 library_name: hf_dashkv
 tags: [dash-kv, kv-cache, long-context]
@@ -62,7 +127,7 @@ Key and query hash encoders for [hf_dashkv](https://arxiv.org/abs/2604.19351)'s 
 - bits: {config.bits}; query encoder hidden width: {config.query_hidden}
 - hashed layers: {list(layout.hashed_layers)}; dense layers: {list(config.dense_layers)}
 - training data: {facts.get('data')}; optimizer steps: {facts.get('steps')}
-- {facts.get('notes', '')}
+{lora_line}- {facts.get('notes', '')}
 
 Attention recall (share of the model's softmax attention mass inside sinks {config.sink_tokens} + recent
 {config.recent_tokens} + the budget {config.budget} chosen by Hamming distance), held-out text:
@@ -73,15 +138,21 @@ Attention recall (share of the model's softmax attention mass inside sinks {conf
 import hf_dashkv
 from hf_dashkv import DashKVCache, HashEncoders
 encoders = HashEncoders.from_pretrained("<this repo or folder>")
-cache = DashKVCache(model.config, encoders)
+{load_adapter}cache = DashKVCache(model.config, encoders)
 ```
 """
 
 
 def export(encoders: HashEncoders, facts: dict, out_dir: str | Path) -> Path:
-    """``save_pretrained``, the model card, and ``training.json`` (the facts, recall included); returns the folder."""
+    """``save_pretrained``, the model card, and ``training.json`` (the facts, recall included); returns the folder.
+
+    ``facts["lora"]``, an :class:`Adapter` if the run had one, is written to ``out_dir/lora`` in peft's format.
+    """
     out_dir = Path(out_dir)
     encoders.save_pretrained(out_dir)
+    if facts.get("lora") is not None:
+        facts["lora"].save(out_dir / LORA_DIR)
+        facts = {**facts, "lora": facts["lora"].summary()}
     (out_dir / "README.md").write_text(model_card(encoders, facts))
     (out_dir / "training.json").write_text(json.dumps(facts, indent=1))
     return out_dir
@@ -117,6 +188,7 @@ class ExportEncoders(L.Callback):
             "steps": trainer.global_step,
             "data": getattr(trainer.datamodule, "sources", None),
             "recall": getattr(pl_module, "last_recall", None),
+            "lora": adapter_from(pl_module.state_dict(), pl_module.hparams),
         }
         folder = export(pl_module.encoders, facts, self.out_dir)
         if self.push_to_hub:

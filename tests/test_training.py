@@ -1,18 +1,26 @@
 """Training the encoders: the Lightning module, the data module, `lightning fit`, resume, export and push."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
+import safetensors.torch
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from hf_dashkv import HashEncoders
+from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders
+from hf_dashkv.attention import attend_rows
+from hf_dashkv.codes import group_distances
 from hf_dashkv.models import embedded_model_dir
-from lightning_modules import DashKVDistillation, LongTextDataModule
-from lightning_modules.export import encoders_from_checkpoint
+from hf_dashkv.selection import select_rows
+from lightning_modules import DashKVDistillation, ExportEncoders, LongTextDataModule
+from lightning_modules.distillation import TRAIN_IMPLEMENTATION, selection_mask, sparse_attention
+from lightning_modules.export import encoders_from_checkpoint, export, load_with_adapter
+from tests.tiny import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -132,16 +140,17 @@ class KillAfter(L.Callback):
             trainer.should_stop = True
 
 
-def fit(tiny_dir, root, max_steps, ckpt_path=None, kill_after=None):
+def fit(tiny_dir, root, max_steps, ckpt_path=None, kill_after=None, module=None, callbacks=()):
+    checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=root, every_n_train_steps=2, save_last=True,
+                                                      save_top_k=-1)
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_steps=max_steps, use_distributed_sampler=False, logger=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
         default_root_dir=root, log_every_n_steps=1,
-        callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=root, every_n_train_steps=2, save_last=True,
-                                                        save_top_k=-1)] + ([KillAfter(kill_after)] if kill_after else []),
+        callbacks=[checkpoints, *([KillAfter(kill_after)] if kill_after else []), *callbacks],
     )
     L.seed_everything(0)
-    module = tiny_module(tiny_dir)
+    module = module or tiny_module(tiny_dir)
     trainer.fit(module, datamodule=tiny_data(tiny_dir), ckpt_path=ckpt_path)
     return trainer, module
 
@@ -217,3 +226,127 @@ def test_every_recipe_parses(recipe):
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "class_path: lightning_modules.DashKVDistillation" in done.stdout
+
+
+def test_capture_keeps_sliding_windows(tmp_path):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                              num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=8,
+                              max_position_embeddings=256,
+                              layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    Gemma3ForCausalLM(config).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(embedded_model_dir("smollm2-135m")).save_pretrained(tmp_path)
+    ids = torch.randint(0, 300, (1, 48))
+    reference = Gemma3ForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    for lora_rank in (0, 2):  # "dashkv-capture" and "dashkv-train" (outside sparse_attention)
+        module = DashKVDistillation(model=str(tmp_path), bits=16, sink_tokens=2, recent_tokens=8, lora_rank=lora_rank)
+        with torch.no_grad():
+            assert torch.equal(module.base(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+# Joint LoRA (design.md §1)
+
+
+def test_lora_path_trains_only_lora_and_encoder_parameters(tiny_dir, tmp_path):
+    with pytest.raises(ValueError, match="lora_rank=-1"):
+        tiny_module(tiny_dir, lora_rank=-1)
+    module = tiny_module(tiny_dir, lora_rank=4)
+    base_params = dict(module.base.named_parameters())
+    assert len(module.lora) == 3 * 4 * 2  # layers x (q, k, v, o) x (A, B)
+    assert all(p is base_params[name.replace("/", ".")] for name, p in module.lora.items())  # the peft layers' own
+    frozen = {name: p.detach().clone() for name, p in base_params.items() if "lora_" not in name}
+    lora_before = {name: p.detach().clone() for name, p in module.lora.items()}
+    encoders_before = {name: p.detach().clone() for name, p in module.encoders.named_parameters()}
+
+    trainer, _ = fit(tiny_dir, tmp_path, 3, module=module)
+    optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in [*module.encoders.parameters(), module.log_temperature, *module.lora.values()]}
+    for name, before in frozen.items():
+        assert torch.equal(base_params[name], before) and not base_params[name].requires_grad, name
+    for name, before in lora_before.items():
+        assert not torch.equal(module.lora[name], before), name
+    assert any(not torch.equal(p, encoders_before[name]) for name, p in module.encoders.named_parameters())
+    state = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]  # the adapter, not the base
+    assert {name for name in state if not name.startswith(("encoders.", "random_encoders."))} == {
+        "log_temperature", *(f"lora.{name}" for name in module.lora)}
+
+
+def test_lora_lowers_the_logit_kl_under_sparse_attention(tiny_dir):
+    module = tiny_module(tiny_dir, lora_rank=8)
+    ids = torch.randint(0, 1000, (1, 128), generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.Adam(module.lora.parameters(), lr=1e-3)
+    history = []
+    for _ in range(8):
+        loss = module.lora_loss(ids)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append(loss.item())
+    assert all(p.grad is None for p in module.encoders.parameters())  # selection is not differentiable
+    assert history[0] > 0 and module.lora_loss(ids).item() < 0.7 * history[0]
+
+
+def test_dashkv_train_attention_is_exact_and_ignores_unselected_keys():
+    model, reference = tiny_model("llama-gqa", TRAIN_IMPLEMENTATION), tiny_model("llama-gqa", "sdpa")
+    ids = torch.randint(0, 97, (2, 64), generator=torch.Generator().manual_seed(0))
+
+    def logits(budget):
+        config = DashKVConfig(bits=16, budget=budget, sink_tokens=2, recent_tokens=8, query_hidden=0, dense_layers=(0,))
+        with torch.no_grad(), sparse_attention(HashEncoders.random(model.config, config)):
+            return model(input_ids=ids).logits
+
+    expected = reference(input_ids=ids).logits
+    assert torch.equal(logits(64), expected)  # a budget covering every key: plain causal sdpa
+    assert not torch.allclose(logits(4), expected)
+
+    # with a small budget, each position attends exactly to the rows a decode step selects, and to nothing else
+    config = DashKVConfig(bits=16, budget=0.125, sink_tokens=2, recent_tokens=8, query_hidden=0, dense_layers=(0,))
+    encoders = HashEncoders.random(model.config, config)
+    generator = torch.Generator().manual_seed(1)
+    query, key, value = (torch.randn(2, heads, 64, 16, generator=generator) for heads in (4, 2, 2))
+    attention = ALL_ATTENTION_FUNCTIONS[TRAIN_IMPLEMENTATION]
+    layer = model.model.layers[1].self_attn
+    with sparse_attention(encoders):
+        out, _ = attention(layer, query, key, value, None, scaling=0.25)
+    key_codes = encoders[1].encode_keys(key)
+    for t in range(config.sink_tokens + config.recent_tokens + config.budget_tokens(64), 64):  # selection drops keys
+        distances = group_distances(encoders[1].encode_query(query[:, :, t]), key_codes[:, :, : t + 1])
+        rows, valid = select_rows(distances, None, config)
+        torch.testing.assert_close(out[:, t], attend_rows(query[:, :, t : t + 1], key[:, :, : t + 1],
+                                                          value[:, :, : t + 1], rows, valid, 0.25)[:, 0])
+    keep = selection_mask(encoders[1], config, query, key)
+    dropped = int((~keep[0, 0, 63]).nonzero()[0])
+    poisoned = value.clone()
+    poisoned[0, 0, dropped] = 1e4
+    with sparse_attention(encoders):
+        out_poisoned, _ = attention(layer, query, key, poisoned, None, scaling=0.25)
+    assert torch.equal(out_poisoned[0, 63], out[0, 63])
+    assert not torch.equal(out_poisoned[0, dropped], out[0, dropped])  # where the row is attended, it shows
+
+
+def test_lora_export_round_trip_gives_identical_logits(tiny_dir, tmp_path):
+    module = tiny_module(tiny_dir, lora_rank=4)
+    fit(tiny_dir, tmp_path, 2, module=module, callbacks=[ExportEncoders(str(tmp_path / "callback"))])
+    encoders, facts = encoders_from_checkpoint(tmp_path / "last.ckpt")
+    out = export(encoders, facts, tmp_path / "exported")
+    module.base.save_pretrained(tmp_path / "peft")  # what peft itself writes, for comparison
+    theirs = safetensors.torch.load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    for folder in (out, tmp_path / "callback"):
+        ours = safetensors.torch.load_file(folder / "lora" / "adapter_model.safetensors")
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[name], theirs[name]) for name in theirs)
+    assert json.loads((out / "training.json").read_text())["lora"]["rank"] == 4
+    assert "joint LoRA (rank 4" in (out / "README.md").read_text()
+
+    ids = torch.randint(0, 1000, (1, 40), generator=torch.Generator().manual_seed(0))
+    loaded = load_with_adapter(LlamaForCausalLM.from_pretrained(tiny_dir / "model", attn_implementation="sdpa"), out)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, module.base(input_ids=ids).logits)
+
+    model = load_with_adapter(LlamaForCausalLM.from_pretrained(tiny_dir / "model", attn_implementation="dashkv"), out)
+    cache = DashKVCache(model.config, HashEncoders.from_pretrained(out))
+    generated = model.generate(input_ids=ids, past_key_values=cache, max_new_tokens=3, do_sample=False)
+    assert generated.shape == (1, 43) and cache.layers[1].last_selection is not None  # decoded sparsely
+    with pytest.raises(FileNotFoundError, match="without a joint LoRA"):
+        load_with_adapter(model, tmp_path)

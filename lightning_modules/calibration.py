@@ -1,0 +1,235 @@
+"""Fitting DASH-KV's optional terms (arXiv 2604.19351) on captured attention, and measuring what each one does.
+
+The encoders stay as trained; what is fitted here lives beside them in ``LayerEncoders`` (``tier2``,
+``calibration``) and is used at inference when ``DashKVConfig`` turns it on:
+
+- calibration weights (``hf_dashkv.calibration``): a grid search per hashed layer, in layer order (the temporal
+  term reads the previous layer's final selection), for the weights that maximise attention recall at the
+  configured budget;
+- tier-2 logit terms (``hf_dashkv.tiers``): least squares per query head against the true logits
+  ``q . k * scale`` of the tier-2 keys, then the constant raised by half the residual variance. A least-squares
+  fit predicts the mean logit, and ``exp`` of the mean underestimates the mean of ``exp`` (with Gaussian
+  residuals by ``exp(var / 2)``): without the shift tier 2 gets too little attention (measured on SmolLM2:
+  attention output error 0.153 without it, 0.148 with it).
+
+Everything runs on "decode-like" positions of real text: one forward pass records the post-RoPE q/k/v of every
+hashed layer, and position ``p`` then plays a decode step whose cache holds tokens ``0..p``, through the same
+functions the attention uses (``hf_dashkv.attention.learned_decode``). The capture keeps V too, which the output
+error needs; ``distillation.py``'s capture keeps q/k only.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from hf_dashkv import DashKVConfig, HashEncoders
+from hf_dashkv.attention import learned_decode
+from hf_dashkv.calibration import calibrate, spatial_votes
+from hf_dashkv.codes import head_distances, nearest, reduce_group
+from hf_dashkv.selection import candidate_mask, row_mask, select_rows
+
+CAPTURE_IMPLEMENTATION = "dashkv-capture-qkv"
+GRID = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)  # distance units; the weights act in steps of 1/16
+_captured: dict[int, tuple] | None = None
+
+
+def _capture_forward(module, query, key, value, attention_mask, **kwargs):
+    if _captured is not None:
+        scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5  # the model's own (e.g. Gemma's query scalar)
+        _captured[module.layer_idx] = (query.detach(), key.detach(), value.detach(), scaling)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(CAPTURE_IMPLEMENTATION, _capture_forward)
+AttentionMaskInterface.register(CAPTURE_IMPLEMENTATION, sdpa_mask)
+
+
+@dataclass
+class Capture:
+    """One sequence's post-RoPE attention inputs of the hashed layers (``{layer: (q [1, Hq, T, D], k, v
+    [1, Hkv, T, D], scale)}``) and the positions that play decode steps."""
+
+    layers: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]
+    positions: list[int]
+
+
+@torch.no_grad()
+def capture(model, input_ids: torch.Tensor, layers, positions: int) -> Capture:
+    """Record ``layers``' q/k/v for ``input_ids [1, T]``; ``positions`` evenly spaced decode steps in ``[T/2, T)``.
+
+    The second half only: the budget is a share of the context, and a short context is not what it is for.
+    """
+    global _captured
+    length = input_ids.shape[1]
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(CAPTURE_IMPLEMENTATION)
+    _captured = {}
+    try:
+        model.base_model(input_ids=input_ids, use_cache=False)  # no LM head: its logits are not needed
+        kept = {layer: _captured[layer] for layer in layers}
+    finally:
+        model.set_attn_implementation(previous)
+        _captured = None
+    steps = torch.linspace(length // 2, length - 1, positions).round().long().unique().tolist()
+    return Capture(kept, steps)
+
+
+def _key_codes(encoders: HashEncoders, sample: Capture) -> dict[int, torch.Tensor]:
+    return {layer: encoders[layer].encode_keys(k) for layer, (_, k, _, _) in sample.layers.items()}
+
+
+def _exact(sample: Capture, layer: int, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full attention of position ``p`` over tokens ``0..p``: probabilities ``[Hkv, G, p + 1]``, output ``[Hq, D]``."""
+    q, k, v, scale = sample.layers[layer]
+    kv_heads = k.shape[1]
+    query = q[0, :, p].unflatten(0, (kv_heads, -1)).float()  # [Hkv, G, D]
+    probs = (torch.einsum("kgd,knd->kgn", query, k[0, :, : p + 1].float()) * scale).softmax(-1)
+    return probs, (probs @ v[0, :, : p + 1].float()).flatten(0, 1)
+
+
+def _decode(encoders: HashEncoders, codes, sample: Capture, layer: int, p: int, config: DashKVConfig):
+    """Position ``p`` of ``layer`` as a decode step over tokens ``0..p``, through ``learned_decode``."""
+    q, k, v, scale = sample.layers[layer]
+    n = p + 1
+    return learned_decode(q[:, :, p : p + 1], k[:, :, :n], v[:, :, :n], None, encoders[layer],
+                          codes[layer][:, :, :n], config, scale, layer)
+
+
+@torch.no_grad()
+def fit_calibration(encoders: HashEncoders, samples: list[Capture], config: DashKVConfig, grid=GRID) -> None:
+    """Set each hashed layer's calibration weights, in place, to the grid point of highest recall on ``samples``.
+
+    A term that ``config`` leaves off keeps weight 0. Layers go in order, each choosing with the previous layer's
+    final (calibrated) selection, as decoding will. Ties keep the smaller weights (the grid starts at 0).
+    """
+    spatial = grid if config.spatial_calibration else (0.0,)
+    temporal = grid if config.temporal_calibration else (0.0,)
+    combos = list(itertools.product(spatial, temporal))
+    codes = [_key_codes(encoders, sample) for sample in samples]
+    previous: dict[tuple[int, int], torch.Tensor] = {}
+    for index, layer in enumerate(encoders.layout.hashed_layers):
+        steps, gains = [], torch.zeros(len(combos), dtype=torch.float64)
+        for s, sample in enumerate(samples):
+            for p in sample.positions:
+                n = p + 1
+                query_codes = encoders[layer].encode_query(sample.layers[layer][0][:, :, p])
+                per_head = head_distances(query_codes, codes[s][layer][:, :, :n])
+                distances = reduce_group(per_head, config.group_reduce)
+                candidates = candidate_mask(None, torch.zeros(1, dtype=torch.long), n, config)
+                budget = config.budget_tokens(n)
+                votes = spatial_votes(per_head, candidates, budget) if config.spatial_calibration else None
+                before = previous.get((s, p)) if config.temporal_calibration and index else None
+                trials = torch.cat([calibrate(distances, votes, before, ws, wt) for ws, wt in combos])
+                rows, ok = nearest(trials, candidates.unsqueeze(1).expand_as(trials), budget)
+                mass = _exact(sample, layer, p)[0].sum(1)  # [Hkv, n]: the group's attention on each key
+                gains += (row_mask(rows, ok, n) * mass).sum((1, 2)).double()
+                steps.append((s, p, distances, votes, before))
+        best = combos[int(gains.argmax())]
+        weights = encoders[layer].calibration
+        weights.spatial.fill_(best[0])
+        weights.temporal.fill_(best[1])
+        for s, p, distances, votes, before in steps:  # this layer's final selection, for the next layer
+            rows, ok = select_rows(calibrate(distances, votes, before, *best), None, config)
+            previous[(s, p)] = row_mask(rows, ok, p + 1).any(1)
+
+
+@torch.no_grad()
+def fit_tier2(encoders: HashEncoders, samples: list[Capture], config: DashKVConfig) -> None:
+    """Set each hashed layer's tier-2 terms, in place, by least squares per query head (see the module docstring).
+
+    The tier-2 rows are those ``config`` gives (after its calibration, with the weights the encoders hold).
+    """
+    if not config.tier2_budget:
+        raise ValueError("fit_tier2 needs a config with tier2_budget > 0: it fits the logit of those rows.")
+    layers = encoders.layout.hashed_layers
+    heads = encoders.layout.num_heads
+    gram = {layer: torch.zeros(heads, 3, 3, dtype=torch.float64) for layer in layers}
+    moment = {layer: torch.zeros(heads, 3, dtype=torch.float64) for layer in layers}
+    square = {layer: torch.zeros(heads, dtype=torch.float64) for layer in layers}
+    count = {layer: torch.zeros(heads, dtype=torch.float64) for layer in layers}
+    for sample in samples:
+        codes = _key_codes(encoders, sample)
+        for p in sample.positions:
+            for layer in layers:  # in order: the temporal record of one step goes from layer to layer
+                step = _decode(encoders, codes, sample, layer, p, config)
+                q, k, _, scale = sample.layers[layer]
+                kv_heads = k.shape[1]
+                query = q[0, :, p].unflatten(0, (kv_heads, -1)).float()  # [Hkv, G, D]
+                rows = step.tier2_rows[0]  # [Hkv, M]
+                keys = k[0].float().gather(1, rows.unsqueeze(-1).expand(-1, -1, k.shape[-1]))  # [Hkv, M, D]
+                target = torch.einsum("kgd,kmd->kgm", query, keys).mul(scale).flatten(0, 1).double()  # [Hq, M]
+                use = step.tier2_valid[0].unsqueeze(1).expand(-1, query.shape[1], -1).flatten(0, 1).double()
+                x = step.tier2_features[0].flatten(0, 1).double() * use.unsqueeze(-1)  # [Hq, M, 3]
+                gram[layer] += x.transpose(1, 2) @ x
+                moment[layer] += (x * target.unsqueeze(-1)).sum(1)
+                square[layer] += (target.square() * use).sum(1)
+                count[layer] += use.sum(1)
+    for layer in layers:
+        # a little ridge: the query norm can be nearly constant for a head, then collinear with the constant
+        ridge = 1e-6 * gram[layer].diagonal(dim1=1, dim2=2).mean(-1).clamp(min=1.0)
+        lhs = gram[layer] + ridge.view(-1, 1, 1) * torch.eye(3, dtype=torch.float64)
+        weight = torch.linalg.solve(lhs, moment[layer])  # [Hq, 3]
+        residual = square[layer] - 2 * (weight * moment[layer]).sum(-1) + torch.einsum(
+            "hi,hij,hj->h", weight, gram[layer], weight
+        )
+        weight[:, 1] += residual.clamp(min=0) / count[layer].clamp(min=1) / 2
+        encoders[layer].tier2.weight.copy_(weight.float())
+
+
+def fit_tiers(model, encoders: HashEncoders, sequences, config: DashKVConfig, positions: int = 24,
+              grid=GRID) -> HashEncoders:
+    """A copy of ``encoders`` with the optional terms that ``config`` turns on fitted on ``sequences``.
+
+    Args:
+        model: the model the encoders belong to (any attention implementation; restored afterwards).
+        encoders: trained hash encoders; not changed.
+        sequences: token ids, each ``[1, T]`` (or ``[T]``); a few of 1-2k tokens are enough.
+        config: budget, tier-2 budget and calibration flags to fit for (``tier2_budget=0`` fits no tier 2).
+        positions: decode-like positions per sequence. grid: calibration weights to try.
+    """
+    fitted = copy.deepcopy(encoders)
+    samples = [capture(model, ids.view(1, -1), fitted.layout.hashed_layers, positions) for ids in sequences]
+    if config.calibrated:
+        fit_calibration(fitted, samples, config, grid)
+    if config.tier2_budget:
+        fit_tier2(fitted, samples, config)
+    return fitted
+
+
+@torch.no_grad()
+def evaluate(encoders: HashEncoders, samples: list[Capture], configs: dict[str, DashKVConfig]) -> dict[str, dict]:
+    """Per config, means over hashed layers, positions and query heads (each ``[0, 1]``):
+
+    - ``recall``: the full attention mass on the tier-1 rows (``layer.last_selection`` at inference);
+    - ``tiers_mass``: the mass on tier 1 and tier 2 together (``recall`` when tier 2 is off);
+    - ``error``: ``|out - full| / |full|`` of the attention output against full attention.
+    """
+    sums: dict[str, dict[str, float]] = {name: defaultdict(float) for name in configs}
+    steps = 0
+    layers = encoders.layout.hashed_layers
+    for sample in samples:
+        codes = _key_codes(encoders, sample)
+        for p in sample.positions:
+            exact = {layer: _exact(sample, layer, p) for layer in layers}
+            steps += len(layers)
+            for name, config in configs.items():
+                for layer in layers:  # in order, for the temporal record
+                    step = _decode(encoders, codes, sample, layer, p, config)
+                    probs, full = exact[layer]
+                    tier1 = row_mask(step.rows[0], step.row_valid[0], p + 1).unsqueeze(1)  # [Hkv, 1, n]
+                    both = tier1
+                    if step.tier2_rows is not None:
+                        both = both | row_mask(step.tier2_rows[0], step.tier2_valid[0], p + 1).unsqueeze(1)
+                    out = step.output[0, 0].float()  # [Hq, D]
+                    sums[name]["recall"] += float((probs * tier1).sum(-1).mean())
+                    sums[name]["tiers_mass"] += float((probs * both).sum(-1).mean())
+                    sums[name]["error"] += float(((out - full).norm(dim=-1) / full.norm(dim=-1)).mean())
+    return {name: {metric: total / steps for metric, total in values.items()} for name, values in sums.items()}

@@ -1,0 +1,133 @@
+"""Spatial and temporal calibration, the optional terms' storage in the encoders, and their fitting."""
+
+import safetensors.torch
+import torch
+
+from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders, kernels
+from hf_dashkv.attention import learned_decode
+from hf_dashkv.calibration import calibrate, previous_selection, remember_selection, spatial_votes
+from hf_dashkv.cli import shipped_encoders
+from hf_dashkv.codes import group_distances
+from hf_dashkv.selection import candidate_mask, row_mask, select_rows
+from tests.test_generate import prompt
+from tests.test_tiers import decode_inputs, random_layer
+from tests.tiny import CONFIGS, tiny_model
+
+BOTH = DashKVConfig(bits=32, budget=4, sink_tokens=2, recent_tokens=4, query_hidden=0, spatial_calibration=True,
+                    temporal_calibration=True)
+
+
+def test_zero_weights_select_exactly_what_plain_hashing_selects():
+    layer = random_layer(BOTH)
+    query, key, value = decode_inputs(batch=2, n=60, seed=3)
+    codes = layer.encode_keys(key)
+    first = torch.tensor([0, 9])
+    valid = torch.arange(60) >= first.unsqueeze(1)  # left padding in the second row
+    remember_selection(BOTH, 0, torch.tensor([[[30, 31, 32]]]).expand(2, 1, 3), torch.ones(2, 1, 3, dtype=torch.bool),
+                       60)  # a previous layer's record: with weight 0 it changes nothing
+    step = learned_decode(query, key, value, valid, layer, codes, BOTH, 0.25, layer_idx=1)
+    plain_distances = group_distances(layer.encode_query(query[:, :, 0]), codes)
+    rows, ok = select_rows(plain_distances, valid, BOTH)
+    assert torch.equal(step.rows, rows) and torch.equal(step.row_valid, ok)
+    if kernels.numba is not None:  # the fused kernel's selection too, ties included
+        _, fast_rows, fast_ok = kernels.decode_attention(query, layer.encode_query(query[:, :, 0]), key, value, codes,
+                                                         first, 2, 4, 4, "sum", 0.25)
+        assert torch.equal(fast_ok, ok) and torch.equal(fast_rows[fast_ok], rows[ok])
+
+
+def test_a_large_spatial_weight_selects_the_key_every_head_votes_for():
+    # one KV head, two query heads, budget 2: key 6 is second nearest for both heads, yet its summed distance (4)
+    # loses to keys 5 and 7 (3 each), which only one head ranks in its two nearest
+    config = DashKVConfig(bits=8, budget=2, sink_tokens=0, recent_tokens=1, spatial_calibration=True)
+    per_head = torch.full((1, 1, 2, 10), 8, dtype=torch.int32)
+    per_head[0, 0, 0, 5:8] = torch.tensor([0, 2, 3])
+    per_head[0, 0, 1, 5:8] = torch.tensor([3, 2, 0])
+    distances = per_head.sum(2)
+    candidates = candidate_mask(None, torch.zeros(1, dtype=torch.long), 10, config)
+    votes = spatial_votes(per_head, candidates, 2)
+    assert votes[0, 5:8].tolist() == [1, 2, 1] and int(votes.sum()) == 4
+
+    def nearest_set(weight):
+        rows, ok = select_rows(calibrate(distances, votes, None, weight, 0.0), None, config)
+        return set(rows[0, 0][ok[0, 0]].tolist()) - {9}  # without the recent window
+
+    assert nearest_set(0.0) == {5, 7}
+    assert 6 in nearest_set(8.0)
+
+
+def test_the_temporal_record_is_per_step_and_follows_layer_order():
+    config = DashKVConfig(temporal_calibration=True)
+    rows, ok = torch.tensor([[[1, 4], [4, 0]]]), torch.tensor([[[True, True], [True, False]]])
+    remember_selection(config, 3, rows, ok, n=6)
+    mask = previous_selection(config, 5, 6, batch=1)
+    assert mask.tolist() == [[False, True, False, False, True, False]]  # any KV head; unused slots are not selections
+    assert previous_selection(config, 3, 6, 1) is None  # the same layer: a later step
+    assert previous_selection(config, 1, 6, 1) is None  # an earlier layer: a new step began
+    assert previous_selection(config, 5, 7, 1) is None  # another cache length: another step
+    assert previous_selection(DashKVConfig(temporal_calibration=True), 5, 6, 1) is None  # another cache
+    assert previous_selection(config, 5, 6, batch=2) is None
+
+
+def test_a_large_temporal_weight_makes_a_layer_choose_from_the_previous_layers_selection():
+    config = DashKVConfig(**{**BOTH.to_dict(), "spatial_calibration": False})
+    model = tiny_model("llama-gqa")
+    encoders = HashEncoders.random(model.config, config)
+    for i in encoders.layout.hashed_layers:
+        encoders[i].calibration.temporal.fill_(1000.0)
+    cache = DashKVCache(model.config, encoders, config)
+    model.generate(**prompt(batch=1), max_new_tokens=4, do_sample=False, pad_token_id=0, past_key_values=cache)
+    n = cache.get_seq_length()
+    previous = row_mask(*cache.layers[1].last_selection, n).any(1)  # the last step's selections
+    for layer in cache.layers[2:]:
+        rows, ok = layer.last_selection
+        assert previous[0, rows[0, :, 6:][ok[0, :, 6:]]].all()  # every budget row (after 2 sinks + 4 recent)
+        previous = row_mask(rows, ok, n).any(1)
+
+
+def test_the_fitted_terms_are_saved_and_loaded(tmp_path):
+    config = DashKVConfig(bits=16, query_hidden=0)
+    enc = HashEncoders.random(CONFIGS["llama-gqa"](), config)
+    enc[2].tier2.weight.normal_()
+    enc[3].calibration.spatial.fill_(2.5)
+    enc[1].calibration.temporal.fill_(0.5)
+    enc.save_pretrained(tmp_path)
+    loaded = HashEncoders.from_pretrained(tmp_path)
+    assert torch.equal(loaded[2].tier2.weight, enc[2].tier2.weight) and loaded[2].tier2.fitted
+    assert float(loaded[3].calibration.spatial) == 2.5 and float(loaded[1].calibration.temporal) == 0.5
+
+
+def test_encoders_saved_before_the_fitted_terms_still_load(tmp_path):
+    config = DashKVConfig(bits=16, query_hidden=0)
+    enc = HashEncoders.random(CONFIGS["llama-gqa"](), config)
+    enc.save_pretrained(tmp_path)
+    state = safetensors.torch.load_file(tmp_path / "model.safetensors")
+    old = {name: t for name, t in state.items() if ".tier2." not in name and ".calibration." not in name}
+    assert len(old) < len(state)
+    safetensors.torch.save_file(old, tmp_path / "model.safetensors")
+    loaded = HashEncoders.from_pretrained(tmp_path)
+    assert torch.equal(loaded[1].key.weight, enc[1].key.weight)
+    assert not loaded[1].tier2.fitted and float(loaded[1].calibration.spatial) == 0.0  # neutral: as if off
+    HashEncoders.random(CONFIGS["llama-gqa"](), config).load_state_dict(old, strict=True)  # e.g. from a checkpoint
+    assert HashEncoders.from_pretrained(str(shipped_encoders("smollm2-135m"))).layout.num_layers == 30
+
+
+def test_fitting_sets_every_term_and_never_lowers_recall_on_its_own_data():
+    from lightning_modules.calibration import capture, evaluate, fit_tiers
+
+    model = tiny_model("llama-gqa")
+    config = DashKVConfig(bits=32, budget=6, sink_tokens=2, recent_tokens=4, query_hidden=0, dense_layers=(0,),
+                          tier2_budget=6, spatial_calibration=True, temporal_calibration=True)
+    encoders = HashEncoders.random(model.config, config)
+    ids = [torch.randint(3, 97, (1, 160), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    fitted = fit_tiers(model, encoders, ids, config, positions=6, grid=(0.0, 1.0, 4.0))
+    assert model.config._attn_implementation == "dashkv"
+    assert not encoders[1].tier2.fitted  # the input is left as it was
+    for i in fitted.layout.hashed_layers:
+        assert fitted[i].tier2.fitted
+        assert float(fitted[i].calibration.spatial) in (0.0, 1.0, 4.0)
+    samples = [capture(model, x, fitted.layout.hashed_layers, 6) for x in ids]
+    plain = DashKVConfig(**{**config.to_dict(), "tier2_budget": 0, "spatial_calibration": False,
+                            "temporal_calibration": False})
+    results = evaluate(fitted, samples, {"plain": plain, "fitted": config})
+    assert results["fitted"]["recall"] >= results["plain"]["recall"] - 1e-9
+    assert results["fitted"]["tiers_mass"] > results["fitted"]["recall"]

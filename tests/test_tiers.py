@@ -1,0 +1,142 @@
+"""Tier 2 (approximate logits from the codes) and the decode path the learned terms take."""
+
+import pytest
+import torch
+
+from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders, attention, kernels
+from hf_dashkv.attention import attend_rows, attend_tiers, learned_decode
+from hf_dashkv.codes import group_distances, pack_signs, unpack_bits
+from hf_dashkv.selection import candidate_mask, row_mask, select_rows
+from hf_dashkv.tiers import tier2_features, tier2_logits, tier2_rows
+from tests.test_generate import prompt
+from tests.tiny import CONFIGS, tiny_model
+
+SMALL = DashKVConfig(bits=32, budget=4, sink_tokens=2, recent_tokens=4, query_hidden=0, dense_layers=(0,))
+
+
+def decode_inputs(batch=1, kv_heads=2, group=2, n=40, dim=16, seed=0):
+    """A decode step's q/k/v and random encoders for the tiny GQA Llama's shape (2 KV heads, 4 query heads)."""
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, kv_heads * group, 1, dim, generator=g)
+    key, value = torch.randn(2, batch, kv_heads, n, dim, generator=g)
+    return query, key, value
+
+
+def random_layer(config, seed=0):
+    return HashEncoders.random(CONFIGS["llama-gqa"](), config, seed=seed)[1]
+
+
+def test_tier2_attention_is_one_softmax_over_exact_and_approximate_logits():
+    query, key, value = decode_inputs(kv_heads=1, n=12)
+    rows, ok = torch.tensor([[[0, 5, 11, 3]]]), torch.tensor([[[True, True, True, False]]])
+    rows2, ok2 = torch.tensor([[[7, 2, 0]]]), torch.tensor([[[True, True, False]]])
+    logits2 = torch.tensor([[[[0.5, -1.0, 9.0], [2.0, 0.0, 9.0]]]])  # [B, Hkv, G, M2]; the last slot is unused
+    out = attend_tiers(query, key, value, rows, ok, rows2, ok2, logits2, 0.3)
+    for h in range(2):
+        exact = [float(query[0, h, 0] @ key[0, 0, r]) * 0.3 for r in (0, 5, 11)]
+        weights = torch.softmax(torch.tensor(exact + logits2[0, 0, h, :2].tolist()), -1)
+        expected = weights @ value[0, 0, [0, 5, 11, 7, 2]]
+        torch.testing.assert_close(out[0, 0, h], expected)
+
+
+def test_the_tier2_logit_is_the_scaled_hash_inner_product_plus_the_query_norm_term():
+    query, _, _ = decode_inputs(kv_heads=1, n=3)
+    g = torch.Generator().manual_seed(1)
+    query_codes = pack_signs(torch.randn(1, 1, 2, 32, generator=g))
+    row_codes = pack_signs(torch.randn(1, 1, 3, 32, generator=g))
+    weight = torch.tensor([[3.0, -1.0, 0.5], [1.0, 2.0, -0.25]])
+    logits = tier2_logits(tier2_features(query, query_codes, row_codes), weight)
+    q_signs, k_signs = (unpack_bits(c[0, 0]).float() * 2 - 1 for c in (query_codes, row_codes))
+    for h in range(2):
+        for m in range(3):
+            inner = float(q_signs[h] @ k_signs[m]) / 32  # the hash inner product in +-1 space, in [-1, 1]
+            expected = weight[h, 0] * inner + weight[h, 1] + weight[h, 2] * query[0, h, 0].norm()
+            assert abs(float(logits[0, 0, h, m] - expected)) < 1e-5
+
+
+def test_tier2_rows_are_the_next_nearest_and_disjoint_from_tier1():
+    config = DashKVConfig(bits=32, budget=6, sink_tokens=2, recent_tokens=3, tier2_budget=5)
+    g = torch.Generator().manual_seed(2)
+    distances = torch.randint(0, 64, (2, 3, 50), generator=g, dtype=torch.int32)
+    valid = torch.ones(2, 50, dtype=torch.bool)
+    valid[1, :9] = False
+    rows, ok = select_rows(distances, valid, config)
+    candidates = candidate_mask(valid, valid.int().argmax(-1), 50, config)
+    rows2, ok2 = tier2_rows(distances, candidates, rows, ok, config.tier2_tokens(50))
+    assert rows2.shape == (2, 3, 5) and ok2.all()
+    tier1, tier2 = row_mask(rows, ok, 50), row_mask(rows2, ok2, 50)
+    assert not (tier1 & tier2).any()
+    assert (tier2 <= candidates.unsqueeze(1)).all()
+    # together they are the 11 nearest candidates
+    together = select_rows(distances, valid, DashKVConfig(bits=32, budget=11, sink_tokens=2, recent_tokens=3))
+    assert torch.equal(tier1 | tier2, row_mask(*together, 50))
+
+
+def test_learned_decode_with_tier2_attends_both_tiers_with_the_fitted_logit():
+    config = DashKVConfig(bits=32, budget=4, sink_tokens=2, recent_tokens=4, query_hidden=0, tier2_budget=6)
+    layer = random_layer(config)
+    layer.tier2.weight.copy_(torch.tensor([4.0, -0.5, 0.1]).repeat(4, 1))
+    query, key, value = decode_inputs()
+    codes = layer.encode_keys(key)
+    step = learned_decode(query, key, value, None, layer, codes, config, 0.25, layer_idx=1)
+    plain_rows, plain_ok = select_rows(group_distances(layer.encode_query(query[:, :, 0]), codes), None, config)
+    assert torch.equal(step.rows, plain_rows) and torch.equal(step.row_valid, plain_ok)  # tier 1 is plain hashing
+    assert step.tier2_rows.shape == (1, 2, 6)
+    logits2 = tier2_logits(step.tier2_features, layer.tier2.weight)
+    expected = attend_tiers(query, key, value, step.rows, step.row_valid, step.tier2_rows, step.tier2_valid,
+                            logits2, 0.25)
+    torch.testing.assert_close(step.output, expected)
+    tier1_only = attend_rows(query, key, value, step.rows, step.row_valid, 0.25)
+    assert not torch.allclose(step.output, tier1_only)
+
+
+def test_unfitted_tier2_is_refused_with_the_fix_named():
+    model_config = CONFIGS["llama-gqa"]()
+    config = DashKVConfig(bits=32, budget=4, query_hidden=0, dense_layers=(0,), tier2_budget=4)
+    with pytest.raises(ValueError, match=r"tier-2 logit terms of layers \[1, 2, 3\] were never fitted.*fit_tiers"):
+        DashKVCache(model_config, HashEncoders.random(model_config, config), config)
+
+
+def test_with_every_learned_term_off_the_fused_kernel_runs_and_nothing_else(monkeypatch):
+    if kernels.numba is None:
+        pytest.skip("numba is not installed")
+    calls = []
+    fused = kernels.decode_attention
+    monkeypatch.setattr(kernels, "decode_attention", lambda *a, **k: calls.append(1) or fused(*a, **k))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("learned_decode runs only when a learned term is on")
+
+    monkeypatch.setattr(attention, "learned_decode", refuse)
+    model = tiny_model("llama-gqa")
+    cache = DashKVCache(model.config, HashEncoders.random(model.config, SMALL), SMALL)
+    model.generate(**prompt(), max_new_tokens=4, do_sample=False, pad_token_id=0, past_key_values=cache)
+    assert len(calls) == 3 * 3  # hashed layers x decode steps (the first new token comes from prefill)
+
+
+FLAGS = {
+    "tier2": dict(tier2_budget=3),
+    "spatial": dict(spatial_calibration=True),
+    "temporal": dict(temporal_calibration=True),
+    "all": dict(tier2_budget=0.1, spatial_calibration=True, temporal_calibration=True),
+}
+
+
+@pytest.mark.parametrize("flags", sorted(FLAGS))
+def test_greedy_generation_runs_with_each_learned_term(flags, monkeypatch):
+    config = DashKVConfig(**{**SMALL.to_dict(), **FLAGS[flags]})
+    model = tiny_model("llama-gqa")
+    encoders = HashEncoders.random(model.config, config)
+    for i in encoders.layout.hashed_layers:
+        encoders[i].tier2.weight.copy_(torch.tensor([2.0, 0.0, 0.1]).repeat(4, 1))
+        encoders[i].calibration.spatial.fill_(1.5)
+        encoders[i].calibration.temporal.fill_(3.0)
+    steps = []
+    learned = attention.learned_decode
+    monkeypatch.setattr(attention, "learned_decode", lambda *a, **k: steps.append(1) or learned(*a, **k))
+    cache = DashKVCache(model.config, encoders, config)
+    out = model.generate(**prompt(), max_new_tokens=5, do_sample=False, pad_token_id=0, past_key_values=cache)
+    assert out.shape == (2, 45) and len(steps) == 3 * 4
+    for layer in cache.layers[1:]:
+        rows, ok = layer.last_selection  # tier 1 only, whatever tier 2 adds
+        assert rows.shape == (2, 2, 2 + 4 + 4) and ok[0].all()
