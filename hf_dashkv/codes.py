@@ -30,6 +30,16 @@ def unpack_bits(codes: torch.Tensor) -> torch.Tensor:
     return (codes.unsqueeze(-1) & weights).ne(0).flatten(-2)
 
 
+def sign_matrix(codes: torch.Tensor) -> torch.Tensor:
+    """Packed codes ``[..., nbytes]`` -> float32 ``[..., bits]`` of ``+1`` / ``-1``.
+
+    For many queries at once (training): the Hamming distance of two codes is ``(bits - a . b) / 2`` of their
+    sign vectors, so one matmul gives every query-key distance exactly (integers up to ``bits`` are exact in
+    float32), where the xor + popcount table of :func:`hamming_distance` materialises ``[..., N, nbytes]``.
+    """
+    return unpack_bits(codes).float() * 2 - 1
+
+
 def hamming_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Hamming distance between packed codes ``a`` and ``b`` (``[..., nbytes]`` uint8, broadcast) -> int32 ``[...]``."""
     return _POPCOUNT8.to(a.device)[torch.bitwise_xor(a, b).long()].sum(-1, dtype=torch.int32)

@@ -29,7 +29,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from hf_dashkv import DashKVConfig, HashEncoders
-from hf_dashkv.codes import group_distances, nearest
+from hf_dashkv.codes import nearest, reduce_group, sign_matrix
 from hf_dashkv.encoders import LayerEncoders
 from hf_dashkv.models import load_model
 
@@ -39,7 +39,7 @@ ADAPTER_NAME = "default"  # peft's name for the one adapter
 _captured: dict[int, tuple[torch.Tensor, torch.Tensor, float]] | None = None
 _capture_until: int = -1
 _sparse: HashEncoders | None = None
-# int64 elements of one Hamming-distance intermediate: bounds selection memory to ~128 MB at any sequence length
+# float32 elements of one query-key agreement block: bounds selection memory to ~64 MB at any sequence length
 _SELECTION_ELEMENTS = 1 << 24
 
 
@@ -120,13 +120,15 @@ def selection_mask(encoders: LayerEncoders, config: DashKVConfig, query: torch.T
     candidates = position_candidates(config, positions, n)  # [T, N]
     causal = torch.arange(n, device=key.device) <= positions.unsqueeze(1)
     keep = (causal & ~candidates).expand(batch, kv_heads, -1, -1).clone()
-    key_codes = encoders.encode_keys(key).unsqueeze(2)  # [B, Hkv, 1, N, bytes]
+    key_signs = sign_matrix(encoders.encode_keys(key)).transpose(-1, -2)  # [B, Hkv, bits, N]
     query_codes = encoders.encode_query(query.transpose(1, 2).flatten(0, 1))  # [B * T, Hkv, G, bytes]
-    query_codes = query_codes.unflatten(0, (batch, length)).transpose(1, 2)  # [B, Hkv, T, G, bytes]
+    query_signs = sign_matrix(query_codes.unflatten(0, (batch, length)).transpose(1, 2))  # [B, Hkv, T, G, bits]
     budgets = torch.tensor([config.budget_tokens(p + 1) for p in range(n - length, n)], device=key.device)
-    rows = max(1, _SELECTION_ELEMENTS // (batch * kv_heads * group * n * config.code_bytes))
+    rows = max(1, _SELECTION_ELEMENTS // (batch * kv_heads * group * n))
     for start in range(0, length, rows):
-        distances = group_distances(query_codes[:, :, start:start + rows], key_codes, config.group_reduce)
+        # one matmul per KV head over all (position, query head) pairs: small batched ones are ~10x slower
+        agree = (query_signs[:, :, start:start + rows].flatten(2, 3) @ key_signs).unflatten(2, (-1, group))
+        distances = reduce_group(((config.bits - agree) / 2).to(torch.int32), config.group_reduce)
         chunk = budgets[start:start + rows]
         for budget in chunk.unique().tolist():  # a float budget grows with the position
             index = start + (chunk == budget).nonzero().squeeze(1)

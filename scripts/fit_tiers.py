@@ -7,7 +7,7 @@ tier 2, the next 1/32; the last row (twice the budget, all exact) is what a perf
 ``--write`` saves the fitted terms into the shipped encoders, only those that helped (the others stay
 neutral); the shipped config keeps them off, so nothing changes until a config turns them on.
 
-Run: PYTHONPATH=. python scripts/fit_tiers.py --model smollm2-135m [--write]
+Run: python scripts/fit_tiers.py --model smollm2-135m [--write]
 """
 
 import argparse

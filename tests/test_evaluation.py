@@ -121,7 +121,7 @@ def test_a_failing_sample_is_recorded_and_the_run_goes_on(tiny, samples, tmp_pat
     assert len(failed) == 1 and "simulated" in failed[0]["error"] and failed[0]["key"] == samples[0].key
     assert len(records) == 1 + 2
     assert failed_samples(records) == [samples[0].key]
-    assert f"1 sample(s) failed ({samples[0].key})" in write_report(records, tmp_path)
+    assert f"1 sample(s) failed ({samples[0].key}); the errors" in write_report(records, tmp_path)
     monkeypatch.setattr(Evaluator, "run_sample", original)  # a rerun retries the failed sample
     records = evaluate(evaluator, samples[:2], tmp_path / "predictions.jsonl")
     assert {r["key"] for r in records if r["error"] is None} == {samples[0].key, samples[1].key}

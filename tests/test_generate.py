@@ -104,3 +104,21 @@ def test_small_budget_decodes_through_hash_selection():
         rows, ok = layer.last_selection
         assert rows.shape == (2, 2, 2 + 4 + 4)
         assert ok[0].all()  # the unpadded row has enough candidates
+
+
+def test_qwen3_hashes_the_normed_rotated_keys_that_attention_scores_use():
+    sdpa, dash = tiny_model("qwen3-gqa", "sdpa"), tiny_model("qwen3-gqa", "dashkv")
+    inputs = prompt(batch=1)
+    reference = DynamicCache(config=sdpa.config)
+    cache = dashkv_cache(dash, SMALL)
+    with torch.no_grad():
+        sdpa(**inputs, past_key_values=reference)
+        dash(**inputs, past_key_values=cache)
+    for index in cache.layout.hashed_layers:
+        keys = reference.layers[index].keys  # after k_norm and RoPE, as sdpa attention receives them
+        torch.testing.assert_close(cache.layers[index].keys, keys)
+        assert torch.equal(cache.layers[index].key_codes, cache.encoders[index].encode_keys(cache.layers[index].keys))
+    out = dash.generate(**inputs, past_key_values=cache, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+    rows, row_valid = cache.layers[cache.layout.hashed_layers[0]].last_selection
+    assert row_valid.shape[-1] == SMALL.exact_tokens(42) and row_valid.sum(-1).max() < 42  # decoded sparsely

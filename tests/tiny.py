@@ -1,7 +1,7 @@
-"""Tiny random models built from configs in the tests: fast, and they cover Llama, Qwen2, Mistral, GQA and MHA."""
+"""Tiny random models built from configs in the tests: fast; Llama, Qwen2, Qwen3 (q/k norms), Mistral, GQA, MHA."""
 
 import torch
-from transformers import LlamaConfig, MistralConfig, Qwen2Config
+from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 import hf_dashkv  # noqa: F401  (registers "dashkv")
 
@@ -18,6 +18,8 @@ CONFIGS = {
     "llama-mha": lambda: LlamaConfig(**TINY, num_key_value_heads=4),
     "qwen2-gqa": lambda: Qwen2Config(**TINY, num_key_value_heads=2),
     "mistral-gqa": lambda: MistralConfig(**TINY, num_key_value_heads=1, sliding_window=None),
+    # q/k RMS norms before RoPE: the cache, and so the encoders, see the normed, rotated keys
+    "qwen3-gqa": lambda: Qwen3Config(**TINY, num_key_value_heads=2, head_dim=16),
 }
 
 

@@ -101,29 +101,32 @@ def markdown(rows: list[dict], failed: list[str] = ()) -> str:
                 values.append(f"{_fmt(row['score'])} ({_fmt(row['ratio_to_full'], 2)})")
         n = cell.get((context, task, "full", "-"), {}).get("samples", "")
         lines.append(f"| {context} | {task} | {n} | " + " | ".join(values) + " |")
-    averages = []
-    for method, budget in pairs:
-        score = _mean(r["score"] for r in scored if (r["method"], r["budget"]) == (method, budget))
-        ratio = _mean(r["ratio_to_full"] for r in scored if (r["method"], r["budget"]) == (method, budget))
-        averages.append(_fmt(score) if method == "full" else f"{_fmt(score)} ({_fmt(ratio, 2)})")
-    lines.append("| all | **mean** | | " + " | ".join(averages) + " |")
+    for context in sorted({c for c, _ in tasks}):
+        averages = []
+        for method, budget in pairs:
+            group = [r for r in scored if (r["method"], r["budget"], r["context_tokens"]) == (method, budget, context)]
+            score, ratio = _mean(r["score"] for r in group), _mean(r["ratio_to_full"] for r in group)
+            averages.append(_fmt(score) if method == "full" else f"{_fmt(score)} ({_fmt(ratio, 2)})")
+        lines.append(f"| {context} | **mean** | | " + " | ".join(averages) + " |")
 
-    ppl = {(r["method"], r["budget"]): r["perplexity"] for r in rows if r["task"] == "perplexity"}
-    lines += ["", "| method | budget | recall | next-token KL | greedy agreement | gold NLL | perplexity (Δ full) |"]
-    lines.append("|---|---|---|---|---|---|---|")
-    full_ppl = ppl.get(("full", "-"))
-    for method, budget in pairs:
-        group = [r for r in rows if (r["method"], r["budget"]) == (method, budget)]
-        gold = _mean(r["nll"] for r in group if r["task"] != "perplexity")
-        value = ppl.get((method, budget))
-        delta = f"{_fmt(value, 2)} ({value - full_ppl:+.2f})" if value is not None and full_ppl else "–"
-        recall = _mean(r["recall"] for r in group) if method != "full" else 1.0
-        lines.append(
-            f"| {method} | {budget} | {_fmt(recall)} | {_fmt(_mean(r['kl'] for r in group), 4)} | "
-            f"{_fmt(_mean(r['agreement'] for r in group))} | {_fmt(gold)} | {delta} |"
-        )
+    lines += ["", "| tokens | method | budget | recall | next-token KL | greedy agreement | gold NLL "
+              "| perplexity (Δ full) |", "|---|---|---|---|---|---|---|---|"]
+    for context in sorted({r["context_tokens"] for r in rows}):
+        ppl = {(r["method"], r["budget"]): r["perplexity"]
+               for r in rows if r["task"] == "perplexity" and r["context_tokens"] == context}
+        full_ppl = ppl.get(("full", "-"))
+        for method, budget in pairs:
+            group = [r for r in rows if (r["method"], r["budget"], r["context_tokens"]) == (method, budget, context)]
+            gold = _mean(r["nll"] for r in group if r["task"] != "perplexity")
+            value = ppl.get((method, budget))
+            delta = f"{_fmt(value, 2)} ({value - full_ppl:+.2f})" if value is not None and full_ppl else "–"
+            recall = _mean(r["recall"] for r in group) if method != "full" else 1.0
+            lines.append(
+                f"| {context} | {method} | {budget} | {_fmt(recall)} | {_fmt(_mean(r['kl'] for r in group), 4)} | "
+                f"{_fmt(_mean(r['agreement'] for r in group))} | {_fmt(gold)} | {delta} |"
+            )
     if failed:
-        lines += ["", f"{len(failed)} sample(s) failed ({', '.join(failed)}); their errors are in the predictions file."]
+        lines += ["", f"{len(failed)} sample(s) failed ({', '.join(failed)}); the errors are in the predictions file."]
     return "\n".join(lines)
 
 
