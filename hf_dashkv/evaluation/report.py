@@ -137,6 +137,13 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer.writerows({k: row.get(k) for k in FIELDS} for row in rows)
 
 
+def _color(method: str) -> str:
+    """One colour per method in both panels (matplotlib's cycle, in METHODS order)."""
+    from .runner import METHODS
+
+    return f"C{METHODS.index(method) if method in METHODS else len(METHODS)}"
+
+
 def plot(rows: list[dict], records: list[dict], path: Path) -> None:
     """Left: mean task score (ratio to full) vs budget per method. Right: attention recall per layer per method."""
     import matplotlib
@@ -150,7 +157,7 @@ def plot(rows: list[dict], records: list[dict], path: Path) -> None:
     for method in sorted({r["method"] for r in scored}, key=lambda m: _order(("", 0, m, "-"))):
         ys = [_mean(r["ratio_to_full"] for r in scored if r["method"] == method and r["budget"] in (b, "-"))
               for b in budgets]
-        left.plot(budgets, ys, "o-", label=method)
+        left.plot(budgets, ys, "o-", color=_color(method), label=method)
     left.axhline(1.0, color="k", linestyle="--", label="full")
     left.set(xlabel="budget (share of the context, + sinks + recent)", ylabel="mean task score / full",
              title="task score relative to full attention")
@@ -162,9 +169,11 @@ def plot(rows: list[dict], records: list[dict], path: Path) -> None:
         if record.get("error") is None and record["method"] != "full":
             for layer, value in record["recall"].items():
                 per_layer[(record["method"], record["budget"])][int(layer)].append(value)
+    styles = {b: style for b, style in zip(["-"] + budgets, ["-", "-", "--", ":", "-."] * 4)}
     for (method, budget), layers in sorted(per_layer.items(), key=lambda item: _order(("", 0, *item[0]))):
         xs = sorted(layers)
-        right.plot(xs, [mean(layers[x]) for x in xs], "o-", markersize=3, label=_label(method, budget))
+        right.plot(xs, [mean(layers[x]) for x in xs], marker="o", linestyle=styles.get(budget, "-"), markersize=3,
+                   color=_color(method), label=_label(method, budget))
     right.set(xlabel="layer", ylabel="attention recall", title="recall per layer (decode steps)", ylim=(0, 1.02))
     right.grid(alpha=0.3)
     right.legend(fontsize=7, ncol=2)
