@@ -135,6 +135,7 @@ def _trained_encoders(model_name: str, path: str | None):
 def cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from . import DashKVConfig
     from .evaluation.longbench import load_longbench
     from .evaluation.report import write_report
     from .evaluation.runner import Evaluator, evaluate, setups
@@ -152,7 +153,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                   args.samples)
     if not samples:
         raise SystemExit("nothing to evaluate: drop --no-suite or give --longbench-dir.")
-    runs = setups(model.config, encoders, args.methods, args.budgets)
+    base = encoders.config
+    if args.group_reduce:
+        base = DashKVConfig(**{**base.to_dict(), "group_reduce": args.group_reduce})
+    runs = setups(model.config, encoders, args.methods, args.budgets, base)
     out_dir = Path(args.out_dir)
     print(f"{len(samples)} samples x {len(runs)} method/budget runs -> {out_dir}/"
           + (f" (OMP_NUM_THREADS={torch_threads_note})" if torch_threads_note else ""))
@@ -235,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--longbench-dir", default=None, help="folder of LongBench's JSONL files (data.zip, unpacked)")
     ev.add_argument("--longbench-tasks", nargs="+", default=None, help="LongBench task names (default: all English)")
     ev.add_argument("--longbench-max-length", type=int, default=3500, help="LongBench's prompt truncation length")
+    ev.add_argument("--group-reduce", choices=["sum", "min"], default=None,
+                    help="how a GQA group's query heads combine distances (default: the encoders' own)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--out-dir", default="runs/eval", help="predictions.jsonl (resumable) and the reports")
     ev.set_defaults(func=cmd_eval)

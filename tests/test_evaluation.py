@@ -149,3 +149,11 @@ def test_runner_methods_match_the_cli_choices():
 
     args = build_parser().parse_args(["eval", "--budgets", "1/32", "256", "--context", "4k", "8k"])
     assert args.methods == list(runner.METHODS) and args.budgets == [1 / 32, 256] and args.context == [4096, 8192]
+
+
+def test_setups_take_another_base_config(tiny):
+    model, _, encoders = tiny
+    base = DashKVConfig(**{**CONFIG.to_dict(), "group_reduce": "min"})
+    runs = setups(model.config, encoders, ["full", "dashkv"], [8], base)
+    assert {s.config.group_reduce for s in runs} == {"min"}
+    assert [s.config.group_reduce for s in setups(model.config, encoders, ["full", "dashkv"], [8])] == ["sum", "sum"]

@@ -52,12 +52,16 @@ class Setup:
     config: DashKVConfig
 
 
-def setups(model_config, encoders: HashEncoders, methods: list[str], budgets: list[int | float]) -> list[Setup]:
-    """``full`` once, then every other method at every budget; all share the trained encoders' layout and windows."""
+def setups(model_config, encoders: HashEncoders, methods: list[str], budgets: list[int | float],
+           base: DashKVConfig | None = None) -> list[Setup]:
+    """``full`` once, then every other method at every budget, all with ``base``'s layout and windows.
+
+    ``base`` defaults to the trained encoders' own config; its ``bits`` and ``query_hidden`` must match theirs.
+    """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {METHODS}.")
-    base = encoders.config
+    base = base or encoders.config
     random_encoders = HashEncoders.random(model_config, base, seed=0) if "random" in methods else None
     selector = {"dashkv": "hash", "random": "hash", "streaming": "streaming", "quest": "quest", "oracle": "oracle"}
     out = [Setup("full", "-", None, replace(base, selector="oracle", budget=_COVERING_BUDGET))]
