@@ -14,8 +14,8 @@ The encoders stay as trained; what is fitted here lives beside them in ``LayerEn
 
 Everything runs on "decode-like" positions of real text: one forward pass records the post-RoPE q/k/v of every
 hashed layer, and position ``p`` then plays a decode step whose cache holds tokens ``0..p``, through the same
-functions the attention uses (``hf_dashkv.attention.learned_decode``). The capture keeps V too, which the output
-error needs; ``distillation.py``'s capture keeps q/k only.
+functions the attention uses (``hf_dashkv.attention.learned_decode``). The capture is ``distillation.py``'s, which
+also keeps V (the output error needs it).
 """
 
 from __future__ import annotations
@@ -26,9 +26,6 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from hf_dashkv import DashKVConfig, HashEncoders
 from hf_dashkv.attention import learned_decode
@@ -36,20 +33,9 @@ from hf_dashkv.calibration import calibrate, spatial_votes
 from hf_dashkv.codes import head_distances, nearest, reduce_group
 from hf_dashkv.selection import candidate_mask, row_mask, select_rows
 
-CAPTURE_IMPLEMENTATION = "dashkv-capture-qkv"
+from .distillation import CAPTURE_IMPLEMENTATION, capture_attention
+
 GRID = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)  # distance units; the weights act in steps of 1/16
-_captured: dict[int, tuple] | None = None
-
-
-def _capture_forward(module, query, key, value, attention_mask, **kwargs):
-    if _captured is not None:
-        scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5  # the model's own (e.g. Gemma's query scalar)
-        _captured[module.layer_idx] = (query.detach(), key.detach(), value.detach(), scaling)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-
-AttentionInterface.register(CAPTURE_IMPLEMENTATION, _capture_forward)
-AttentionMaskInterface.register(CAPTURE_IMPLEMENTATION, sdpa_mask)
 
 
 @dataclass
@@ -67,17 +53,14 @@ def capture(model, input_ids: torch.Tensor, layers, positions: int) -> Capture:
 
     The second half only: the budget is a share of the context, and a short context is not what it is for.
     """
-    global _captured
     length = input_ids.shape[1]
     previous = model.config._attn_implementation
     model.set_attn_implementation(CAPTURE_IMPLEMENTATION)
-    _captured = {}
     try:
-        model.base_model(input_ids=input_ids, use_cache=False)  # no LM head: its logits are not needed
-        kept = {layer: _captured[layer] for layer in layers}
+        captured = capture_attention(model, input_ids, max(layers))
     finally:
         model.set_attn_implementation(previous)
-        _captured = None
+    kept = {layer: captured[layer] for layer in layers}
     steps = torch.linspace(length // 2, length - 1, positions).round().long().unique().tolist()
     return Capture(kept, steps)
 

@@ -36,7 +36,7 @@ from hf_dashkv.models import load_model
 CAPTURE_IMPLEMENTATION = "dashkv-capture"
 TRAIN_IMPLEMENTATION = "dashkv-train"
 ADAPTER_NAME = "default"  # peft's name for the one adapter
-_captured: dict[int, tuple[torch.Tensor, torch.Tensor, float]] | None = None
+_captured: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]] | None = None
 _capture_until: int = -1
 _sparse: HashEncoders | None = None
 # float32 elements of one query-key agreement block: bounds selection memory to ~64 MB at any sequence length
@@ -50,10 +50,27 @@ class _CaptureDone(Exception):
 def _capture_attention_forward(module, query, key, value, attention_mask, **kwargs):
     if _captured is not None:
         scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5  # the model's own (e.g. Gemma's query scalar)
-        _captured[module.layer_idx] = (query.detach(), key.detach(), scaling)
+        _captured[module.layer_idx] = (query.detach(), key.detach(), value.detach(), scaling)
         if module.layer_idx == _capture_until:
             raise _CaptureDone
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+@torch.no_grad()
+def capture_attention(model, input_ids: torch.Tensor, last_layer: int) -> dict[int, tuple]:
+    """``{layer: (query [B, Hq, T, D], key, value [B, Hkv, T, D], scaling)}``, post-RoPE, for layers up to
+    ``last_layer``, from one pass of ``model`` (loaded with, or set to, "dashkv-capture"); the rest of the pass and
+    the LM head are skipped. Outputs of the captured layers are the model's own."""
+    global _captured, _capture_until
+    _captured, _capture_until = {}, last_layer
+    try:
+        model(input_ids=input_ids, use_cache=False)
+    except _CaptureDone:
+        pass
+    try:
+        return _captured
+    finally:
+        _captured, _capture_until = None, -1
 
 
 def _train_attention_forward(module, query, key, value, attention_mask, **kwargs):
@@ -222,17 +239,9 @@ class DashKVDistillation(L.LightningModule):
         With a LoRA the adapter is on: at inference the adapted model hashes its own keys and queries, and the
         selection has to cover the adapted model's attention, so that is what the encoders learn to rank.
         """
-        global _captured, _capture_until
         self.base.to(input_ids.device)
-        _captured, _capture_until = {}, max(self.hashed_layers)
-        try:
-            self.base(input_ids=input_ids, use_cache=False)
-        except _CaptureDone:
-            pass
-        try:
-            return _captured
-        finally:
-            _captured = None
+        captured = capture_attention(self.base, input_ids, max(self.hashed_layers))
+        return {layer: (q, k, scaling) for layer, (q, k, _, scaling) in captured.items()}
 
     def sample_positions(self, length: int, step: int) -> torch.Tensor:
         """``query_positions`` distinct positions with candidates before them, the same on every rank for a step."""
