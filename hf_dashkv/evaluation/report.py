@@ -8,6 +8,8 @@ from collections import defaultdict
 from pathlib import Path
 from statistics import mean
 
+from .runner import METHODS
+
 FIELDS = ("task", "context_tokens", "method", "budget", "samples", "score", "ratio_to_full", "kl", "agreement",
           "nll", "perplexity", "recall")
 
@@ -51,8 +53,6 @@ def failed_samples(records: list[dict]) -> list[str]:
 
 
 def _order(key: tuple) -> tuple:
-    from .runner import METHODS
-
     task, context, method, budget = key
     return (context, task, budget != "-", _budget_value(budget), METHODS.index(method) if method in METHODS else 99)
 
@@ -139,8 +139,6 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 def _color(method: str) -> str:
     """One colour per method in both panels (matplotlib's cycle, in METHODS order)."""
-    from .runner import METHODS
-
     return f"C{METHODS.index(method) if method in METHODS else len(METHODS)}"
 
 

@@ -90,8 +90,9 @@ class Evaluator:
         if not setups or setups[0].method != "full":
             raise ValueError("the first setup must be 'full': every other method is compared with it.")
         self.model, self.tokenizer, self.setups, self.prefill_chunk = model, tokenizer, setups, prefill_chunk
-        self.eos = set(filter(None, [tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)]))
-        self.eos = {t for e in self.eos for t in (e if isinstance(e, list) else [e])}
+        self.eos: set[int] = set()
+        for ids in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+            self.eos.update(ids if isinstance(ids, list) else [] if ids is None else [ids])  # an int, a list or None
 
     @torch.inference_mode()
     def run_sample(self, sample: Sample, only: set[tuple[str, str]] | None = None) -> list[dict]:
@@ -110,7 +111,8 @@ class Evaluator:
             if only is not None and (setup.method, setup.budget) not in only:
                 continue
             start = time.perf_counter()
-            record = self._record_base(sample, setup, ids.shape[1])
+            record = dict(_identity(sample), method=setup.method, budget=setup.budget, prompt_tokens=ids.shape[1],
+                          answers=sample.answers, error=None)
             if setup.method == "full":
                 tokens, fidelity = reference, {"kl": 0.0, "agreement": 1.0, "recall": {}}
             else:
@@ -129,11 +131,6 @@ class Evaluator:
             )
             records.append(record)
         return records
-
-    def _record_base(self, sample: Sample, setup: Setup, prompt_tokens: int) -> dict:
-        return dict(task=sample.task, context_tokens=sample.context_tokens, sample_id=sample.sample_id,
-                    key=sample.key, method=setup.method, budget=setup.budget, prompt_tokens=prompt_tokens,
-                    answers=sample.answers, error=None)
 
     def _prefill(self, ids: torch.Tensor, cache: DashKVCache) -> torch.Tensor:
         """Exact prefill in chunks; log-probabilities of the next token, ``[V]``."""
@@ -190,6 +187,11 @@ class Evaluator:
         return text.split("\n")[0].strip() if sample.stop_at_newline else text
 
 
+def _identity(sample: Sample) -> dict:
+    """The fields every record of ``sample`` starts with (what the report groups by, and resume keys on)."""
+    return dict(task=sample.task, context_tokens=sample.context_tokens, sample_id=sample.sample_id, key=sample.key)
+
+
 def completed(path: Path) -> dict[str, set[tuple[str, str]]]:
     """``{sample key: {(method, budget), ...}}`` of the error-free records in the predictions file ``path``."""
     done: dict[str, set[tuple[str, str]]] = {}
@@ -234,9 +236,7 @@ def evaluate(evaluator: Evaluator, samples: list[Sample], predictions: Path) -> 
             try:
                 records = evaluator.run_sample(sample, only=missing)
             except Exception as error:  # one bad sample must not end a long run: record it and go on
-                records = [dict(task=sample.task, context_tokens=sample.context_tokens, sample_id=sample.sample_id,
-                                key=sample.key, method="*", budget="*",
-                                error=f"{type(error).__name__}: {error}",
+                records = [dict(_identity(sample), method="*", budget="*", error=f"{type(error).__name__}: {error}",
                                 traceback=traceback.format_exc(limit=3))]
                 bar.write(f"failed: {sample.key}: {records[0]['error']}")
             for record in records:
