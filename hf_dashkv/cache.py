@@ -5,9 +5,10 @@ Full-attention layers are :class:`DashKVLayer` (hashed, or dense for the "sandwi
 layers are transformers' own ``DynamicSlidingWindowLayer``, exact and bounded as usual.
 
 The attention function is not given the cache, so a sparse layer's ``update`` leaves a hand-off for the
-attention call that immediately follows it in the same attention module (:func:`take_pending`). The
-hand-off is matched by tensor identity: attention that receives other keys (another cache, no cache)
-finds nothing and stays exact.
+attention call that immediately follows it in the same attention module (:func:`take_pending`). That
+thread-local hand-off is the only state outside a cache object; it is matched by tensor identity, so attention
+that receives other keys (another cache, no cache) finds nothing and stays exact. What one decode step passes
+from layer to layer (temporal calibration, recall measurement) lives on the cache (``DashKVCache.record``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import copy
 import threading
 import warnings
+from contextlib import contextmanager
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
@@ -22,7 +24,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindo
 from .config import DashKVConfig
 from .encoders import HashEncoders, LayerEncoders
 from .layout import ModelLayout
-from .selectors import needs_encoders
+from .selectors import DecodeRecord, build_selector, needs_encoders
 
 _pending = threading.local()
 _MIN_CAPACITY = 256
@@ -46,22 +48,27 @@ class DashKVLayer(CacheLayerMixin):
 
     Args:
         encoders: the layer's hash encoders (its keys are then hashed as they are stored), or ``None``.
-        config: the DashKVConfig the attention reads budgets from.
+        config: the decode policy its selector follows.
         sparse: whether decode steps select rows (``False``: a dense layer, always full attention).
+        record: the cache's per-step record, shared by its layers (a fresh one by default).
     """
 
     is_sliding = False
     is_croppable = True
     is_compileable = False
 
-    def __init__(self, encoders: LayerEncoders | None, config: DashKVConfig, sparse: bool = True):
+    def __init__(
+        self, encoders: LayerEncoders | None, config: DashKVConfig, sparse: bool = True,
+        record: DecodeRecord | None = None,
+    ):
         super().__init__()
         self.encoders = encoders
         self.config = config
         self.sparse = sparse
+        self.selector = build_selector(config, encoders) if sparse else None
+        self.record = record if record is not None else DecodeRecord()
         self.length = 0
         self.key_codes: torch.Tensor | None = None
-        self.last_selection: tuple[torch.Tensor, torch.Tensor] | None = None
         self._buffers: dict[str, torch.Tensor] = {}
 
     @property
@@ -84,7 +91,22 @@ class DashKVLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Store new K/V ``[B, Hkv, T, D]`` (hashing the keys) and return all K/V so far, ``[B, Hkv, N, D]``."""
+        """Store new K/V ``[B, Hkv, T, D]`` (hashing the keys) and return all K/V so far, ``[B, Hkv, N, D]``;
+        a sparse layer leaves itself for the attention call that follows (:func:`take_pending`)."""
+        self.store(key_states, value_states)
+        if self.sparse:
+            if getattr(_pending, "layer", None) is self:  # updated twice and no attention call took it
+                warnings.warn(
+                    "DashKVCache is in use but the model's attention does not read it, so decoding runs full "
+                    "attention. Load the model with attn_implementation='dashkv' (after `import hf_dashkv`), or call "
+                    "model.set_attn_implementation('dashkv').",
+                    stacklevel=2,
+                )
+            _pending.layer = self
+        return self.keys, self.values
+
+    def store(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Append K/V ``[B, Hkv, T, D]`` (hashing the keys) outside a forward pass: no attention call follows."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         new = {"keys": key_states, "values": value_states}
@@ -96,16 +118,6 @@ class DashKVLayer(CacheLayerMixin):
             self._buffers[name][:, :, start:end] = tensor
         self.length = end
         self._refresh_views()
-        if self.sparse:
-            if getattr(_pending, "layer", None) is self:  # updated twice and no attention call took it
-                warnings.warn(
-                    "DashKVCache is in use but the model's attention does not read it, so decoding runs full "
-                    "attention. Load the model with attn_implementation='dashkv' (after `import hf_dashkv`), or call "
-                    "model.set_attn_implementation('dashkv').",
-                    stacklevel=2,
-                )
-            _pending.layer = self
-        return self.keys, self.values
 
     def _reserve(self, needed: int) -> None:
         capacity = self._buffers["keys"].shape[2]
@@ -139,7 +151,7 @@ class DashKVLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self._buffers = {}
-        self.keys = self.values = self.key_codes = self.last_selection = None
+        self.keys = self.values = self.key_codes = None
         self.length = 0
         self.is_initialized = False
 
@@ -200,6 +212,7 @@ class DashKVCache(Cache):
             )
         if encoders is not None and hashing:
             encoders.check_compatible(model_config, config)
+        self.record = DecodeRecord()
         sliding_kwargs = get_layer_types_and_kwargs(model_config.get_text_config(decoder=True))[1]
         layers: list = []
         for idx, layer_type in enumerate(layout.layer_types):
@@ -207,7 +220,8 @@ class DashKVCache(Cache):
                 layers.append(DynamicSlidingWindowLayer(**sliding_kwargs[idx]))
             else:
                 sparse = idx in layout.hashed_layers
-                layers.append(DashKVLayer(encoders[idx] if sparse and hashing else None, config, sparse=sparse))
+                layer_encoders = encoders[idx] if sparse and hashing else None
+                layers.append(DashKVLayer(layer_encoders, config, sparse=sparse, record=self.record))
         super().__init__(layers=layers)
         self.model_config = model_config
         self.config = config
@@ -225,9 +239,18 @@ class DashKVCache(Cache):
             if not isinstance(theirs, DashKVLayer):
                 fork.layers[index] = copy.deepcopy(mine)
             elif mine.is_initialized:
-                theirs.update(mine.keys, mine.values)
-        _pending.layer = None  # these updates are not followed by attention
+                theirs.store(mine.keys, mine.values)
         return fork
+
+    @contextmanager
+    def observing(self, observer):
+        """Within the block, ``observer(step, selection)`` sees every selection this cache's layers make
+        (``selectors.DecodeStep``, ``selection.Selection``): how recall is measured, and how tests look inside."""
+        self.record.observers.append(observer)
+        try:
+            yield observer
+        finally:
+            self.record.observers.remove(observer)
 
     def added_bytes_per_token(self) -> int:
         """Bytes DASH-KV stores per cached token beyond plain K/V: the packed key codes of every hashed layer."""

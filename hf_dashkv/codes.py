@@ -46,29 +46,29 @@ def hamming_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def head_distances(query_codes: torch.Tensor, key_codes: torch.Tensor) -> torch.Tensor:
-    """Distance of every cached key to each query head: codes ``[B, Hkv, G, nbytes]``, ``[B, Hkv, N, nbytes]``
-    -> int32 ``[B, Hkv, G, N]`` (query head ``h`` is ``[h // G, h % G]``)."""
+    """Distance of every cached key to each query head of its group, by xor + popcount (one decode step).
+
+    Args:
+        query_codes: ``[B, Hkv, G, nbytes]`` (query head ``h`` is ``[h // G, h % G]``); key_codes: ``[B, Hkv, N, nbytes]``.
+
+    Returns:
+        int32 ``[B, Hkv, G, N]``.
+    """
     return hamming_distance(query_codes.unsqueeze(-2), key_codes.unsqueeze(-3))
 
 
-def reduce_group(distances: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
-    """Combine the distances of a GQA group's heads, int32 ``[B, Hkv, G, N]`` -> ``[B, Hkv, N]``, by ``"sum"``
-    (in ``[0, G * bits]``) or ``"min"`` (in ``[0, bits]``)."""
-    return distances.sum(-2, dtype=torch.int32) if reduce == "sum" else distances.amin(-2)
-
-
-def group_distances(query_codes: torch.Tensor, key_codes: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
-    """Distance of every cached key to the query heads of its GQA group, combined into one per KV head.
+def head_distances_many(query_codes: torch.Tensor, key_codes: torch.Tensor) -> torch.Tensor:
+    """:func:`head_distances` for many query positions at once, by one sign matmul per KV head (training).
 
     Args:
-        query_codes: ``[B, Hkv, G, nbytes]`` uint8, the codes of the ``G`` query heads that share each KV head.
-        key_codes: ``[B, Hkv, N, nbytes]`` uint8.
-        reduce: ``"sum"`` or ``"min"`` over the ``G`` heads.
+        query_codes: ``[B, Hkv, P, G, nbytes]``; key_codes: ``[B, Hkv, N, nbytes]``.
 
     Returns:
-        int32 ``[B, Hkv, N]``, in ``[0, G * bits]`` for ``"sum"`` and ``[0, bits]`` for ``"min"``.
+        int32 ``[B, Hkv, P, G, N]``, equal to :func:`head_distances` at each position.
     """
-    return reduce_group(head_distances(query_codes, key_codes), reduce)
+    bits = query_codes.shape[-1] * 8
+    agree = sign_matrix(query_codes).flatten(2, 3) @ sign_matrix(key_codes).transpose(-1, -2)  # [B, Hkv, P*G, N]
+    return ((bits - agree) / 2).to(torch.int32).unflatten(2, query_codes.shape[2:4])
 
 
 def nearest(distances: torch.Tensor, candidates: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,9 +30,9 @@ class DashKVConfig:
         page_size: tokens per page for ``"quest"``.
         tier2_budget: tokens (an ``int``, or a ``float`` fraction of the context, as for ``budget``) that get the
             approximate tier-2 logit of DASH-KV's mixed precision: the next nearest after the budget, attended with
-            a logit fitted from the codes (``hf_dashkv.tiers``) and their exact values. 0 (default): off.
+            a logit fitted from the codes (``hf_dashkv.selectors.tiers``) and their exact values. 0 (default): off.
         spatial_calibration: discount the distance of keys that many query heads of the layer rank among their
-            nearest (``hf_dashkv.calibration``). Off by default.
+            nearest (``hf_dashkv.selectors.calibrated``). Off by default.
         temporal_calibration: discount the distance of keys the previous hashed layer selected at the same step.
             Off by default. The learned terms need fitted encoders (``lightning_modules.calibration``) and the
             ``"hash"`` selector; with them on, decode steps take the PyTorch path, not the fused CPU kernel.

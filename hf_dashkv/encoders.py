@@ -8,8 +8,8 @@ layer starting at zero. Untrained encoders (``HashEncoders.random``) then give t
 projection of its KV head's keys, i.e. SimHash, which is the baseline, and training starts from it.
 
 Each layer also holds the paper's optional terms, fitted after training (``lightning_modules.calibration``) and
-used when ``DashKVConfig`` turns them on: the tier-2 logit (``hf_dashkv.tiers``) and the spatial / temporal
-calibration discounts (``hf_dashkv.calibration``).
+used when ``DashKVConfig`` turns them on: the tier-2 logit (``hf_dashkv.selectors.tiers``) and the spatial / temporal
+calibration discounts (``hf_dashkv.selectors.calibrated``).
 """
 
 import math
@@ -99,7 +99,7 @@ class FittedTerms(nn.Module):
 
 
 class Tier2Terms(FittedTerms):
-    """Per query head, the tier-2 logit ``features @ weight[h]`` (``hf_dashkv.tiers``): ``weight [Hq, 3]``
+    """Per query head, the tier-2 logit ``features @ weight[h]`` (``hf_dashkv.selectors.tiers``): ``weight [Hq, 3]``
     weighs the hash similarity, a constant and the query norm. Neutral (unfitted): ``[0, -inf, 0]``, which
     gives tier-2 rows no attention."""
 
@@ -113,7 +113,7 @@ class Tier2Terms(FittedTerms):
 
 
 class CalibrationWeights(FittedTerms):
-    """The layer's spatial and temporal distance discounts (``hf_dashkv.calibration``), scalars in distance
+    """The layer's spatial and temporal distance discounts (``hf_dashkv.selectors.calibrated``), scalars in distance
     units, >= 0. Neutral: 0, plain Hamming distance."""
 
     def __init__(self):

@@ -1,6 +1,6 @@
 """Compiled CPU kernels for the decode step: Hamming scoring, nearest-k selection and sparse attention.
 
-They compute exactly the definitions in ``codes.py`` / ``selection.py`` / ``attention.py`` (tested against
+They compute exactly the definitions in ``codes.py`` / ``selection.py`` / ``exact.py`` (tested against
 them in ``tests/test_kernels.py``), faster:
 
 - selection: per (batch, KV head), integer distances by hardware popcount over packed words (the inner loop
@@ -49,7 +49,8 @@ def supports_decode(key: torch.Tensor, value: torch.Tensor) -> bool:
 def nearest_codes(
     query_codes: torch.Tensor, key_codes: torch.Tensor, lo: torch.Tensor, hi: int, budget: int, reduce: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``codes.nearest(codes.group_distances(query_codes, key_codes, reduce), candidates, budget)``, compiled.
+    """``codes.nearest(selection.combine_group(codes.head_distances(query_codes, key_codes), reduce), ...)``,
+    compiled: the budget nearest candidates of each (batch, KV head).
 
     The candidates of batch row ``b`` are the positions ``lo[b] <= p < hi`` (left padding and sinks below,
     the recent window above).
@@ -85,7 +86,7 @@ def decode_attention(
     reduce: str,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One decode step of a hashed layer: ``selection.select_rows`` then ``attention.attend_rows``, fused.
+    """One decode step of a hashed layer: ``selection.select`` then ``exact.attend_rows``, fused.
 
     Args:
         query: ``[B, Hq, 1, D]``; query_codes: ``[B, Hkv, G, nbytes]``.
@@ -96,7 +97,7 @@ def decode_attention(
 
     Returns:
         ``(output [B, 1, Hq, D] in the query's dtype, rows [B, Hkv, M], row_valid [B, Hkv, M])``,
-        ``M = sinks + recent + budget``, the same rows ``select_rows`` returns.
+        ``M = sinks + recent + budget``, the same rows ``selection.select`` returns.
     """
     batch, heads, _, head_dim = query.shape
     kv_heads, n = key.shape[1], key.shape[2]
@@ -294,7 +295,7 @@ if numba is not None:
         batch, heads = q_codes.shape[:2]
         for r in numba.prange(batch * heads):
             b, h = r // heads, r % heads
-            # same slots as selection.select_rows: sinks, recent window, then the nearest
+            # same slots as selection.select: sinks, recent window, then the nearest
             for i in range(sinks):
                 rows[b, h, i] = min(first[b] + i, n - 1)
                 valid[b, h, i] = rows[b, h, i] < n - recent

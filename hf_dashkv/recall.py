@@ -1,9 +1,10 @@
 """Attention recall: the share of the true softmax attention mass that DASH-KV's selected rows cover.
 
 The method's own core metric (design §4). Measured at real decode steps: the model decodes greedily with a
-DashKVCache, and at every hashed layer the exact attention of each query head over the whole cache is
-computed beside the selection, with the "dashkv-recall" attention implementation registered here. It is a
-measurement tool; the model's outputs are those of "dashkv".
+DashKVCache, and every selection a hashed layer makes is handed to an observer on the cache
+(``DashKVCache.record.observers``), which computes the exact attention of each query head over the whole cache
+beside it. The model's outputs are those of "dashkv". :func:`selected_mass` is the one definition of "mass on
+the chosen rows", also used by training and by calibration fitting.
 """
 
 from __future__ import annotations
@@ -12,87 +13,69 @@ from collections import defaultdict
 from contextlib import contextmanager
 
 import torch
-from transformers import AttentionInterface
 
-from .attention import dashkv_attention_forward, key_validity
 from .cache import DashKVCache
+from .selectors import DecodeStep
+from .selection import Selection
 
-RECALL_IMPLEMENTATION = "dashkv-recall"
+
+def attention_probs(query: torch.Tensor, key: torch.Tensor, scale: float, visible: torch.Tensor | None = None):
+    """Exact softmax attention of a GQA group's queries, float ``[..., Hkv, G, P, N]``.
+
+    Args:
+        query: ``[..., Hq, P, D]``; key: ``[..., Hkv, N, D]``; scale: the attention scaling;
+        visible: bool, broadcast to ``[..., Hkv, G, P, N]``, the keys each query may see, or ``None`` for all.
+    """
+    kv_heads = key.shape[-3]
+    q = query.unflatten(-3, (kv_heads, -1)).float()
+    scores = torch.einsum("...kgpd,...knd->...kgpn", q, key.float()) * scale
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+    return scores.softmax(-1)
 
 
-class _RecallMeter:
-    """Sums of selected mass per layer, for the cache being measured."""
+def selected_mass(probs: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """Mass of each query head on the chosen keys: ``probs [..., Hkv, G, P, N]``, ``chosen`` bool ``[..., Hkv, P, N]``
+    (one selection per KV head) -> ``[..., Hkv, G, P]`` in [0, 1]."""
+    return (probs * chosen.unsqueeze(-3)).sum(-1)
 
-    def __init__(self, cache: DashKVCache):
-        self.cache = cache
+
+class RecallMeter:
+    """Observes a cache's selections; ``per_layer()`` gives the mean selected mass per hashed layer."""
+
+    def __init__(self):
         self.sums: dict[int, float] = defaultdict(float)
         self.counts: dict[int, int] = defaultdict(int)
+
+    def __call__(self, step: DecodeStep, selection: Selection) -> None:
+        visible = None if step.valid is None else step.valid[:, None, None, None, :]
+        probs = attention_probs(step.query, step.key, step.scale, visible)  # [B, Hkv, G, 1, N]
+        mass = selected_mass(probs, selection.mask(step.n).unsqueeze(2))
+        self.sums[step.layer_idx] += float(mass.mean())
+        self.counts[step.layer_idx] += 1
 
     def per_layer(self) -> dict[int, float]:
         return {i: self.sums[i] / self.counts[i] for i in sorted(self.counts)}
 
 
-_meter: _RecallMeter | None = None
-
-
-def _recall_attention_forward(module, query, key, value, attention_mask, **kwargs):
-    out = dashkv_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    layer = _meter.cache.layers[module.layer_idx] if _meter is not None else None
-    selection = getattr(layer, "last_selection", None)
-    if selection is not None:
-        layer.last_selection = None  # each selection is counted once
-        mass = selected_mass(query, key, attention_mask, *selection, kwargs.get("scaling"))
-        _meter.sums[module.layer_idx] += float(mass.mean())
-        _meter.counts[module.layer_idx] += 1
-    return out
-
-
-AttentionInterface.register(RECALL_IMPLEMENTATION, _recall_attention_forward)
-
-
-def selected_mass(query, key, attention_mask, rows, row_valid, scaling) -> torch.Tensor:
-    """Softmax mass of each query head on the selected rows: ``[B, Hq]`` in [0, 1].
-
-    Args:
-        query: ``[B, Hq, 1, D]``; key: ``[B, Hkv, N, D]``; rows/row_valid: ``[B, Hkv, M]``.
-    """
-    batch, heads, _, head_dim = query.shape
-    kv_heads, n = key.shape[1], key.shape[2]
-    scale = scaling if scaling is not None else head_dim**-0.5
-    q = query.reshape(batch, kv_heads, heads // kv_heads, head_dim).float()
-    scores = torch.einsum("bkgd,bknd->bkgn", q, key.float()) * scale
-    valid = key_validity(attention_mask, key)
-    if valid is not None:
-        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    probs = scores.softmax(-1)
-    chosen = torch.zeros(batch, kv_heads, n, dtype=probs.dtype).scatter_add_(2, rows, row_valid.to(probs.dtype))
-    return torch.einsum("bkgn,bkn->bkg", probs, chosen.clamp(max=1)).reshape(batch, heads)
-
-
 @contextmanager
-def measuring_recall(model, cache: DashKVCache):
-    """Within the block, ``model`` decodes as with "dashkv" and records recall for ``cache``; yields the meter.
+def measuring_recall(cache: DashKVCache):
+    """Within the block, every selection ``cache`` makes is measured; yields the :class:`RecallMeter`.
 
     ``meter.per_layer()`` gives ``{layer_idx: recall}`` averaged over query heads, batch and decode steps so far.
     """
-    global _meter
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(RECALL_IMPLEMENTATION)
-    _meter = meter = _RecallMeter(cache)
-    try:
+    with cache.observing(RecallMeter()) as meter:
         yield meter
-    finally:
-        model.set_attn_implementation(previous)
-        _meter = None
 
 
 @torch.inference_mode()
 def attention_recall(model, input_ids: torch.Tensor, cache: DashKVCache, decode_steps: int = 8) -> dict[int, float]:
     """Mean selected attention mass per hashed layer over ``decode_steps`` greedy steps after ``input_ids``.
 
-    Returns ``{layer_idx: recall}``, averaged over query heads, batch and steps.
+    ``model`` must run the "dashkv" attention. Returns ``{layer_idx: recall}``, averaged over query heads, batch
+    and steps.
     """
-    with measuring_recall(model, cache) as meter:
+    with measuring_recall(cache) as meter:
         out = model(input_ids, past_key_values=cache)
         token = out.logits[:, -1:].argmax(-1)
         for _ in range(decode_steps):

@@ -1,16 +1,43 @@
-"""Which cached rows get exact attention at a decode step: sinks + recent window + the budget nearest in Hamming space.
+"""Which cached rows a query attends to exactly: sinks + recent window + the budget nearest by a selector's score.
 
-This module owns that decision. Every token stays in the cache; what is not selected is skipped for
-this step only. The query heads of a GQA group share one selection per KV head (their distances are
-combined by ``DashKVConfig.group_reduce``), so each selected row is gathered once per KV head.
+This module is the one definition of that rule, for one decode step and for many positions at once (training,
+recall measurement, calibration fitting): every caller passes a selector's scores to :func:`select`. Every
+token stays in the cache; what is not selected is skipped for this step only. The query heads of a GQA group
+share one selection per KV head (:func:`combine_group`), so each selected row is read once per KV head.
+
+A query at position ``p`` sees ``p + 1`` tokens (its context): the sinks are the first ``sink_tokens`` real
+tokens (after any left padding), the recent window the last ``recent_tokens`` (``p`` itself included), and the
+candidates everything between them; ``DashKVConfig.budget_tokens(p + 1)`` of the candidates are chosen by score.
+The compiled CPU kernel (``kernels.decode_attention``) is the fast path of the same rule and is tested equal to it.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from .codes import nearest
 from .config import DashKVConfig
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The rows some queries attend to: ``rows`` (cache positions, int64) and ``valid`` (bool), each ``[..., M]``,
+    ``M = sinks + recent + budget`` slots (sinks, then the recent window, then the chosen candidates in ascending
+    position). Unused slots (padding, too few candidates, a sink inside the recent window) are ``valid == False``."""
+
+    rows: torch.Tensor
+    valid: torch.Tensor
+
+    def mask(self, n: int) -> torch.Tensor:
+        """The selected positions as bool ``[..., N]``.
+
+        Counted, not scattered as booleans: unused slots point at real positions too, and a scattered ``False``
+        could overwrite a ``True`` for the same position.
+        """
+        counts = torch.zeros(*self.rows.shape[:-1], n, dtype=torch.int32, device=self.rows.device)
+        return counts.scatter_add_(-1, self.rows, self.valid.to(torch.int32)) > 0
 
 
 def first_valid(valid: torch.Tensor | None, batch: int, device) -> tuple[torch.Tensor, bool]:
@@ -25,60 +52,85 @@ def first_valid(valid: torch.Tensor | None, batch: int, device) -> tuple[torch.T
     return first, bool((valid.sum(-1) == valid.shape[-1] - first).all())
 
 
-def candidate_mask(valid: torch.Tensor | None, first: torch.Tensor, n: int, config: DashKVConfig) -> torch.Tensor:
-    """bool ``[B, N]``: the positions the budget may choose from, after the sinks and before the recent window.
+def candidates(
+    config: DashKVConfig, first: torch.Tensor, ends: torch.Tensor, n: int, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """bool ``[B, P, N]``: the keys the budget may choose from, after the sinks and before the recent window.
 
     Args:
-        valid: bool ``[B, N]`` or ``None``; first: ``[B]`` from :func:`first_valid`; n: cached tokens.
+        config: sinks and recent window; first: ``[B]`` from :func:`first_valid`;
+        ends: ``[P]``, each query's context length (position + 1); n: cached tokens; valid: bool ``[B, N]`` or ``None``.
     """
-    positions = torch.arange(n, device=first.device)
-    candidates = (positions >= (first + config.sink_tokens).unsqueeze(1)) & (positions < n - config.recent_tokens)
-    return candidates if valid is None else candidates & valid
+    keys = torch.arange(n, device=first.device)
+    after_sinks = keys >= (first + config.sink_tokens).view(-1, 1, 1)  # [B, 1, N]
+    before_recent = keys < (ends - config.recent_tokens).view(1, -1, 1)  # [1, P, N]
+    out = after_sinks & before_recent
+    return out if valid is None else out & valid.unsqueeze(1)
 
 
-def select_rows(
-    distances: torch.Tensor, valid: torch.Tensor | None, config: DashKVConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of the cache that one decode step attends to exactly.
+def combine_group(scores: torch.Tensor, reduce: str) -> torch.Tensor:
+    """One score per KV head from its query heads', ``[..., Hkv, G, N] -> [..., Hkv, N]``, by ``"sum"`` or
+    ``"min"`` (integer Hamming distances stay integers)."""
+    if reduce == "min":
+        return scores.amin(-2)
+    return scores.sum(-2, dtype=torch.int32) if not scores.is_floating_point() else scores.sum(-2)
+
+
+def select(
+    scores: torch.Tensor,
+    config: DashKVConfig,
+    ends: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    allowed: torch.Tensor | None = None,
+) -> Selection:
+    """The rows each query attends to exactly: the definition of DASH-KV's selection.
 
     Args:
-        distances: ``[B, Hkv, N]`` from the configured selector (``hf_dashkv.selectors``), lower is nearer.
+        scores: ``[B, Hkv, P, N]``, one per KV head (:func:`combine_group`), lower is nearer; integer scores
+            break ties towards the later position.
+        config: sinks, recent window and budget (``budget_tokens`` of each query's context).
+        ends: ``[P]``, each query's context length: a decode step over ``N`` cached tokens is ``ends = [N]``.
         valid: bool ``[B, N]``, ``False`` at padding, or ``None`` when every key is visible.
-        config: sinks, recent window and budget.
+        allowed: bool, broadcast to ``[B, Hkv, P, N]``: further restricts the candidates (tier 2 takes what tier 1
+            left), or ``None``.
 
     Returns:
-        ``(rows, row_valid)``, each ``[B, Hkv, sinks + recent + budget]``: cache positions (sinks, then the
-        recent window, then the nearest in ascending position) and whether each slot is in use. Slots that
-        are padding, or duplicates of the recent window, are marked unused.
+        A :class:`Selection` of ``[B, Hkv, P, sinks + recent + max budget]``; queries with a smaller budget have
+        their extra slots unused.
     """
-    batch, kv_heads, n = distances.shape
+    batch, kv_heads, length, n = scores.shape
+    device = scores.device
     sinks, recent = config.sink_tokens, config.recent_tokens
-    device = distances.device
     first, _ = first_valid(valid, batch, device)
-    if valid is None:
-        valid = torch.ones(batch, n, dtype=torch.bool, device=device)
+    seen = torch.ones(batch, n, dtype=torch.bool, device=device) if valid is None else valid
+    ends = ends.to(device)
 
-    sink_rows = (first.unsqueeze(1) + torch.arange(sinks, device=device)).clamp(max=n - 1)  # [B, S]
-    sink_ok = valid.gather(1, sink_rows) & (sink_rows < n - recent)
-    recent_rows = torch.arange(n - recent, n, device=device).expand(batch, -1)  # [B, R]
-    recent_ok = valid[:, n - recent :]
+    sink_rows = (first.view(-1, 1, 1) + torch.arange(sinks, device=device)).expand(-1, length, -1)  # [B, P, S]
+    sink_ok = (sink_rows < (ends - recent).view(1, -1, 1)) & seen.gather(1, sink_rows.clamp(max=n - 1).flatten(1)).view_as(sink_rows)
+    recent_rows = (ends.view(1, -1, 1) - recent + torch.arange(recent, device=device)).expand(batch, -1, -1)  # [B, P, R]
+    recent_ok = (recent_rows >= 0) & seen.gather(1, recent_rows.clamp(min=0).flatten(1)).view_as(recent_rows)
 
-    candidates = candidate_mask(valid, first, n, config)
-    near_rows, near_ok = nearest(distances, candidates.unsqueeze(1).expand_as(distances), config.budget_tokens(n))
+    allowed_now = candidates(config, first, ends, n, valid).unsqueeze(1).expand(-1, kv_heads, -1, -1)
+    if allowed is not None:
+        allowed_now = allowed_now & allowed
+    budgets = [config.budget_tokens(int(end)) for end in ends.tolist()]
+    width = max(budgets)
+    near_rows = torch.zeros(batch, kv_heads, length, width, dtype=torch.long, device=device)
+    near_ok = torch.zeros(batch, kv_heads, length, width, dtype=torch.bool, device=device)
+    for budget in sorted(set(budgets)):  # a fractional budget grows with the context
+        index = torch.tensor([i for i, b in enumerate(budgets) if b == budget], device=device)
+        rows, ok = nearest(scores[:, :, index], allowed_now[:, :, index], budget)
+        near_rows[:, :, index, :budget], near_ok[:, :, index, :budget] = rows, ok
 
     def per_head(t: torch.Tensor) -> torch.Tensor:
-        return t.unsqueeze(1).expand(-1, kv_heads, -1)
+        return t.unsqueeze(1).expand(-1, kv_heads, -1, -1)
 
-    rows = torch.cat([per_head(sink_rows), per_head(recent_rows), near_rows], dim=-1)
+    rows = torch.cat([per_head(sink_rows.clamp(max=n - 1)), per_head(recent_rows.clamp(min=0)), near_rows], dim=-1)
     row_valid = torch.cat([per_head(sink_ok), per_head(recent_ok), near_ok], dim=-1)
-    return rows, row_valid
+    return Selection(rows, row_valid)
 
 
-def row_mask(rows: torch.Tensor, row_valid: torch.Tensor, n: int) -> torch.Tensor:
-    """The positions in use of a selection, ``rows``/``row_valid`` ``[..., M]`` -> bool ``[..., N]``.
-
-    Counted, not scattered as booleans: unused slots point at real positions too, and a scattered ``False``
-    could overwrite a ``True`` for the same position.
-    """
-    counts = torch.zeros(*rows.shape[:-1], n, dtype=torch.int32, device=rows.device)
-    return counts.scatter_add_(-1, rows, row_valid.to(torch.int32)) > 0
+def select_step(scores: torch.Tensor, config: DashKVConfig, valid: torch.Tensor | None = None) -> Selection:
+    """:func:`select` for one decode step over the whole cache: ``scores [B, Hkv, N]`` -> ``[B, Hkv, M]``."""
+    chosen = select(scores.unsqueeze(2), config, torch.tensor([scores.shape[-1]], device=scores.device), valid)
+    return Selection(chosen.rows.squeeze(2), chosen.valid.squeeze(2))

@@ -14,8 +14,8 @@ The encoders stay as trained; what is fitted here lives beside them in ``LayerEn
 
 Everything runs on "decode-like" positions of real text: one forward pass records the post-RoPE q/k/v of every
 hashed layer, and position ``p`` then plays a decode step whose cache holds tokens ``0..p``, through the same
-functions the attention uses (``hf_dashkv.attention.learned_decode``). The capture is ``distillation.py``'s, which
-also keeps V (the output error needs it).
+selectors the attention uses (``hf_dashkv.selectors``), layer after layer with one ``DecodeRecord`` per step. The
+capture is ``distillation.py``'s, which also keeps V (the output error needs it).
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ from dataclasses import dataclass
 import torch
 
 from hf_dashkv import DashKVConfig, HashEncoders
-from hf_dashkv.attention import learned_decode
-from hf_dashkv.calibration import calibrate, spatial_votes
-from hf_dashkv.codes import head_distances, nearest, reduce_group
-from hf_dashkv.selection import candidate_mask, row_mask, select_rows
+from hf_dashkv.recall import attention_probs
+from hf_dashkv.selection import Selection, candidates, combine_group, select
+from hf_dashkv.selectors import DecodeRecord, DecodeStep, HashSelector, Tier2Selector, build_selector
+from hf_dashkv.selectors.calibrated import calibrate, spatial_votes
 
-from .distillation import CAPTURE_IMPLEMENTATION, capture_attention
+from .distillation import TRAIN_IMPLEMENTATION, capture_attention
 
 GRID = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)  # distance units; the weights act in steps of 1/16
 
@@ -55,7 +55,7 @@ def capture(model, input_ids: torch.Tensor, layers, positions: int) -> Capture:
     """
     length = input_ids.shape[1]
     previous = model.config._attn_implementation
-    model.set_attn_implementation(CAPTURE_IMPLEMENTATION)
+    model.set_attn_implementation(TRAIN_IMPLEMENTATION)
     try:
         captured = capture_attention(model, input_ids, max(layers))
     finally:
@@ -72,18 +72,23 @@ def _key_codes(encoders: HashEncoders, sample: Capture) -> dict[int, torch.Tenso
 def _exact(sample: Capture, layer: int, p: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Full attention of position ``p`` over tokens ``0..p``: probabilities ``[Hkv, G, p + 1]``, output ``[Hq, D]``."""
     q, k, v, scale = sample.layers[layer]
-    kv_heads = k.shape[1]
-    query = q[0, :, p].unflatten(0, (kv_heads, -1)).float()  # [Hkv, G, D]
-    probs = (torch.einsum("kgd,knd->kgn", query, k[0, :, : p + 1].float()) * scale).softmax(-1)
+    probs = attention_probs(q[0, :, p : p + 1], k[0, :, : p + 1], scale)[:, :, 0]  # [Hkv, G, n]
     return probs, (probs @ v[0, :, : p + 1].float()).flatten(0, 1)
 
 
-def _decode(encoders: HashEncoders, codes, sample: Capture, layer: int, p: int, config: DashKVConfig):
-    """Position ``p`` of ``layer`` as a decode step over tokens ``0..p``, through ``learned_decode``."""
+def _step(codes, sample: Capture, layer: int, p: int, record: DecodeRecord) -> DecodeStep:
+    """Position ``p`` of ``layer`` as a decode step over tokens ``0..p``."""
     q, k, v, scale = sample.layers[layer]
     n = p + 1
-    return learned_decode(q[:, :, p : p + 1], k[:, :, :n], v[:, :, :n], None, encoders[layer],
-                          codes[layer][:, :, :n], config, scale, layer)
+    return DecodeStep(q[:, :, p : p + 1], k[:, :, :n], v[:, :, :n], codes[layer][:, :, :n], None, scale, layer, record)
+
+
+def _decode(selector, step: DecodeStep) -> tuple[torch.Tensor, Selection, Selection | None]:
+    """The step's output ``[1, 1, Hq, D]``, tier 1 and tier 2 (``None`` without it), as the attention computes them."""
+    if isinstance(selector, Tier2Selector):
+        tiers = selector.tiers(step)
+        return tiers.output, tiers.tier1, tiers.tier2
+    return (*selector.decode(step), None)
 
 
 @torch.no_grad()
@@ -99,29 +104,28 @@ def fit_calibration(encoders: HashEncoders, samples: list[Capture], config: Dash
     codes = [_key_codes(encoders, sample) for sample in samples]
     previous: dict[tuple[int, int], torch.Tensor] = {}
     for index, layer in enumerate(encoders.layout.hashed_layers):
+        selector = HashSelector(config, encoders[layer])
         steps, gains = [], torch.zeros(len(combos), dtype=torch.float64)
         for s, sample in enumerate(samples):
             for p in sample.positions:
-                n = p + 1
-                query_codes = encoders[layer].encode_query(sample.layers[layer][0][:, :, p])
-                per_head = head_distances(query_codes, codes[s][layer][:, :, :n])
-                distances = reduce_group(per_head, config.group_reduce)
-                candidates = candidate_mask(None, torch.zeros(1, dtype=torch.long), n, config)
-                budget = config.budget_tokens(n)
-                votes = spatial_votes(per_head, candidates, budget) if config.spatial_calibration else None
+                step = _step(codes[s], sample, layer, p, DecodeRecord())
+                per_head = selector.head_distances(step)[1]
+                distances = combine_group(per_head, config.group_reduce)
+                allowed = candidates(config, step.first_valid()[0], step.ends, step.n)[:, 0]
+                votes = spatial_votes(per_head, allowed, config.budget_tokens(step.n)) if config.spatial_calibration else None
                 before = previous.get((s, p)) if config.temporal_calibration and index else None
-                trials = torch.cat([calibrate(distances, votes, before, ws, wt) for ws, wt in combos])
-                rows, ok = nearest(trials, candidates.unsqueeze(1).expand_as(trials), budget)
+                trials = torch.cat([calibrate(distances, votes, before, ws, wt) for ws, wt in combos])  # [C, Hkv, n]
+                chosen = select(trials.unsqueeze(2), config, step.ends).mask(step.n)[:, :, 0]
                 mass = _exact(sample, layer, p)[0].sum(1)  # [Hkv, n]: the group's attention on each key
-                gains += (row_mask(rows, ok, n) * mass).sum((1, 2)).double()
-                steps.append((s, p, distances, votes, before))
+                gains += (chosen * mass).sum((1, 2)).double()
+                steps.append((s, step, distances, votes, before))
         best = combos[int(gains.argmax())]
         weights = encoders[layer].calibration
         weights.spatial.fill_(best[0])
         weights.temporal.fill_(best[1])
-        for s, p, distances, votes, before in steps:  # this layer's final selection, for the next layer
-            rows, ok = select_rows(calibrate(distances, votes, before, *best), None, config)
-            previous[(s, p)] = row_mask(rows, ok, p + 1).any(1)
+        for s, step, distances, votes, before in steps:  # this layer's final selection, for the next layer
+            chosen = select(calibrate(distances, votes, before, *best).unsqueeze(2), config, step.ends)
+            previous[(s, step.n - 1)] = chosen.mask(step.n)[:, :, 0].any(1)
 
 
 @torch.no_grad()
@@ -138,19 +142,21 @@ def fit_tier2(encoders: HashEncoders, samples: list[Capture], config: DashKVConf
     moment = {layer: torch.zeros(heads, 3, dtype=torch.float64) for layer in layers}
     square = {layer: torch.zeros(heads, dtype=torch.float64) for layer in layers}
     count = {layer: torch.zeros(heads, dtype=torch.float64) for layer in layers}
+    selectors = {layer: build_selector(config, encoders[layer]) for layer in layers}
     for sample in samples:
         codes = _key_codes(encoders, sample)
         for p in sample.positions:
+            record = DecodeRecord()
             for layer in layers:  # in order: the temporal record of one step goes from layer to layer
-                step = _decode(encoders, codes, sample, layer, p, config)
+                tiers = selectors[layer].tiers(_step(codes, sample, layer, p, record))
                 q, k, _, scale = sample.layers[layer]
                 kv_heads = k.shape[1]
                 query = q[0, :, p].unflatten(0, (kv_heads, -1)).float()  # [Hkv, G, D]
-                rows = step.tier2_rows[0]  # [Hkv, M]
+                rows = tiers.tier2.rows[0]  # [Hkv, M]
                 keys = k[0].float().gather(1, rows.unsqueeze(-1).expand(-1, -1, k.shape[-1]))  # [Hkv, M, D]
                 target = torch.einsum("kgd,kmd->kgm", query, keys).mul(scale).flatten(0, 1).double()  # [Hq, M]
-                use = step.tier2_valid[0].unsqueeze(1).expand(-1, query.shape[1], -1).flatten(0, 1).double()
-                x = step.tier2_features[0].flatten(0, 1).double() * use.unsqueeze(-1)  # [Hq, M, 3]
+                use = tiers.tier2.valid[0].unsqueeze(1).expand(-1, query.shape[1], -1).flatten(0, 1).double()
+                x = tiers.features[0].flatten(0, 1).double() * use.unsqueeze(-1)  # [Hq, M, 3]
                 gram[layer] += x.transpose(1, 2) @ x
                 moment[layer] += (x * target.unsqueeze(-1)).sum(1)
                 square[layer] += (target.square() * use).sum(1)
@@ -191,27 +197,28 @@ def fit_tiers(model, encoders: HashEncoders, sequences, config: DashKVConfig, po
 def evaluate(encoders: HashEncoders, samples: list[Capture], configs: dict[str, DashKVConfig]) -> dict[str, dict]:
     """Per config, means over hashed layers, positions and query heads (each ``[0, 1]``):
 
-    - ``recall``: the full attention mass on the tier-1 rows (``layer.last_selection`` at inference);
+    - ``recall``: the full attention mass on the tier-1 rows (what ``hf_dashkv.recall`` measures at inference);
     - ``tiers_mass``: the mass on tier 1 and tier 2 together (``recall`` when tier 2 is off);
     - ``error``: ``|out - full| / |full|`` of the attention output against full attention.
     """
     sums: dict[str, dict[str, float]] = {name: defaultdict(float) for name in configs}
     steps = 0
     layers = encoders.layout.hashed_layers
+    selectors = {name: {layer: build_selector(config, encoders[layer]) for layer in layers}
+                 for name, config in configs.items()}
     for sample in samples:
         codes = _key_codes(encoders, sample)
         for p in sample.positions:
             exact = {layer: _exact(sample, layer, p) for layer in layers}
             steps += len(layers)
-            for name, config in configs.items():
+            for name in configs:
+                record = DecodeRecord()
                 for layer in layers:  # in order, for the temporal record
-                    step = _decode(encoders, codes, sample, layer, p, config)
+                    out, tier1, tier2 = _decode(selectors[name][layer], _step(codes, sample, layer, p, record))
                     probs, full = exact[layer]
-                    tier1 = row_mask(step.rows[0], step.row_valid[0], p + 1).unsqueeze(1)  # [Hkv, 1, n]
-                    both = tier1
-                    if step.tier2_rows is not None:
-                        both = both | row_mask(step.tier2_rows[0], step.tier2_valid[0], p + 1).unsqueeze(1)
-                    out = step.output[0, 0].float()  # [Hq, D]
+                    tier1 = tier1.mask(p + 1)[0].unsqueeze(1)  # [Hkv, 1, n]
+                    both = tier1 if tier2 is None else tier1 | tier2.mask(p + 1)[0].unsqueeze(1)
+                    out = out[0, 0].float()  # [Hq, D]
                     sums[name]["recall"] += float((probs * tier1).sum(-1).mean())
                     sums[name]["tiers_mass"] += float((probs * both).sum(-1).mean())
                     sums[name]["error"] += float(((out - full).norm(dim=-1) / full.norm(dim=-1)).mean())

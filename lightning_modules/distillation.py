@@ -1,7 +1,7 @@
 """DashKVDistillation: train DASH-KV hash encoders by list-wise attention distillation (arXiv 2604.19351, §3.3).
 
-The base model stays frozen and its outputs unchanged. One forward pass with the "dashkv-capture" attention
-records every layer's post-RoPE queries and keys (the vectors attention scores use). For a sample of query
+The base model stays frozen and its outputs unchanged. One forward pass with the "dashkv-train" attention told to
+capture (``Capture``) records every layer's post-RoPE queries and keys (the vectors attention scores use). For a sample of query
 positions, the teacher is the model's own softmax attention over the hashing candidates (the causal keys
 between the sinks and the recent window, which are always attended anyway); the student is a softmax over
 the relaxed hash similarity ``tanh(beta * code_q) . tanh(beta * code_k) / bits`` times a learned temperature.
@@ -10,15 +10,14 @@ Loss = KL(teacher || student) + 0.1 bit balance + 0.1 quantization, with beta an
 Memory is one layer's ``[B, H, positions, T]`` block at a time, never ``T x T``.
 
 Joint LoRA (optional, ``lora_rank > 0``; design.md §1): peft LoRA on the attention projections, trained with the
-encoders so that the adapted model under DASH-KV sparse attention ("dashkv-train": each position attends exactly
-to the rows a decode step would select) matches the frozen model under full attention: KL on next-token logits.
+encoders so that the adapted model under DASH-KV sparse attention ("dashkv-train" told ``dashkv_sparse``: each
+position attends exactly to the rows a decode step would select) matches the frozen model under full attention: KL on next-token logits.
 That pass holds one layer's ``[B, H, T, T]`` mask and scores at a time.
 """
 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import asdict
 
 import lightning as L
@@ -29,103 +28,80 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from hf_dashkv import DashKVConfig, HashEncoders
-from hf_dashkv.codes import nearest, reduce_group, sign_matrix
 from hf_dashkv.encoders import LayerEncoders
 from hf_dashkv.models import load_model
+from hf_dashkv.recall import attention_probs, selected_mass
+from hf_dashkv.selection import candidates, select
+from hf_dashkv.selectors import HashSelector
 
-CAPTURE_IMPLEMENTATION = "dashkv-capture"
 TRAIN_IMPLEMENTATION = "dashkv-train"
 ADAPTER_NAME = "default"  # peft's name for the one adapter
-_captured: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]] | None = None
-_capture_until: int = -1
-_sparse: HashEncoders | None = None
 # float32 elements of one query-key agreement block: bounds selection memory to ~64 MB at any sequence length
 _SELECTION_ELEMENTS = 1 << 24
 
 
-class _CaptureDone(Exception):
-    """Raised after the last layer that is needed: the rest of the forward pass (and the LM head) is skipped."""
+class Capture:
+    """Records the post-RoPE ``(query [B, Hq, T, D], key, value [B, Hkv, T, D], scaling)`` of layers
+    ``0..until`` in one forward pass, then ends the pass (the later layers and the LM head are not needed)."""
+
+    class Done(Exception):
+        """Raised after layer ``until``; :func:`capture_attention` catches it."""
+
+    def __init__(self, until: int):
+        self.until = until
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]] = {}
+
+    def __call__(self, module, query, key, value, scaling: float) -> None:
+        self.layers[module.layer_idx] = (query.detach(), key.detach(), value.detach(), scaling)
+        if module.layer_idx == self.until:
+            raise Capture.Done
 
 
-def _capture_attention_forward(module, query, key, value, attention_mask, **kwargs):
-    if _captured is not None:
-        scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5  # the model's own (e.g. Gemma's query scalar)
-        _captured[module.layer_idx] = (query.detach(), key.detach(), value.detach(), scaling)
-        if module.layer_idx == _capture_until:
-            raise _CaptureDone
+def _train_attention_forward(module, query, key, value, attention_mask, dashkv_capture: Capture | None = None,
+                             dashkv_sparse: HashEncoders | None = None, **kwargs):
+    """Training's attention: plain SDPA, told per forward call (model kwargs, no module state) to record q/k/v
+    (``dashkv_capture``) or to attend as DASH-KV decodes in the hashed layers of ``dashkv_sparse``."""
+    scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5  # the model's own (e.g. Gemma's query scalar)
+    if dashkv_capture is not None:
+        dashkv_capture(module, query, key, value, scaling)
+    encoders = dashkv_sparse
+    if encoders is not None and module.layer_idx in encoders.layout.hashed_layers and not (
+        encoders.config.exact_tokens(key.shape[2]) >= key.shape[2]  # a covering budget is exact, as at inference
+    ):
+        keep = selection_mask(encoders[module.layer_idx], encoders.config, query, key)
+        keep = keep.repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # query head h reads KV head h // G
+        attention_mask = keep if attention_mask is None else keep & attention_mask  # padding (sdpa_mask: bool)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+# The sdpa mask too: without a registered mask function transformers builds none, and sliding-window layers
+# (Gemma 3) would then attend to the whole causal context.
+AttentionInterface.register(TRAIN_IMPLEMENTATION, _train_attention_forward)
+AttentionMaskInterface.register(TRAIN_IMPLEMENTATION, sdpa_mask)
 
 
 @torch.no_grad()
 def capture_attention(model, input_ids: torch.Tensor, last_layer: int) -> dict[int, tuple]:
     """``{layer: (query [B, Hq, T, D], key, value [B, Hkv, T, D], scaling)}``, post-RoPE, for layers up to
-    ``last_layer``, from one pass of ``model`` (loaded with, or set to, "dashkv-capture"); the rest of the pass and
+    ``last_layer``, from one pass of ``model`` (loaded with, or set to, "dashkv-train"); the rest of the pass and
     the LM head are skipped. Outputs of the captured layers are the model's own."""
-    global _captured, _capture_until
-    _captured, _capture_until = {}, last_layer
+    capture = Capture(last_layer)
     try:
-        model(input_ids=input_ids, use_cache=False)
-    except _CaptureDone:
+        model(input_ids=input_ids, use_cache=False, dashkv_capture=capture)
+    except Capture.Done:
         pass
-    try:
-        return _captured
-    finally:
-        _captured, _capture_until = None, -1
-
-
-def _train_attention_forward(module, query, key, value, attention_mask, **kwargs):
-    """Hashed layers inside :func:`sparse_attention` attend as DASH-KV decodes; everything else as "dashkv-capture"."""
-    encoders, n = _sparse, key.shape[2]
-    hashed = encoders is not None and module.layer_idx in encoders.layout.hashed_layers
-    if not hashed or encoders.config.exact_tokens(n) >= n:  # exact, as at inference (dense, sliding, covering budget)
-        return _capture_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    keep = selection_mask(encoders[module.layer_idx], encoders.config, query, key)
-    keep = keep.repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # query head h reads KV head h // G
-    if attention_mask is not None:  # padding (sdpa_mask gives bool masks)
-        keep = keep & attention_mask
-    return sdpa_attention_forward(module, query, key, value, keep, **kwargs)
-
-
-# The sdpa mask too: without a registered mask function transformers builds none, and sliding-window layers
-# (Gemma 3) would then attend to the whole causal context.
-for _name, _forward in ((CAPTURE_IMPLEMENTATION, _capture_attention_forward),
-                        (TRAIN_IMPLEMENTATION, _train_attention_forward)):
-    AttentionInterface.register(_name, _forward)
-    AttentionMaskInterface.register(_name, sdpa_mask)
-
-
-@contextmanager
-def sparse_attention(encoders: HashEncoders):
-    """Within: a model loaded with ``attn_implementation="dashkv-train"`` runs DASH-KV sparse attention in the hashed
-    layers of ``encoders`` (their ``config`` gives sinks, recent window and budget); outside, plain attention."""
-    global _sparse
-    previous, _sparse = _sparse, encoders
-    try:
-        yield
-    finally:
-        _sparse = previous
-
-
-def position_candidates(config: DashKVConfig, positions: torch.Tensor, length: int) -> torch.Tensor:
-    """bool ``[P, T]``: keys between the sinks and the recent window of each query position (``[P]``), unpadded.
-
-    Training's form of the candidates ``hf_dashkv.selection`` takes at one decode step, for many positions at once.
-    """
-    keys = torch.arange(length, device=positions.device)
-    return (keys >= config.sink_tokens) & (keys <= positions.unsqueeze(1) - config.recent_tokens)
+    return capture.layers
 
 
 @torch.no_grad()
-def selection_mask(encoders: LayerEncoders, config: DashKVConfig, query: torch.Tensor, key: torch.Tensor):
-    """The keys each query position attends to under DASH-KV: what a decode step with the context up to it selects.
-
-    Sinks + recent window + the ``config.budget_tokens(t + 1)`` candidates nearest in Hamming distance (hard codes),
-    one selection per KV head from its query heads' distances combined by ``config.group_reduce``, as at inference
-    (``hf_dashkv.selection.select_rows``). Sequences are taken as unpadded (sinks start at position 0).
+def selection_mask(encoders: LayerEncoders, config: DashKVConfig, query: torch.Tensor, key: torch.Tensor,
+                   positions: torch.Tensor | None = None) -> torch.Tensor:
+    """The keys each query position attends to under DASH-KV: what a decode step with the context up to it selects
+    (``hf_dashkv.selection.select`` over the hash selector's distances). Sequences are taken as unpadded.
 
     Args:
         encoders: the layer's hash encoders.
-        query: post-RoPE ``[B, Hq, T, D]``, the last ``T`` positions of ``key``'s ``N``.
+        query: post-RoPE ``[B, Hq, T, D]``, at ``positions`` (``[T]``; default: the last ``T`` of ``key``'s ``N``).
         key: post-RoPE ``[B, Hkv, N, D]``.
 
     Returns:
@@ -133,26 +109,16 @@ def selection_mask(encoders: LayerEncoders, config: DashKVConfig, query: torch.T
     """
     batch, kv_heads, n, _ = key.shape
     length, group = query.shape[2], query.shape[1] // kv_heads
-    positions = torch.arange(n - length, n, device=key.device)
-    candidates = position_candidates(config, positions, n)  # [T, N]
-    causal = torch.arange(n, device=key.device) <= positions.unsqueeze(1)
-    keep = (causal & ~candidates).expand(batch, kv_heads, -1, -1).clone()
-    key_signs = sign_matrix(encoders.encode_keys(key)).transpose(-1, -2)  # [B, Hkv, bits, N]
-    query_codes = encoders.encode_query(query.transpose(1, 2).flatten(0, 1))  # [B * T, Hkv, G, bytes]
-    query_signs = sign_matrix(query_codes.unflatten(0, (batch, length)).transpose(1, 2))  # [B, Hkv, T, G, bits]
-    budgets = torch.tensor([config.budget_tokens(p + 1) for p in range(n - length, n)], device=key.device)
+    selector = HashSelector(config, encoders)
+    key_codes = encoders.encode_keys(key)
+    if positions is None:
+        positions = torch.arange(n - length, n, device=key.device)
+    ends = positions + 1
+    keep = torch.zeros(batch, kv_heads, length, n, dtype=torch.bool, device=key.device)
     rows = max(1, _SELECTION_ELEMENTS // (batch * kv_heads * group * n))
     for start in range(0, length, rows):
-        # one matmul per KV head over all (position, query head) pairs: small batched ones are ~10x slower
-        agree = (query_signs[:, :, start:start + rows].flatten(2, 3) @ key_signs).unflatten(2, (-1, group))
-        distances = reduce_group(((config.bits - agree) / 2).to(torch.int32), config.group_reduce)
-        chunk = budgets[start:start + rows]
-        for budget in chunk.unique().tolist():  # a float budget grows with the position
-            index = start + (chunk == budget).nonzero().squeeze(1)
-            part = distances[:, :, index - start]
-            chosen, ok = nearest(part, candidates[index].expand_as(part), budget)
-            picked = torch.zeros_like(part, dtype=torch.uint8).scatter_reduce_(-1, chosen, ok.to(torch.uint8), "amax")
-            keep[:, :, index] |= picked.bool()
+        scores = selector.position_scores(query[:, :, start:start + rows], key_codes)
+        keep[:, :, start:start + rows] = select(scores, config, ends[start:start + rows]).mask(n)
     return keep
 
 
@@ -202,8 +168,7 @@ class DashKVDistillation(L.LightningModule):
         )
         if not isinstance(lora_rank, int) or lora_rank < 0:
             raise ValueError(f"DashKVDistillation.lora_rank={lora_rank!r}: must be an int >= 0 (0: no LoRA).")
-        implementation = TRAIN_IMPLEMENTATION if lora_rank else CAPTURE_IMPLEMENTATION
-        base, self.tokenizer = load_model(model, attn_implementation=implementation)
+        base, self.tokenizer = load_model(model, attn_implementation=TRAIN_IMPLEMENTATION)
         base.requires_grad_(False)
         self.encoders = HashEncoders.random(base.config, self.config, seed=init_seed)
         self.random_encoders = HashEncoders.random(base.config, self.config, seed=init_seed)
@@ -252,13 +217,18 @@ class DashKVDistillation(L.LightningModule):
         count = min(self.hparams.query_positions, length - low)
         return (low + torch.randperm(length - low, generator=generator)[:count]).sort().values
 
+    def candidates(self, positions: torch.Tensor, length: int) -> torch.Tensor:
+        """bool ``[P, T]``: the keys the budget chooses from for queries at ``positions`` (unpadded sequences)."""
+        first = torch.zeros(1, dtype=torch.long, device=positions.device)
+        return candidates(self.config, first, positions + 1, length)[0]
+
     def layer_losses(self, layer: int, query: torch.Tensor, key: torch.Tensor, scale: float, positions) -> dict:
         """KL, bit balance and quantization of one layer for the sampled query positions."""
         encoders = self.encoders[layer]
         beta = self.beta
         length, group = key.shape[2], query.shape[1] // key.shape[1]
         q = query[:, :, positions].float()  # [B, Hq, P, D]
-        candidates = position_candidates(self.config, positions, length)  # [P, T]
+        candidates = self.candidates(positions, length)  # [P, T]
         keys_per_head = key.float().repeat_interleave(group, dim=1)  # [B, Hq, T, D]
         teacher = (q @ keys_per_head.transpose(-1, -2) * scale).masked_fill(~candidates, float("-inf")).softmax(-1)
         q_code = torch.tanh(beta * encoders.query(q.transpose(1, 2)))  # [B, P, Hq, bits]
@@ -273,30 +243,13 @@ class DashKVDistillation(L.LightningModule):
 
     @torch.no_grad()
     def layer_recall(self, encoders: HashEncoders, layer: int, query, key, scale, positions) -> torch.Tensor:
-        """Share of the teacher's full attention mass inside sinks + recent + the budget nearest (hard codes).
-
-        As at inference: one selection per KV head from the summed Hamming distances of its query heads; the
-        budget is taken at the sequence length.
-        """
-        cfg, layer_enc = self.config, encoders[layer]
-        length, kv_heads = key.shape[2], key.shape[1]
-        group = query.shape[1] // kv_heads
-        q = query[:, :, positions].float()
-        full = q @ key.float().repeat_interleave(group, dim=1).transpose(-1, -2) * scale
-        keys = torch.arange(length, device=q.device)
-        full = full.masked_fill(keys > positions.unsqueeze(1), float("-inf")).softmax(-1)  # [B, Hq, P, T]
-        q_bits = layer_enc.query(q.transpose(1, 2)).gt(0).transpose(1, 2).float()  # [B, Hq, P, bits]
-        k_bits = layer_enc.key(key.float()).gt(0).float()  # [B, Hkv, T, bits]
-        same = q_bits @ k_bits.repeat_interleave(group, 1).transpose(-1, -2) + (1 - q_bits) @ (
-            1 - k_bits.repeat_interleave(group, 1)
-        ).transpose(-1, -2)
-        distance = (cfg.bits - same).unflatten(1, (kv_heads, group)).sum(2).long()  # [B, Hkv, P, T]
-        candidates = position_candidates(self.config, positions, length).expand_as(distance)
-        rows, ok = nearest(distance, candidates, cfg.budget_tokens(length))
-        chosen = torch.zeros_like(distance, dtype=full.dtype).scatter_add_(-1, rows, ok.to(full.dtype)).clamp(max=1)
-        always = (keys < cfg.sink_tokens) | (keys > positions.unsqueeze(1) - cfg.recent_tokens)
-        chosen = torch.maximum(chosen, always.to(chosen.dtype)).repeat_interleave(group, 1)
-        return (full * chosen).sum(-1).mean()
+        """Share of the teacher's full attention mass on what a decode step at each sampled position selects
+        (``selection_mask``: sinks + recent + the budget of that position's context, hard codes)."""
+        length = key.shape[2]
+        q = query[:, :, positions]
+        causal = torch.arange(length, device=q.device) <= positions.unsqueeze(1)  # [P, T]
+        probs = attention_probs(q, key, scale, causal)  # [B, Hkv, G, P, T]
+        return selected_mass(probs, selection_mask(encoders[layer], self.config, q, key, positions)).mean()
 
     def _step(self, batch, stage: str) -> torch.Tensor:
         input_ids = batch["input_ids"]
@@ -333,8 +286,7 @@ class DashKVDistillation(L.LightningModule):
         """
         with torch.no_grad(), self.base.disable_adapter():
             teacher = self.base(input_ids=input_ids, use_cache=False).logits
-        with sparse_attention(self.encoders):
-            student = self.base(input_ids=input_ids, use_cache=False).logits
+        student = self.base(input_ids=input_ids, use_cache=False, dashkv_sparse=self.encoders).logits
         start = self.config.sink_tokens + self.config.recent_tokens
         teacher, student = (x[:, start:].flatten(0, 1).float().log_softmax(-1) for x in (teacher, student))
         return nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")

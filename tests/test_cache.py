@@ -21,8 +21,7 @@ def fill(layer, batch=2, tokens=(5, 1, 1), seed=0):
     ks, vs = [], []
     for t in tokens:
         k, v = torch.randn(batch, 2, t, 16, generator=g), torch.randn(batch, 2, t, 16, generator=g)
-        layer.update(k, v)
-        take_pending(layer.keys)  # what the attention call would do
+        layer.store(k, v)
         ks.append(k)
         vs.append(v)
     return torch.cat(ks, 2), torch.cat(vs, 2)
@@ -75,8 +74,7 @@ def test_batch_operations_act_on_codes_too():
     assert layer.keys.shape[0] == 1 and layer.key_codes.shape[0] == 1
     layer.batch_repeat_interleave(3)
     assert torch.equal(layer.key_codes, codes[[1, 1, 1]])
-    layer.update(torch.zeros(3, 2, 1, 16), torch.zeros(3, 2, 1, 16))  # still appendable after a batch change
-    take_pending(layer.keys)
+    layer.store(torch.zeros(3, 2, 1, 16), torch.zeros(3, 2, 1, 16))  # still appendable after a batch change
     assert layer.get_seq_length() == 8
 
 
@@ -114,6 +112,15 @@ def test_cache_with_other_attention_warns():
     with pytest.warns(UserWarning, match="attn_implementation='dashkv'"):
         layer.update(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16))
     take_pending(layer.keys)
+
+
+def test_update_hands_the_layer_to_the_next_attention_call_once_and_store_does_not():
+    layer = make_cache().layers[1]
+    keys, _ = layer.update(torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 3, 16))
+    assert take_pending(torch.zeros(1)) is None  # attention given other keys finds nothing
+    assert take_pending(keys) is layer and take_pending(keys) is None
+    layer.store(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16))
+    assert take_pending(layer.keys) is None and layer.get_seq_length() == 4
 
 
 def test_fork_continues_exactly_and_rehashes_for_other_encoders():

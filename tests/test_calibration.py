@@ -3,15 +3,16 @@
 import safetensors.torch
 import torch
 
+from dataclasses import replace
+
 from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders, kernels
-from hf_dashkv.attention import learned_decode
-from hf_dashkv.calibration import calibrate, previous_selection, remember_selection, spatial_votes
 from hf_dashkv.cli import shipped_encoders
-from hf_dashkv.codes import group_distances
-from hf_dashkv.selection import candidate_mask, row_mask, select_rows
+from hf_dashkv.selection import Selection, select_step
+from hf_dashkv.selectors import CalibratedSelector, DecodeRecord, DecodeStep, HashSelector
+from hf_dashkv.selectors.calibrated import calibrate, spatial_votes
 from tests.test_generate import prompt
 from tests.test_tiers import decode_inputs, random_layer
-from tests.tiny import CONFIGS, tiny_model
+from tests.tiny import CONFIGS, SelectionLog, tiny_model
 
 BOTH = DashKVConfig(bits=32, budget=4, sink_tokens=2, recent_tokens=4, query_hidden=0, spatial_calibration=True,
                     temporal_calibration=True)
@@ -23,12 +24,12 @@ def test_zero_weights_select_exactly_what_plain_hashing_selects():
     codes = layer.encode_keys(key)
     first = torch.tensor([0, 9])
     valid = torch.arange(60) >= first.unsqueeze(1)  # left padding in the second row
-    remember_selection(BOTH, 0, torch.tensor([[[30, 31, 32]]]).expand(2, 1, 3), torch.ones(2, 1, 3, dtype=torch.bool),
-                       60)  # a previous layer's record: with weight 0 it changes nothing
-    step = learned_decode(query, key, value, valid, layer, codes, BOTH, 0.25, layer_idx=1)
-    plain_distances = group_distances(layer.encode_query(query[:, :, 0]), codes)
-    rows, ok = select_rows(plain_distances, valid, BOTH)
-    assert torch.equal(step.rows, rows) and torch.equal(step.row_valid, ok)
+    earlier = Selection(torch.tensor([[[30, 31, 32]]]).expand(2, 1, 3), torch.ones(2, 1, 3, dtype=torch.bool))
+    record = DecodeRecord(previous=(0, 60, earlier.mask(60).any(1)))  # a previous layer's: weight 0 ignores it
+    calibrated = CalibratedSelector(BOTH, layer).select(DecodeStep(query, key, value, codes, valid, 0.25, 1, record))
+    plain = HashSelector(BOTH, layer).select(DecodeStep(query, key, value, codes, valid, 0.25, 1))
+    rows, ok = plain.rows, plain.valid
+    assert torch.equal(calibrated.rows, rows) and torch.equal(calibrated.valid, ok)
     if kernels.numba is not None:  # the fused kernel's selection too, ties included
         _, fast_rows, fast_ok = kernels.decode_attention(query, layer.encode_query(query[:, :, 0]), key, value, codes,
                                                          first, 2, 4, 4, "sum", 0.25)
@@ -43,45 +44,53 @@ def test_a_large_spatial_weight_selects_the_key_every_head_votes_for():
     per_head[0, 0, 0, 5:8] = torch.tensor([0, 2, 3])
     per_head[0, 0, 1, 5:8] = torch.tensor([3, 2, 0])
     distances = per_head.sum(2)
-    candidates = candidate_mask(None, torch.zeros(1, dtype=torch.long), 10, config)
+    candidates = torch.arange(10).lt(9).unsqueeze(0)  # all but the recent window
     votes = spatial_votes(per_head, candidates, 2)
     assert votes[0, 5:8].tolist() == [1, 2, 1] and int(votes.sum()) == 4
 
     def nearest_set(weight):
-        rows, ok = select_rows(calibrate(distances, votes, None, weight, 0.0), None, config)
-        return set(rows[0, 0][ok[0, 0]].tolist()) - {9}  # without the recent window
+        selection = select_step(calibrate(distances, votes, None, weight, 0.0), config)
+        return set(selection.rows[0, 0][selection.valid[0, 0]].tolist()) - {9}  # without the recent window
 
     assert nearest_set(0.0) == {5, 7}
     assert 6 in nearest_set(8.0)
 
 
 def test_the_temporal_record_is_per_step_and_follows_layer_order():
-    config = DashKVConfig(temporal_calibration=True)
-    rows, ok = torch.tensor([[[1, 4], [4, 0]]]), torch.tensor([[[True, True], [True, False]]])
-    remember_selection(config, 3, rows, ok, n=6)
-    mask = previous_selection(config, 5, 6, batch=1)
-    assert mask.tolist() == [[False, True, False, False, True, False]]  # any KV head; unused slots are not selections
-    assert previous_selection(config, 3, 6, 1) is None  # the same layer: a later step
-    assert previous_selection(config, 1, 6, 1) is None  # an earlier layer: a new step began
-    assert previous_selection(config, 5, 7, 1) is None  # another cache length: another step
-    assert previous_selection(DashKVConfig(temporal_calibration=True), 5, 6, 1) is None  # another cache
-    assert previous_selection(config, 5, 6, batch=2) is None
+    config = DashKVConfig(bits=32, budget=1, sink_tokens=1, recent_tokens=1, query_hidden=0, temporal_calibration=True)
+    selector = CalibratedSelector(config, random_layer(config))
+    record = DecodeRecord()
+
+    def step(layer_idx, n=6, batch=1, record=record):
+        query, key, value = decode_inputs(batch=batch, n=n)
+        return DecodeStep(query, key, value, selector.encoders.encode_keys(key), None, 0.25, layer_idx, record)
+
+    chosen = selector.select(step(3))  # layer 3 leaves its selection for the next hashed layer of the same step
+    mask = selector.previous(step(5))
+    assert torch.equal(mask, chosen.mask(6).any(1))  # any KV head; unused slots are not selections
+    assert mask.tolist()[0][0] and mask.tolist()[0][5]  # its sink and recent token among them
+    assert selector.previous(step(3)) is None  # the same layer: a later step
+    assert selector.previous(step(1)) is None  # an earlier layer: a new step began
+    assert selector.previous(step(5, n=7)) is None  # another cache length: another step
+    assert selector.previous(step(5, record=DecodeRecord())) is None  # another cache
+    assert selector.previous(step(5, batch=2)) is None
 
 
 def test_a_large_temporal_weight_makes_a_layer_choose_from_the_previous_layers_selection():
-    config = DashKVConfig(**{**BOTH.to_dict(), "spatial_calibration": False})
+    config = replace(BOTH, spatial_calibration=False)
     model = tiny_model("llama-gqa")
     encoders = HashEncoders.random(model.config, config)
     for i in encoders.layout.hashed_layers:
         encoders[i].calibration.temporal.fill_(1000.0)
     cache = DashKVCache(model.config, encoders, config)
-    model.generate(**prompt(batch=1), max_new_tokens=4, do_sample=False, pad_token_id=0, past_key_values=cache)
+    with cache.observing(SelectionLog()) as log:
+        model.generate(**prompt(batch=1), max_new_tokens=4, do_sample=False, pad_token_id=0, past_key_values=cache)
     n = cache.get_seq_length()
-    previous = row_mask(*cache.layers[1].last_selection, n).any(1)  # the last step's selections
-    for layer in cache.layers[2:]:
-        rows, ok = layer.last_selection
+    previous = log.last[1].mask(n).any(1)  # the last step's selections
+    for layer in (2, 3):
+        rows, ok = log.last[layer].rows, log.last[layer].valid
         assert previous[0, rows[0, :, 6:][ok[0, :, 6:]]].all()  # every budget row (after 2 sinks + 4 recent)
-        previous = row_mask(rows, ok, n).any(1)
+        previous = log.last[layer].mask(n).any(1)
 
 
 def test_the_fitted_terms_are_saved_and_loaded(tmp_path):
@@ -126,8 +135,7 @@ def test_fitting_sets_every_term_and_never_lowers_recall_on_its_own_data():
         assert fitted[i].tier2.fitted
         assert float(fitted[i].calibration.spatial) in (0.0, 1.0, 4.0)
     samples = [capture(model, x, fitted.layout.hashed_layers, 6) for x in ids]
-    plain = DashKVConfig(**{**config.to_dict(), "tier2_budget": 0, "spatial_calibration": False,
-                            "temporal_calibration": False})
+    plain = replace(config, tier2_budget=0, spatial_calibration=False, temporal_calibration=False)
     results = evaluate(fitted, samples, {"plain": plain, "fitted": config})
     assert results["fitted"]["recall"] >= results["plain"]["recall"] - 1e-9
     assert results["fitted"]["tiers_mass"] > results["fitted"]["recall"]

@@ -2,7 +2,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hf_dashkv.codes import group_distances, hamming_distance, nearest, pack_signs, unpack_bits
+from hf_dashkv.codes import hamming_distance, head_distances, head_distances_many, nearest, pack_signs, unpack_bits
 
 shapes = st.lists(st.integers(1, 4), min_size=0, max_size=3)
 bit_widths = st.sampled_from([8, 16, 24, 32, 64, 96, 128])
@@ -33,13 +33,14 @@ def test_hamming_equals_count_of_differing_signs(n, m, bits, seed):
     assert torch.equal(hamming_distance(pack_signs(a), pack_signs(b)), expected.int())
 
 
-def test_group_distances_sum_and_min():
+def test_head_distances_many_equals_xor_popcount_per_position():
     g = torch.Generator().manual_seed(0)
-    q = pack_signs(torch.randn(2, 3, 4, 64, generator=g))  # B, Hkv, G
+    q = pack_signs(torch.randn(2, 3, 5, 4, 64, generator=g))  # B, Hkv, P, G
     k = pack_signs(torch.randn(2, 3, 10, 64, generator=g))
-    per_head = torch.stack([hamming_distance(q[:, :, i : i + 1], k) for i in range(4)], dim=2)  # B, Hkv, G, N
-    assert torch.equal(group_distances(q, k, "sum"), per_head.sum(2).int())
-    assert torch.equal(group_distances(q, k, "min"), per_head.amin(2))
+    many = head_distances_many(q, k)
+    assert many.shape == (2, 3, 5, 4, 10)
+    for p in range(5):
+        assert torch.equal(many[:, :, p], head_distances(q[:, :, p], k))
 
 
 def sort_reference(dist: torch.Tensor, cand: torch.Tensor, k: int) -> list[list[int]]:

@@ -5,7 +5,7 @@ import torch
 from transformers import DynamicCache
 
 from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders
-from tests.tiny import CONFIGS, tiny_model
+from tests.tiny import CONFIGS, SelectionLog, tiny_model
 
 COVERING = DashKVConfig(bits=32, budget=10_000, sink_tokens=2, recent_tokens=4, query_hidden=8, dense_layers=(0,))
 SMALL = DashKVConfig(bits=32, budget=4, sink_tokens=2, recent_tokens=4, query_hidden=8, dense_layers=(0,))
@@ -97,11 +97,12 @@ def test_peft_lora_model_equals_sdpa():
 def test_small_budget_decodes_through_hash_selection():
     model = tiny_model("llama-gqa")
     cache = dashkv_cache(model, SMALL)
-    out = model.generate(**prompt(), max_new_tokens=6, do_sample=False, pad_token_id=0, past_key_values=cache)
+    with cache.observing(SelectionLog()) as log:
+        out = model.generate(**prompt(), max_new_tokens=6, do_sample=False, pad_token_id=0, past_key_values=cache)
     assert out.shape == (2, 46)
-    assert cache.layers[0].last_selection is None  # dense layer
-    for layer in cache.layers[1:]:
-        rows, ok = layer.last_selection
+    assert sorted(log.last) == [1, 2, 3]  # layer 0 is dense
+    for selection in log.last.values():
+        rows, ok = selection.rows, selection.valid
         assert rows.shape == (2, 2, 2 + 4 + 4)
         assert ok[0].all()  # the unpadded row has enough candidates
 
@@ -118,7 +119,8 @@ def test_qwen3_hashes_the_normed_rotated_keys_that_attention_scores_use():
         keys = reference.layers[index].keys  # after k_norm and RoPE, as sdpa attention receives them
         torch.testing.assert_close(cache.layers[index].keys, keys)
         assert torch.equal(cache.layers[index].key_codes, cache.encoders[index].encode_keys(cache.layers[index].keys))
-    out = dash.generate(**inputs, past_key_values=cache, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with cache.observing(SelectionLog()) as log:
+        out = dash.generate(**inputs, past_key_values=cache, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3
-    rows, row_valid = cache.layers[cache.layout.hashed_layers[0]].last_selection
+    row_valid = log.last[cache.layout.hashed_layers[0]].valid
     assert row_valid.shape[-1] == SMALL.exact_tokens(42) and row_valid.sum(-1).max() < 42  # decoded sparsely

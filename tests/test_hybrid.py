@@ -6,6 +6,7 @@ from transformers import DynamicCache, Gemma3ForCausalLM, Gemma3TextConfig
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from hf_dashkv import DashKVCache, DashKVConfig, DashKVLayer, HashEncoders
+from tests.tiny import SelectionLog
 
 # MQA, head_dim 32, its own query scaling (query_pre_attn_scalar) and q/k norms; window 16 < the 60-token prompt
 CONFIG = dict(
@@ -46,12 +47,12 @@ def test_small_budget_hashes_global_layers_only_and_leaves_sliding_layers_as_the
     assert [i for i, layer in enumerate(cache.layers) if isinstance(layer, DynamicSlidingWindowLayer)] == [0, 1, 3, 4]
     assert cache.layout.hashed_layers == (2, 5) and sorted(int(i) for i in cache.encoders.layers) == [2, 5]
     reference = DynamicCache(config=dash.config)
-    with torch.no_grad():
+    with torch.no_grad(), cache.observing(SelectionLog()) as log:
         ids = inputs()["input_ids"][:1]
         for cache_ in (cache, reference):
             dash(ids, past_key_values=cache_)
             dash(ids[:, -1:], past_key_values=cache_)  # one decode step
-    assert all(isinstance(cache.layers[i], DashKVLayer) and cache.layers[i].last_selection is not None for i in (2, 5))
+    assert all(isinstance(cache.layers[i], DashKVLayer) for i in (2, 5)) and sorted(log.last) == [2, 5]
     # the sliding layers hold exactly what transformers' own sliding layers hold (layer 0 sees identical inputs)
     assert torch.equal(cache.layers[0].keys, reference.layers[0].keys)
     assert cache.layers[0].keys.shape[2] == reference.layers[0].keys.shape[2] < 61
@@ -79,9 +80,9 @@ def test_real_gemma3_is_exact_past_its_sliding_window_and_hashes_only_global_lay
 
     small = DashKVConfig(bits=64, budget=32, sink_tokens=4, recent_tokens=32, query_hidden=0)
     cache = cache_for(model, small)
-    model.generate(past_key_values=cache, **kwargs)
-    selecting = [i for i, layer in enumerate(cache.layers) if getattr(layer, "last_selection", None) is not None]
-    assert selecting == [5, 11, 17]
+    with cache.observing(SelectionLog()) as log:
+        model.generate(past_key_values=cache, **kwargs)
+    assert sorted(log.last) == [5, 11, 17]
     assert all(isinstance(cache.layers[i], DynamicSlidingWindowLayer) for i in range(18) if i not in (5, 11, 17))
 
 

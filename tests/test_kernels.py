@@ -4,7 +4,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hf_dashkv import kernels
-from hf_dashkv.codes import group_distances, nearest, pack_signs
+from hf_dashkv.codes import head_distances, nearest, pack_signs
+from hf_dashkv.selection import combine_group, select_step
 
 pytestmark = pytest.mark.skipif(kernels.numba is None, reason="numba is not installed")
 
@@ -24,7 +25,7 @@ def test_kernel_selects_exactly_the_reference_set(batch, kv_heads, group, n, bud
     hi = int(torch.randint(0, n + 1, (1,), generator=g))
     cand = (torch.arange(n) >= lo.unsqueeze(1)) & (torch.arange(n) < hi)
     rows, valid = kernels.nearest_codes(q, k, lo, hi, budget, reduce)
-    dist = group_distances(q, k, reduce)
+    dist = combine_group(head_distances(q, k), reduce)
     ref_rows, ref_valid = nearest(dist, cand.unsqueeze(1).expand_as(dist), budget)
     assert torch.equal(valid, ref_valid)
     assert torch.equal(rows[valid], ref_rows[ref_valid])
@@ -44,12 +45,11 @@ def test_supports_cpu_only():
     reduce=st.sampled_from(["sum", "min"]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
     seed=st.integers(0, 2**16),
 )
-def test_fused_decode_equals_select_rows_then_attend_rows(
+def test_fused_decode_equals_select_then_attend_rows(
     batch, kv_heads, group, n, budget, dim, bits, sinks, recent, reduce, dtype, seed
 ):
     from hf_dashkv import DashKVConfig
-    from hf_dashkv.attention import attend_rows
-    from hf_dashkv.selection import select_rows
+    from hf_dashkv.exact import attend_rows
 
     recent = min(recent, n)
     g = torch.Generator().manual_seed(seed)
@@ -67,10 +67,10 @@ def test_fused_decode_equals_select_rows_then_attend_rows(
     out, rows, row_valid = kernels.decode_attention(
         query, query_codes, key, value, key_codes, first, sinks, recent, budget, reduce, 0.25
     )
-    ref_rows, ref_valid = select_rows(group_distances(query_codes, key_codes, reduce), valid, config)
-    assert torch.equal(row_valid, ref_valid)
-    assert torch.equal(rows[row_valid], ref_rows[ref_valid])
-    reference = attend_rows(query.float(), key.float(), value.float(), ref_rows, ref_valid, 0.25)
+    ref = select_step(combine_group(head_distances(query_codes, key_codes), reduce), config, valid)
+    assert torch.equal(row_valid, ref.valid)
+    assert torch.equal(rows[row_valid], ref.rows[ref.valid])
+    reference = attend_rows(query.float(), key.float(), value.float(), ref, 0.25)
     assert out.dtype == dtype and out.shape == (batch, 1, kv_heads * group, dim)
     torch.testing.assert_close(out.float(), reference, atol=1e-2 if dtype == torch.bfloat16 else 1e-5, rtol=1e-2)
 

@@ -1,18 +1,24 @@
 import torch
 
 from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders
-from hf_dashkv.recall import attention_recall, selected_mass
+from hf_dashkv.recall import attention_probs, attention_recall, selected_mass
+from hf_dashkv.selection import Selection
 from tests.tiny import tiny_model
+
+
+def mass_of(q, k, rows, ok, scale):
+    chosen = Selection(rows, ok).mask(k.shape[2]).unsqueeze(2)  # [B, Hkv, 1, N]
+    return selected_mass(attention_probs(q, k, scale), chosen)[..., 0].flatten(1)  # [B, Hq]
 
 
 def test_selected_mass_is_the_softmax_share_of_the_rows():
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 4, 1, 8, generator=g), torch.randn(1, 2, 10, 8, generator=g)
     every = torch.arange(10).expand(1, 2, 10)
-    assert torch.allclose(selected_mass(q, k, None, every, torch.ones(1, 2, 10, dtype=torch.bool), 0.5), torch.ones(1, 4))
+    assert torch.allclose(mass_of(q, k, every, torch.ones(1, 2, 10, dtype=torch.bool), 0.5), torch.ones(1, 4))
     rows = torch.tensor([[[0, 3, 0], [9, 9, 9]]])
     ok = torch.tensor([[[True, True, False], [True, False, False]]])  # padded slots point at rows too
-    mass = selected_mass(q, k, None, rows, ok, 0.5)
+    mass = mass_of(q, k, rows, ok, 0.5)
     probs = torch.softmax(torch.einsum("hd,knd->hkn", q[0, :, 0], k[0]) * 0.5, -1)  # [Hq, Hkv, N]
     assert torch.allclose(mass[0], torch.stack([probs[0, 0, [0, 3]].sum(), probs[1, 0, [0, 3]].sum(), probs[2, 1, 9], probs[3, 1, 9]]))
 

@@ -1,8 +1,17 @@
 import torch
 
 from hf_dashkv import DashKVConfig, kernels
-from hf_dashkv.codes import group_distances, pack_signs
-from hf_dashkv.selection import select_rows
+from hf_dashkv.codes import hamming_distance, head_distances, pack_signs
+from hf_dashkv.selection import combine_group, select, select_step
+
+
+def group_distances(q, k, reduce="sum"):
+    return combine_group(head_distances(q, k), reduce)
+
+
+def select_rows(distances, valid, config):
+    selection = select_step(distances, config, valid)
+    return selection.rows, selection.valid
 
 
 def random_codes(batch=2, kv_heads=3, group=2, n=50, bits=32, seed=0):
@@ -66,3 +75,26 @@ def test_the_kernels_nearest_codes_is_the_reference_selection():
     lo = torch.tensor([2, 13])
     fast_rows, fast_ok = kernels.nearest_codes(q, k, lo, 57, 9, "sum")
     assert torch.equal(fast_ok, ok[..., 5:]) and torch.equal(fast_rows[fast_ok], rows[..., 5:][ok[..., 5:]])
+
+
+def test_combine_group_sum_and_min():
+    g = torch.Generator().manual_seed(0)
+    q = pack_signs(torch.randn(2, 3, 4, 64, generator=g))  # B, Hkv, G
+    k = pack_signs(torch.randn(2, 3, 10, 64, generator=g))
+    per_head = torch.stack([hamming_distance(q[:, :, i : i + 1], k) for i in range(4)], dim=2)  # B, Hkv, G, N
+    assert torch.equal(group_distances(q, k, "sum"), per_head.sum(2).int())
+    assert torch.equal(group_distances(q, k, "min"), per_head.amin(2))
+
+
+def test_many_positions_at_once_equal_one_decode_step_each():
+    """Training and measurement select for many positions in one call: each equals a decode step over its prefix."""
+    g = torch.Generator().manual_seed(3)
+    n = 60
+    scores = torch.randint(0, 40, (2, 3, n, n), generator=g, dtype=torch.int32)  # [B, Hkv, P, N], P = every position
+    config = DashKVConfig(bits=32, budget=0.125, sink_tokens=2, recent_tokens=4)  # a budget that grows with p
+    positions = torch.tensor([5, 17, 30, 59])
+    many = select(scores[:, :, positions], config, positions + 1)
+    for i, p in enumerate(positions.tolist()):
+        one = select_step(scores[:, :, p, : p + 1], config)
+        assert torch.equal(many.mask(n)[:, :, i, : p + 1], one.mask(p + 1))
+        assert not many.mask(n)[:, :, i, p + 1 :].any()  # causal

@@ -5,9 +5,8 @@ import torch
 from transformers import DynamicCache
 
 from hf_dashkv import DashKVCache, DashKVConfig
-from hf_dashkv.selection import select_rows
-from hf_dashkv.selectors import selector_distances
-from tests.tiny import tiny_model
+from hf_dashkv.selectors import DecodeStep, build_selector
+from tests.tiny import SelectionLog, tiny_model
 
 
 def hand_made(n=24, dim=4, seed=0):
@@ -17,9 +16,13 @@ def hand_made(n=24, dim=4, seed=0):
     return query, key
 
 
+def step(query, key):
+    return DecodeStep(query.unsqueeze(2), key, key, None, None, 0.5, layer_idx=1)
+
+
 def chosen(config, query, key):
-    rows, ok = select_rows(selector_distances(query, key, None, config, 0.5), None, config)
-    return set(rows[0, 0][ok[0, 0]].tolist())
+    selection = build_selector(config, None).select(step(query, key))
+    return set(selection.rows[0, 0][selection.valid[0, 0]].tolist())
 
 
 def test_oracle_picks_the_true_top_mass():
@@ -41,7 +44,7 @@ def test_streaming_picks_exactly_sinks_and_recent():
 def test_quest_page_bound_is_an_upper_bound_and_selects_whole_pages():
     query, key = hand_made(n=32)
     config = DashKVConfig(selector="quest", budget=8, sink_tokens=0, recent_tokens=1, page_size=4)
-    bound = -selector_distances(query, key, None, config, 0.5)[0, 0]  # [N], each token's page bound
+    bound = -build_selector(config, None).scores(step(query, key))[0, 0]  # [N], each token's page bound
     exact = (query[0] @ key[0, 0].T).sum(0)  # group-summed q . k
     assert torch.all(bound >= exact - 1e-5)
     picked = sorted(chosen(config, query, key) - {31})
@@ -61,7 +64,7 @@ def test_baselines_need_no_encoders_and_are_exact_with_a_covering_budget(selecto
 
     small = DashKVConfig(selector=selector, budget=4, sink_tokens=2, recent_tokens=4, dense_layers=(0,))
     cache = DashKVCache(dash.config, config=small)
-    out = dash.generate(past_key_values=cache, **kwargs)
+    with cache.observing(SelectionLog()) as log:
+        out = dash.generate(past_key_values=cache, **kwargs)
     assert out.shape == (1, 38) and cache.added_bytes_per_token() == 0
-    rows, ok = cache.layers[1].last_selection
-    assert int(ok[0, 0].sum()) == 2 + 4 + (0 if selector == "streaming" else 4)
+    assert int(log.last[1].valid[0, 0].sum()) == 2 + 4 + (0 if selector == "streaming" else 4)

@@ -6,6 +6,7 @@ from transformers import DynamicCache
 
 from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders
 from hf_dashkv.demo import passkey_prompt
+from tests.tiny import SelectionLog
 
 pytestmark = pytest.mark.slow
 SANDWICH = (0, 1, 28, 29)
@@ -37,11 +38,13 @@ def test_small_budget_attends_only_to_selected_rows(smollm2):
     cache = DashKVCache(model.config, HashEncoders.random(model.config, config), config)
     prefill = model(ids, past_key_values=cache)
     token = prefill.logits[:, -1].argmax(-1, keepdim=True)
-    step = model(token, past_key_values=cache)
+    with cache.observing(SelectionLog()) as log:
+        step = model(token, past_key_values=cache)
     n = cache.get_seq_length()
     hashed = cache.layout.hashed_layers
     assert len(hashed) == 26
-    selections = {i: cache.layers[i].last_selection for i in hashed}
+    assert sorted(log.last) == list(hashed)
+    selections = {i: (selection.rows, selection.valid) for i, selection in log.last.items()}
     for rows, ok in selections.values():
         assert rows.shape == (1, 3, 4 + 32 + 64) and ok.all()
         for head_rows in rows[0].tolist():

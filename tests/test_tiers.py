@@ -3,13 +3,14 @@
 import pytest
 import torch
 
-from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders, attention, kernels
-from hf_dashkv.attention import attend_rows, attend_tiers, learned_decode
-from hf_dashkv.codes import group_distances, pack_signs, unpack_bits
-from hf_dashkv.selection import candidate_mask, row_mask, select_rows
-from hf_dashkv.tiers import tier2_features, tier2_logits, tier2_rows
+from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders, kernels
+from hf_dashkv.codes import pack_signs, unpack_bits
+from hf_dashkv.exact import attend_rows, attend_tiers
+from hf_dashkv.selection import Selection
+from hf_dashkv.selectors import DecodeStep, HashSelector, Tier2Selector, build_selector
+from hf_dashkv.selectors.tiers import tier2_features, tier2_logits
 from tests.test_generate import prompt
-from tests.tiny import CONFIGS, tiny_model
+from tests.tiny import CONFIGS, SelectionLog, tiny_model
 
 SMALL = DashKVConfig(bits=32, budget=4, sink_tokens=2, recent_tokens=4, query_hidden=0, dense_layers=(0,))
 
@@ -31,7 +32,7 @@ def test_tier2_attention_is_one_softmax_over_exact_and_approximate_logits():
     rows, ok = torch.tensor([[[0, 5, 11, 3]]]), torch.tensor([[[True, True, True, False]]])
     rows2, ok2 = torch.tensor([[[7, 2, 0]]]), torch.tensor([[[True, True, False]]])
     logits2 = torch.tensor([[[[0.5, -1.0, 9.0], [2.0, 0.0, 9.0]]]])  # [B, Hkv, G, M2]; the last slot is unused
-    out = attend_tiers(query, key, value, rows, ok, rows2, ok2, logits2, 0.3)
+    out = attend_tiers(query, key, value, Selection(rows, ok), Selection(rows2, ok2), logits2, 0.3)
     for h in range(2):
         exact = [float(query[0, h, 0] @ key[0, 0, r]) * 0.3 for r in (0, 5, 11)]
         weights = torch.softmax(torch.tensor(exact + logits2[0, 0, h, :2].tolist()), -1)
@@ -55,39 +56,39 @@ def test_the_tier2_logit_is_the_scaled_hash_inner_product_plus_the_query_norm_te
 
 
 def test_tier2_rows_are_the_next_nearest_and_disjoint_from_tier1():
-    config = DashKVConfig(bits=32, budget=6, sink_tokens=2, recent_tokens=3, tier2_budget=5)
-    g = torch.Generator().manual_seed(2)
-    distances = torch.randint(0, 64, (2, 3, 50), generator=g, dtype=torch.int32)
+    config = DashKVConfig(bits=32, budget=6, sink_tokens=2, recent_tokens=3, query_hidden=0, tier2_budget=5)
+    layer = random_layer(config)
+    layer.tier2.weight.copy_(torch.tensor([1.0, 0.0, 0.0]).repeat(4, 1))
+    query, key, value = decode_inputs(batch=2, n=50, seed=2)
     valid = torch.ones(2, 50, dtype=torch.bool)
     valid[1, :9] = False
-    rows, ok = select_rows(distances, valid, config)
-    candidates = candidate_mask(valid, valid.int().argmax(-1), 50, config)
-    rows2, ok2 = tier2_rows(distances, candidates, rows, ok, config.tier2_tokens(50))
-    assert rows2.shape == (2, 3, 5) and ok2.all()
-    tier1, tier2 = row_mask(rows, ok, 50), row_mask(rows2, ok2, 50)
+    step = DecodeStep(query, key, value, layer.encode_keys(key), valid, 0.25, layer_idx=1)
+    tiers = Tier2Selector(config, HashSelector(config, layer)).tiers(step)
+    assert tiers.tier2.rows.shape == (2, 2, 5) and tiers.tier2.valid.all()
+    tier1, tier2 = tiers.tier1.mask(50), tiers.tier2.mask(50)
     assert not (tier1 & tier2).any()
-    assert (tier2 <= candidates.unsqueeze(1)).all()
+    assert not tier2[1, :, :11].any() and not tier2[:, :, 47:].any()  # candidates only: no padding, sinks, recent
     # together they are the 11 nearest candidates
-    together = select_rows(distances, valid, DashKVConfig(bits=32, budget=11, sink_tokens=2, recent_tokens=3))
-    assert torch.equal(tier1 | tier2, row_mask(*together, 50))
+    wider = DashKVConfig(bits=32, budget=11, sink_tokens=2, recent_tokens=3, query_hidden=0)
+    assert torch.equal(tier1 | tier2, HashSelector(wider, layer).select(step).mask(50))
 
 
-def test_learned_decode_with_tier2_attends_both_tiers_with_the_fitted_logit():
+def test_tier2_decode_attends_both_tiers_with_the_fitted_logit():
     config = DashKVConfig(bits=32, budget=4, sink_tokens=2, recent_tokens=4, query_hidden=0, tier2_budget=6)
     layer = random_layer(config)
     layer.tier2.weight.copy_(torch.tensor([4.0, -0.5, 0.1]).repeat(4, 1))
     query, key, value = decode_inputs()
-    codes = layer.encode_keys(key)
-    step = learned_decode(query, key, value, None, layer, codes, config, 0.25, layer_idx=1)
-    plain_rows, plain_ok = select_rows(group_distances(layer.encode_query(query[:, :, 0]), codes), None, config)
-    assert torch.equal(step.rows, plain_rows) and torch.equal(step.row_valid, plain_ok)  # tier 1 is plain hashing
-    assert step.tier2_rows.shape == (1, 2, 6)
-    logits2 = tier2_logits(step.tier2_features, layer.tier2.weight)
-    expected = attend_tiers(query, key, value, step.rows, step.row_valid, step.tier2_rows, step.tier2_valid,
-                            logits2, 0.25)
-    torch.testing.assert_close(step.output, expected)
-    tier1_only = attend_rows(query, key, value, step.rows, step.row_valid, 0.25)
-    assert not torch.allclose(step.output, tier1_only)
+    step = DecodeStep(query, key, value, layer.encode_keys(key), None, 0.25, layer_idx=1)
+    selector = build_selector(config, layer)
+    tiers = selector.tiers(step)
+    plain = HashSelector(config, layer).select(step)
+    assert torch.equal(tiers.tier1.rows, plain.rows) and torch.equal(tiers.tier1.valid, plain.valid)  # tier 1: plain
+    assert tiers.tier2.rows.shape == (1, 2, 6)
+    logits2 = tier2_logits(tiers.features, layer.tier2.weight)
+    expected = attend_tiers(query, key, value, tiers.tier1, tiers.tier2, logits2, 0.25)
+    torch.testing.assert_close(tiers.output, expected)
+    torch.testing.assert_close(selector.decode(step)[0], expected)
+    assert not torch.allclose(tiers.output, attend_rows(query, key, value, tiers.tier1, 0.25))
 
 
 def test_unfitted_tier2_is_refused_with_the_fix_named():
@@ -105,9 +106,9 @@ def test_with_every_learned_term_off_the_fused_kernel_runs_and_nothing_else(monk
     monkeypatch.setattr(kernels, "decode_attention", lambda *a, **k: calls.append(1) or fused(*a, **k))
 
     def refuse(*args, **kwargs):
-        raise AssertionError("learned_decode runs only when a learned term is on")
+        raise AssertionError("the PyTorch selection runs only when a learned term is on")
 
-    monkeypatch.setattr(attention, "learned_decode", refuse)
+    monkeypatch.setattr(HashSelector, "select", refuse)
     model = tiny_model("llama-gqa")
     cache = DashKVCache(model.config, HashEncoders.random(model.config, SMALL), SMALL)
     model.generate(**prompt(), max_new_tokens=4, do_sample=False, pad_token_id=0, past_key_values=cache)
@@ -132,11 +133,12 @@ def test_greedy_generation_runs_with_each_learned_term(flags, monkeypatch):
         encoders[i].calibration.spatial.fill_(1.5)
         encoders[i].calibration.temporal.fill_(3.0)
     steps = []
-    learned = attention.learned_decode
-    monkeypatch.setattr(attention, "learned_decode", lambda *a, **k: steps.append(1) or learned(*a, **k))
+    pytorch_select = HashSelector.select
+    monkeypatch.setattr(HashSelector, "select", lambda *a, **k: steps.append(1) or pytorch_select(*a, **k))
     cache = DashKVCache(model.config, encoders, config)
-    out = model.generate(**prompt(), max_new_tokens=5, do_sample=False, pad_token_id=0, past_key_values=cache)
-    assert out.shape == (2, 45) and len(steps) == 3 * 4
-    for layer in cache.layers[1:]:
-        rows, ok = layer.last_selection  # tier 1 only, whatever tier 2 adds
+    with cache.observing(SelectionLog()) as log:
+        out = model.generate(**prompt(), max_new_tokens=5, do_sample=False, pad_token_id=0, past_key_values=cache)
+    assert out.shape == (2, 45) and len(steps) == 3 * 4  # the PyTorch path, not the fused kernel
+    for selection in log.last.values():
+        rows, ok = selection.rows, selection.valid  # tier 1 only, whatever tier 2 adds
         assert rows.shape == (2, 2, 2 + 4 + 4) and ok[0].all()

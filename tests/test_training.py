@@ -13,14 +13,13 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders
-from hf_dashkv.attention import attend_rows
-from hf_dashkv.codes import group_distances
+from hf_dashkv.exact import attend_rows
 from hf_dashkv.models import embedded_model_dir
-from hf_dashkv.selection import select_rows
+from hf_dashkv.selectors import DecodeStep, HashSelector
 from lightning_modules import DashKVDistillation, ExportEncoders, LongTextDataModule
-from lightning_modules.distillation import TRAIN_IMPLEMENTATION, selection_mask, sparse_attention
+from lightning_modules.distillation import TRAIN_IMPLEMENTATION, selection_mask
 from lightning_modules.export import encoders_from_checkpoint, export, load_with_adapter
-from tests.tiny import tiny_model
+from tests.tiny import SelectionLog, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -240,7 +239,7 @@ def test_capture_keeps_sliding_windows(tmp_path):
     AutoTokenizer.from_pretrained(embedded_model_dir("smollm2-135m")).save_pretrained(tmp_path)
     ids = torch.randint(0, 300, (1, 48))
     reference = Gemma3ForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
-    for lora_rank in (0, 2):  # "dashkv-capture" and "dashkv-train" (outside sparse_attention)
+    for lora_rank in (0, 2):  # "dashkv-train" without and with peft, told nothing: plain attention
         module = DashKVDistillation(model=str(tmp_path), bits=16, sink_tokens=2, recent_tokens=8, lora_rank=lora_rank)
         with torch.no_grad():
             assert torch.equal(module.base(input_ids=ids).logits, reference(input_ids=ids).logits)
@@ -294,8 +293,8 @@ def test_dashkv_train_attention_is_exact_and_ignores_unselected_keys():
 
     def logits(budget):
         config = DashKVConfig(bits=16, budget=budget, sink_tokens=2, recent_tokens=8, query_hidden=0, dense_layers=(0,))
-        with torch.no_grad(), sparse_attention(HashEncoders.random(model.config, config)):
-            return model(input_ids=ids).logits
+        with torch.no_grad():
+            return model(input_ids=ids, dashkv_sparse=HashEncoders.random(model.config, config)).logits
 
     expected = reference(input_ids=ids).logits
     assert torch.equal(logits(64), expected)  # a budget covering every key: plain causal sdpa
@@ -308,20 +307,19 @@ def test_dashkv_train_attention_is_exact_and_ignores_unselected_keys():
     query, key, value = (torch.randn(2, heads, 64, 16, generator=generator) for heads in (4, 2, 2))
     attention = ALL_ATTENTION_FUNCTIONS[TRAIN_IMPLEMENTATION]
     layer = model.model.layers[1].self_attn
-    with sparse_attention(encoders):
-        out, _ = attention(layer, query, key, value, None, scaling=0.25)
+    out, _ = attention(layer, query, key, value, None, scaling=0.25, dashkv_sparse=encoders)
     key_codes = encoders[1].encode_keys(key)
+    selector = HashSelector(config, encoders[1])
     for t in range(config.sink_tokens + config.recent_tokens + config.budget_tokens(64), 64):  # selection drops keys
-        distances = group_distances(encoders[1].encode_query(query[:, :, t]), key_codes[:, :, : t + 1])
-        rows, valid = select_rows(distances, None, config)
-        torch.testing.assert_close(out[:, t], attend_rows(query[:, :, t : t + 1], key[:, :, : t + 1],
-                                                          value[:, :, : t + 1], rows, valid, 0.25)[:, 0])
+        step = DecodeStep(query[:, :, t : t + 1], key[:, :, : t + 1], value[:, :, : t + 1], key_codes[:, :, : t + 1],
+                          None, 0.25, layer_idx=1)
+        torch.testing.assert_close(out[:, t], attend_rows(step.query, step.key, step.value, selector.select(step),
+                                                          0.25)[:, 0])
     keep = selection_mask(encoders[1], config, query, key)
     dropped = int((~keep[0, 0, 63]).nonzero()[0])
     poisoned = value.clone()
     poisoned[0, 0, dropped] = 1e4
-    with sparse_attention(encoders):
-        out_poisoned, _ = attention(layer, query, key, poisoned, None, scaling=0.25)
+    out_poisoned, _ = attention(layer, query, key, poisoned, None, scaling=0.25, dashkv_sparse=encoders)
     assert torch.equal(out_poisoned[0, 63], out[0, 63])
     assert not torch.equal(out_poisoned[0, dropped], out[0, dropped])  # where the row is attended, it shows
 
@@ -346,7 +344,8 @@ def test_lora_export_round_trip_gives_identical_logits(tiny_dir, tmp_path):
 
     model = load_with_adapter(LlamaForCausalLM.from_pretrained(tiny_dir / "model", attn_implementation="dashkv"), out)
     cache = DashKVCache(model.config, HashEncoders.from_pretrained(out))
-    generated = model.generate(input_ids=ids, past_key_values=cache, max_new_tokens=3, do_sample=False)
-    assert generated.shape == (1, 43) and cache.layers[1].last_selection is not None  # decoded sparsely
+    with cache.observing(SelectionLog()) as log:
+        generated = model.generate(input_ids=ids, past_key_values=cache, max_new_tokens=3, do_sample=False)
+    assert generated.shape == (1, 43) and 1 in log.last  # decoded sparsely
     with pytest.raises(FileNotFoundError, match="without a joint LoRA"):
         load_with_adapter(model, tmp_path)

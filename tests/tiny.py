@@ -49,3 +49,13 @@ def byte_tokenizer():
     backend.decoder = decoders.ByteLevel()
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>")
+
+
+class SelectionLog:
+    """An observer for ``DashKVCache.observing``: the last selection of each layer, ``{layer_idx: Selection}``."""
+
+    def __init__(self):
+        self.last = {}
+
+    def __call__(self, step, selection):
+        self.last[step.layer_idx] = selection

@@ -162,7 +162,7 @@ class Evaluator:
         if len(reference) < 2:
             return {"kl": None, "agreement": None, "recall": {}}
         kls, agree = [], []
-        with measuring_recall(self.model, cache) as meter:
+        with measuring_recall(cache) as meter:
             for position, token in enumerate(reference[:-1]):
                 mine, theirs = self._step(cache, token), reference_logprobs[position + 1]
                 kls.append(float((theirs.exp() * (theirs - mine)).sum()))

@@ -7,18 +7,28 @@ taking the budget nearest tokens takes whole pages, best first. Here the bounds 
 each step (Quest keeps them as the cache grows); that changes the cost, not which tokens are chosen.
 """
 
+from __future__ import annotations
+
+from dataclasses import dataclass
+
 import torch
 
+from .base import DecodeStep, Selector
 
-def quest_distances(query: torch.Tensor, key: torch.Tensor, layer, config, scale: float) -> torch.Tensor:
-    """``query [B, Hq, D]``, ``key [B, Hkv, N, D]`` -> float ``[B, Hkv, N]``: minus each token's page bound."""
-    batch, heads, dim = query.shape
-    kv_heads, n = key.shape[1], key.shape[2]
-    page = config.page_size
-    pages = -(-n // page)
-    padded = torch.nn.functional.pad(key.float(), (0, 0, 0, pages * page - n), value=float("nan"))
-    blocks = padded.view(batch, kv_heads, pages, page, dim)
-    low, high = blocks.nan_to_num(float("inf")).amin(3), blocks.nan_to_num(float("-inf")).amax(3)
-    q = query.reshape(batch, kv_heads, heads // kv_heads, 1, dim).float()
-    bound = torch.maximum(q * low.unsqueeze(2), q * high.unsqueeze(2)).sum(-1).sum(2)  # [B, Hkv, pages]
-    return -bound.repeat_interleave(page, dim=-1)[..., :n]
+
+@dataclass
+class QuestSelector(Selector):
+    """Per-page key bounds; pages of ``config.page_size`` tokens."""
+
+    def scores(self, step: DecodeStep) -> torch.Tensor:
+        """Minus each token's page bound, summed over the group: float ``[B, Hkv, N]``."""
+        batch, heads, _, dim = step.query.shape
+        kv_heads, n = step.key.shape[1], step.n
+        page = self.config.page_size
+        pages = -(-n // page)
+        padded = torch.nn.functional.pad(step.key.float(), (0, 0, 0, pages * page - n), value=float("nan"))
+        blocks = padded.view(batch, kv_heads, pages, page, dim)
+        low, high = blocks.nan_to_num(float("inf")).amin(3), blocks.nan_to_num(float("-inf")).amax(3)
+        q = step.query[:, :, 0].reshape(batch, kv_heads, heads // kv_heads, 1, dim).float()
+        bound = torch.maximum(q * low.unsqueeze(2), q * high.unsqueeze(2)).sum(-1).sum(2)  # [B, Hkv, pages]
+        return -bound.repeat_interleave(page, dim=-1)[..., :n]

@@ -1,11 +1,22 @@
 """StreamingLLM (Xiao et al., ICLR 2024, arXiv 2309.17453): attention sinks + a recent window, nothing else.
 
-No token is chosen by content, so every distance is the same and ``select_rows`` gives it no budget.
+No token is chosen by content: the budget is 0 (``DashKVConfig.budget_tokens``), and every score is the same.
 """
+
+from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
+from .base import DecodeStep, Selector
 
-def streaming_distances(query: torch.Tensor, key: torch.Tensor, layer, config, scale: float) -> torch.Tensor:
-    """Zeros ``[B, Hkv, N]`` (a broadcast view, no memory): no token is nearer than another."""
-    return torch.zeros(1, 1, 1, device=key.device).expand(key.shape[0], key.shape[1], key.shape[2])
+
+@dataclass
+class StreamingSelector(Selector):
+    """Sinks + recent window only."""
+
+    def scores(self, step: DecodeStep) -> torch.Tensor:
+        """Zeros ``[B, Hkv, N]`` (a broadcast view, no memory)."""
+        key = step.key
+        return torch.zeros(1, 1, 1, device=key.device).expand(key.shape[0], key.shape[1], key.shape[2])

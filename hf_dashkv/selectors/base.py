@@ -1,0 +1,84 @@
+"""What every selector shares: the decode step it reads, the per-cache record it may leave, and the flow
+scores -> :func:`hf_dashkv.selection.select` -> exact attention over the selected rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import DashKVConfig
+from ..exact import attend_rows
+from ..selection import Selection, first_valid, select_step
+
+
+@dataclass
+class DecodeRecord:
+    """State one decode step passes from layer to layer, held by one cache (never by a module).
+
+    ``previous``: the last hashed layer's selection at this step, ``(layer_idx, N, bool [B, N])`` (temporal
+    calibration reads it). ``observers``: callables ``(step, selection)`` told of every selection (recall
+    measurement, ``hf_dashkv.recall``).
+    """
+
+    previous: tuple[int, int, torch.Tensor] | None = None
+    observers: list = field(default_factory=list)
+
+
+@dataclass
+class DecodeStep:
+    """One query step of one layer, as the attention function receives it.
+
+    ``query [B, Hq, 1, D]``; ``key``/``value [B, Hkv, N, D]`` (views of the cache); ``key_codes [B, Hkv, N, nbytes]``
+    or ``None`` (no hashing); ``valid`` bool ``[B, N]`` or ``None`` (no padding); ``scale``: the attention scaling;
+    ``layer_idx``: the model layer; ``record``: the cache's :class:`DecodeRecord`.
+    """
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    key_codes: torch.Tensor | None
+    valid: torch.Tensor | None
+    scale: float
+    layer_idx: int
+    record: DecodeRecord = field(default_factory=DecodeRecord)
+
+    @property
+    def n(self) -> int:
+        return self.key.shape[2]
+
+    @property
+    def ends(self) -> torch.Tensor:
+        """``[1]``: one query whose context is the whole cache."""
+        return torch.tensor([self.n], device=self.key.device)
+
+    def first_valid(self) -> tuple[torch.Tensor, bool]:
+        return first_valid(self.valid, self.key.shape[0], self.key.device)
+
+
+@dataclass
+class Selector:
+    """A rule for the budget's tokens: one score per cached token and KV head (lower is nearer).
+
+    Subclasses give :meth:`scores`; :meth:`select` applies the one selection rule to them, and :meth:`decode`
+    attends exactly over the result. ``config`` is the decode policy (budget, sinks, recent window, ...).
+    """
+
+    config: DashKVConfig
+
+    def scores(self, step: DecodeStep) -> torch.Tensor:
+        """``[B, Hkv, N]``, lower is nearer."""
+        raise NotImplementedError
+
+    def covers(self, n: int) -> bool:
+        """Whether the exact rows cover a context of ``n`` tokens, so that plain attention is exact and cheaper."""
+        return self.config.exact_tokens(n) >= n
+
+    def select(self, step: DecodeStep, scores: torch.Tensor | None = None) -> Selection:
+        """The step's :class:`Selection`, ``[B, Hkv, M]``, by ``scores`` (default: :meth:`scores`)."""
+        return select_step(self.scores(step) if scores is None else scores, self.config, step.valid)
+
+    def decode(self, step: DecodeStep) -> tuple[torch.Tensor, Selection]:
+        """The step's attention output ``[B, 1, Hq, D]`` and its selection."""
+        selection = self.select(step)
+        return attend_rows(step.query, step.key, step.value, selection, step.scale), selection
