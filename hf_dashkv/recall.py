@@ -1,10 +1,13 @@
-"""Attention recall: the share of the true softmax attention mass that DASH-KV's selected rows cover.
+"""How well a selection covers what attention needs: the measures of design.md §4.
 
-The method's own core metric (design §4). Measured at real decode steps: the model decodes greedily with a
-DashKVCache, and every selection a hashed layer makes is handed to an observer on the cache
-(``DashKVCache.record.observers``), which computes the exact attention of each query head over the whole cache
-beside it. The model's outputs are those of "dashkv". :func:`selected_mass` is the one definition of "mass on
-the chosen rows", also used by training and by calibration fitting.
+- :func:`ranking_recall` (the headline): over the *candidates only* (the keys between the sinks and the recent
+  window, which are attended anyway), ``R@k|B``, the share of each query head's true top-k keys inside its KV
+  group's selection, and the candidate mass. ``dashkv recall`` (``apps/probe.py``) and training's validation
+  report it.
+- attention recall: the share of the true softmax mass on everything selected (sinks and recent window
+  included), at real decode steps: the model decodes with a DashKVCache and every selection a hashed layer
+  makes is handed to an observer on the cache (``DashKVCache.observing``). :func:`selected_mass` is the one
+  definition of "mass on the chosen rows", also used by training and by calibration fitting.
 """
 
 from __future__ import annotations
@@ -38,6 +41,38 @@ def selected_mass(probs: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
     """Mass of each query head on the chosen keys: ``probs [..., Hkv, G, P, N]``, ``chosen`` bool ``[..., Hkv, P, N]``
     (one selection per KV head) -> ``[..., Hkv, G, P]`` in [0, 1]."""
     return (probs * chosen.unsqueeze(-3)).sum(-1)
+
+
+def ranking_recall(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    chosen: torch.Tensor,
+    candidates: torch.Tensor,
+    positions: torch.Tensor,
+    scale: float,
+    ks: tuple[int, ...] = (1, 8, 32),
+) -> dict[str, torch.Tensor]:
+    """``R@k|B`` and candidate mass of a selection, per query head and position.
+
+    Args:
+        query: ``[B, Hq, P, D]`` at ``positions`` (``[P]``); key: ``[B, Hkv, N, D]``; scale: the attention scaling.
+        chosen: bool ``[B, Hkv, P, N]``, what each KV group selected (``Selection.mask``).
+        candidates: bool ``[B, P, N]`` (``selection.candidates``): only these count, as keys and as selections.
+        ks: the ``k`` of ``R@k``; each position needs at least ``max(ks)`` candidates.
+
+    Returns:
+        ``{"R@1": ..., "R@8": ..., "mass": ...}``, each float ``[B, Hkv, G, P]``: the share of the query head's
+        ``k`` highest-scoring candidates (by ``q . k``) that its group selected, and the share of its full causal
+        softmax mass that lies on selected candidates.
+    """
+    causal = torch.arange(key.shape[2], device=key.device) <= positions.unsqueeze(1)  # [P, N]
+    probs = attention_probs(query, key, scale, causal)  # [B, Hkv, G, P, N]
+    picked = (chosen & candidates.unsqueeze(1)).unsqueeze(2).expand_as(probs)
+    top = probs.masked_fill(~candidates[:, None, None], -1.0).topk(max(ks), dim=-1).indices
+    hits = picked.gather(-1, top).float()
+    out = {f"R@{k}": hits[..., :k].mean(-1) for k in ks}
+    out["mass"] = (probs * picked).sum(-1)
+    return out
 
 
 class RecallMeter:

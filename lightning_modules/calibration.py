@@ -28,18 +28,18 @@ from dataclasses import dataclass
 import torch
 
 from hf_dashkv import DashKVConfig, HashEncoders
+from hf_dashkv.capture import capture_attention
 from hf_dashkv.recall import attention_probs
 from hf_dashkv.selection import Selection, candidates, combine_group, select
 from hf_dashkv.selectors import DecodeRecord, DecodeStep, HashSelector, Tier2Selector, build_selector
 from hf_dashkv.selectors.calibrated import calibrate, spatial_votes
 
-from .distillation import TRAIN_IMPLEMENTATION, capture_attention
 
 GRID = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)  # distance units; the weights act in steps of 1/16
 
 
 @dataclass
-class Capture:
+class DecodeSample:
     """One sequence's post-RoPE attention inputs of the hashed layers (``{layer: (q [1, Hq, T, D], k, v
     [1, Hkv, T, D], scale)}``) and the positions that play decode steps."""
 
@@ -48,35 +48,30 @@ class Capture:
 
 
 @torch.no_grad()
-def capture(model, input_ids: torch.Tensor, layers, positions: int) -> Capture:
+def capture(model, input_ids: torch.Tensor, layers, positions: int) -> DecodeSample:
     """Record ``layers``' q/k/v for ``input_ids [1, T]``; ``positions`` evenly spaced decode steps in ``[T/2, T)``.
 
     The second half only: the budget is a share of the context, and a short context is not what it is for.
     """
     length = input_ids.shape[1]
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(TRAIN_IMPLEMENTATION)
-    try:
-        captured = capture_attention(model, input_ids, max(layers))
-    finally:
-        model.set_attn_implementation(previous)
+    captured = capture_attention(model, input_ids, max(layers))
     kept = {layer: captured[layer] for layer in layers}
     steps = torch.linspace(length // 2, length - 1, positions).round().long().unique().tolist()
-    return Capture(kept, steps)
+    return DecodeSample(kept, steps)
 
 
-def _key_codes(encoders: HashEncoders, sample: Capture) -> dict[int, torch.Tensor]:
+def _key_codes(encoders: HashEncoders, sample: DecodeSample) -> dict[int, torch.Tensor]:
     return {layer: encoders[layer].encode_keys(k) for layer, (_, k, _, _) in sample.layers.items()}
 
 
-def _exact(sample: Capture, layer: int, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _exact(sample: DecodeSample, layer: int, p: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Full attention of position ``p`` over tokens ``0..p``: probabilities ``[Hkv, G, p + 1]``, output ``[Hq, D]``."""
     q, k, v, scale = sample.layers[layer]
     probs = attention_probs(q[0, :, p : p + 1], k[0, :, : p + 1], scale)[:, :, 0]  # [Hkv, G, n]
     return probs, (probs @ v[0, :, : p + 1].float()).flatten(0, 1)
 
 
-def _step(codes, sample: Capture, layer: int, p: int, record: DecodeRecord) -> DecodeStep:
+def _step(codes, sample: DecodeSample, layer: int, p: int, record: DecodeRecord) -> DecodeStep:
     """Position ``p`` of ``layer`` as a decode step over tokens ``0..p``."""
     q, k, v, scale = sample.layers[layer]
     n = p + 1
@@ -92,7 +87,7 @@ def _decode(selector, step: DecodeStep) -> tuple[torch.Tensor, Selection, Select
 
 
 @torch.no_grad()
-def fit_calibration(encoders: HashEncoders, samples: list[Capture], config: DashKVConfig, grid=GRID) -> None:
+def fit_calibration(encoders: HashEncoders, samples: list[DecodeSample], config: DashKVConfig, grid=GRID) -> None:
     """Set each hashed layer's calibration weights, in place, to the grid point of highest recall on ``samples``.
 
     A term that ``config`` leaves off keeps weight 0. Layers go in order, each choosing with the previous layer's
@@ -129,7 +124,7 @@ def fit_calibration(encoders: HashEncoders, samples: list[Capture], config: Dash
 
 
 @torch.no_grad()
-def fit_tier2(encoders: HashEncoders, samples: list[Capture], config: DashKVConfig) -> None:
+def fit_tier2(encoders: HashEncoders, samples: list[DecodeSample], config: DashKVConfig) -> None:
     """Set each hashed layer's tier-2 terms, in place, by least squares per query head (see the module docstring).
 
     The tier-2 rows are those ``config`` gives (after its calibration, with the weights the encoders hold).
@@ -194,7 +189,7 @@ def fit_tiers(model, encoders: HashEncoders, sequences, config: DashKVConfig, po
 
 
 @torch.no_grad()
-def evaluate(encoders: HashEncoders, samples: list[Capture], configs: dict[str, DashKVConfig]) -> dict[str, dict]:
+def evaluate(encoders: HashEncoders, samples: list[DecodeSample], configs: dict[str, DashKVConfig]) -> dict[str, dict]:
     """Per config, means over hashed layers, positions and query heads (each ``[0, 1]``):
 
     - ``recall``: the full attention mass on the tier-1 rows (what ``hf_dashkv.recall`` measures at inference);

@@ -23,103 +23,14 @@ from dataclasses import asdict
 import lightning as L
 import torch
 from torch import nn
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from hf_dashkv import DashKVConfig, HashEncoders
-from hf_dashkv.encoders import LayerEncoders
-from hf_dashkv.models import load_model
+from hf_dashkv import TRAIN_IMPLEMENTATION, DashKVConfig, HashEncoders
+from hf_dashkv.apps.models import load_model
+from hf_dashkv.capture import capture_attention, selection_mask
 from hf_dashkv.recall import attention_probs, selected_mass
-from hf_dashkv.selection import candidates, select
-from hf_dashkv.selectors import HashSelector
+from hf_dashkv.selection import candidates
 
-TRAIN_IMPLEMENTATION = "dashkv-train"
 ADAPTER_NAME = "default"  # peft's name for the one adapter
-# float32 elements of one query-key agreement block: bounds selection memory to ~64 MB at any sequence length
-_SELECTION_ELEMENTS = 1 << 24
-
-
-class Capture:
-    """Records the post-RoPE ``(query [B, Hq, T, D], key, value [B, Hkv, T, D], scaling)`` of layers
-    ``0..until`` in one forward pass, then ends the pass (the later layers and the LM head are not needed)."""
-
-    class Done(Exception):
-        """Raised after layer ``until``; :func:`capture_attention` catches it."""
-
-    def __init__(self, until: int):
-        self.until = until
-        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]] = {}
-
-    def __call__(self, module, query, key, value, scaling: float) -> None:
-        self.layers[module.layer_idx] = (query.detach(), key.detach(), value.detach(), scaling)
-        if module.layer_idx == self.until:
-            raise Capture.Done
-
-
-def _train_attention_forward(module, query, key, value, attention_mask, dashkv_capture: Capture | None = None,
-                             dashkv_sparse: HashEncoders | None = None, **kwargs):
-    """Training's attention: plain SDPA, told per forward call (model kwargs, no module state) to record q/k/v
-    (``dashkv_capture``) or to attend as DASH-KV decodes in the hashed layers of ``dashkv_sparse``."""
-    scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5  # the model's own (e.g. Gemma's query scalar)
-    if dashkv_capture is not None:
-        dashkv_capture(module, query, key, value, scaling)
-    encoders = dashkv_sparse
-    if encoders is not None and module.layer_idx in encoders.layout.hashed_layers and not (
-        encoders.config.exact_tokens(key.shape[2]) >= key.shape[2]  # a covering budget is exact, as at inference
-    ):
-        keep = selection_mask(encoders[module.layer_idx], encoders.config, query, key)
-        keep = keep.repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # query head h reads KV head h // G
-        attention_mask = keep if attention_mask is None else keep & attention_mask  # padding (sdpa_mask: bool)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-
-# The sdpa mask too: without a registered mask function transformers builds none, and sliding-window layers
-# (Gemma 3) would then attend to the whole causal context.
-AttentionInterface.register(TRAIN_IMPLEMENTATION, _train_attention_forward)
-AttentionMaskInterface.register(TRAIN_IMPLEMENTATION, sdpa_mask)
-
-
-@torch.no_grad()
-def capture_attention(model, input_ids: torch.Tensor, last_layer: int) -> dict[int, tuple]:
-    """``{layer: (query [B, Hq, T, D], key, value [B, Hkv, T, D], scaling)}``, post-RoPE, for layers up to
-    ``last_layer``, from one pass of ``model`` (loaded with, or set to, "dashkv-train"); the rest of the pass and
-    the LM head are skipped. Outputs of the captured layers are the model's own."""
-    capture = Capture(last_layer)
-    try:
-        model(input_ids=input_ids, use_cache=False, dashkv_capture=capture)
-    except Capture.Done:
-        pass
-    return capture.layers
-
-
-@torch.no_grad()
-def selection_mask(encoders: LayerEncoders, config: DashKVConfig, query: torch.Tensor, key: torch.Tensor,
-                   positions: torch.Tensor | None = None) -> torch.Tensor:
-    """The keys each query position attends to under DASH-KV: what a decode step with the context up to it selects
-    (``hf_dashkv.selection.select`` over the hash selector's distances). Sequences are taken as unpadded.
-
-    Args:
-        encoders: the layer's hash encoders.
-        query: post-RoPE ``[B, Hq, T, D]``, at ``positions`` (``[T]``; default: the last ``T`` of ``key``'s ``N``).
-        key: post-RoPE ``[B, Hkv, N, D]``.
-
-    Returns:
-        bool ``[B, Hkv, T, N]``, causal.
-    """
-    batch, kv_heads, n, _ = key.shape
-    length, group = query.shape[2], query.shape[1] // kv_heads
-    selector = HashSelector(config, encoders)
-    key_codes = encoders.encode_keys(key)
-    if positions is None:
-        positions = torch.arange(n - length, n, device=key.device)
-    ends = positions + 1
-    keep = torch.zeros(batch, kv_heads, length, n, dtype=torch.bool, device=key.device)
-    rows = max(1, _SELECTION_ELEMENTS // (batch * kv_heads * group * n))
-    for start in range(0, length, rows):
-        scores = selector.position_scores(query[:, :, start:start + rows], key_codes)
-        keep[:, :, start:start + rows] = select(scores, config, ends[start:start + rows]).mask(n)
-    return keep
 
 
 class DashKVDistillation(L.LightningModule):

@@ -7,7 +7,7 @@ A run with a joint LoRA (``lora_rank > 0``) also exports its adapter in peft's f
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import lightning as L
@@ -89,10 +89,9 @@ def encoders_from_checkpoint(path: str | Path) -> tuple[HashEncoders, dict]:
 
 def with_dense_layers(encoders: HashEncoders, dense_layers: list[int]) -> HashEncoders:
     """The same encoders with ``dense_layers`` left dense: their weights dropped, the layout and config updated."""
-    config = DashKVConfig(**{**encoders.config.to_dict(), "dense_layers": tuple(dense_layers)})
+    config = replace(encoders.config, dense_layers=tuple(dense_layers))
     dense = set(config.resolve_dense_layers(encoders.layout.num_layers))
-    layout = ModelLayout(**{**asdict(encoders.layout),
-                            "hashed_layers": tuple(i for i in encoders.layout.hashed_layers if i not in dense)})
+    layout = replace(encoders.layout, hashed_layers=tuple(i for i in encoders.layout.hashed_layers if i not in dense))
     kept = HashEncoders(layout, config)
     for layer in layout.hashed_layers:
         kept[layer].load_state_dict(encoders[layer].state_dict())

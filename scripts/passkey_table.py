@@ -10,6 +10,7 @@ Run: python scripts/passkey_table.py --model gemma3-270m --contexts 1024 2048 40
 
 import argparse
 import os
+from dataclasses import replace
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -17,10 +18,10 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
-from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders  # noqa: E402
-from hf_dashkv.cli import shipped_encoders  # noqa: E402
-from hf_dashkv.demo import passkey_prompt  # noqa: E402
-from hf_dashkv.models import load_model  # noqa: E402
+from hf_dashkv import DashKVCache, HashEncoders  # noqa: E402
+from hf_dashkv.apps.cli import shipped_encoders  # noqa: E402
+from hf_dashkv.apps.demo import passkey_prompt  # noqa: E402
+from hf_dashkv.apps.models import load_model  # noqa: E402
 
 PASSKEYS = ["71432", "90210", "38517", "62094", "15873", "47261"]
 DEPTHS = [0.1, 0.25, 0.4, 0.55, 0.7, 0.9]
@@ -29,15 +30,15 @@ DEPTHS = [0.1, 0.25, 0.4, 0.55, 0.7, 0.9]
 def caches(model, name: str, budget: float):
     """One cache factory per method, all at the same budget (the trained encoders' own bits and layers)."""
     trained = HashEncoders.from_pretrained(str(shipped_encoders(name)))
-    base = {**trained.config.to_dict(), "budget": budget}
-    random = HashEncoders.random(model.config, DashKVConfig(**base), seed=0)
+    base = replace(trained.config, budget=budget)
+    random = HashEncoders.random(model.config, base, seed=0)
     return {
         "full": lambda: DynamicCache(config=model.config),
-        "dashkv": lambda: DashKVCache(model.config, trained, DashKVConfig(**base)),
-        "random": lambda: DashKVCache(model.config, random, DashKVConfig(**base)),
-        "oracle": lambda: DashKVCache(model.config, config=DashKVConfig(**{**base, "selector": "oracle"})),
-        "quest": lambda: DashKVCache(model.config, config=DashKVConfig(**{**base, "selector": "quest"})),
-        "streaming": lambda: DashKVCache(model.config, config=DashKVConfig(**{**base, "selector": "streaming"})),
+        "dashkv": lambda: DashKVCache(model.config, trained, base),
+        "random": lambda: DashKVCache(model.config, random, base),
+        "oracle": lambda: DashKVCache(model.config, config=replace(base, selector="oracle")),
+        "quest": lambda: DashKVCache(model.config, config=replace(base, selector="quest")),
+        "streaming": lambda: DashKVCache(model.config, config=replace(base, selector="streaming")),
     }
 
 

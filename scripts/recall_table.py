@@ -9,21 +9,22 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import statistics  # noqa: E402
+from dataclasses import replace  # noqa: E402
 
 from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders  # noqa: E402
-from hf_dashkv.cli import shipped_encoders  # noqa: E402
-from hf_dashkv.demo import passkey_prompt  # noqa: E402
-from hf_dashkv.models import load_model  # noqa: E402
+from hf_dashkv.apps.cli import shipped_encoders  # noqa: E402
+from hf_dashkv.apps.demo import passkey_prompt  # noqa: E402
+from hf_dashkv.apps.models import load_model  # noqa: E402
 from hf_dashkv.recall import attention_recall  # noqa: E402
 
 SANDWICH = (0, 1, 28, 29)
 
 
 def mean_recall(model, ids, encoders=None, **overrides) -> float:
-    base = {"budget": 1 / 32, "dense_layers": SANDWICH, "query_hidden": 0}
+    base = DashKVConfig(budget=1 / 32, dense_layers=SANDWICH, query_hidden=0)
     if encoders is not None:
-        base = {**encoders.config.to_dict(), "budget": 1 / 32}
-    config = DashKVConfig(**{**base, **overrides})
+        base = replace(encoders.config, budget=1 / 32)
+    config = replace(base, **overrides)
     if encoders is None and config.selector == "hash":
         encoders = HashEncoders.random(model.config, config, seed=0)
     cache = DashKVCache(model.config, encoders, config)

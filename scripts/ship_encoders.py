@@ -21,7 +21,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders  # noqa: E402
-from hf_dashkv.models import EMBEDDED_MODELS, load_model  # noqa: E402
+from hf_dashkv.apps.models import EMBEDDED_MODELS, load_model  # noqa: E402
 from hf_dashkv.recall import attention_recall  # noqa: E402
 from lightning_modules import LongTextDataModule  # noqa: E402
 from lightning_modules.export import export, with_dense_layers  # noqa: E402

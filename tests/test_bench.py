@@ -3,8 +3,8 @@ import json
 import torch
 
 from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders
-from hf_dashkv.bench import BenchCase, _filled_cache, markdown_table, run, run_case
-from hf_dashkv.cli import _tokens, build_parser
+from hf_dashkv.apps.bench import BenchCase, _filled_cache, markdown_table, run, run_case
+from hf_dashkv.apps.cli import _tokens, build_parser
 from tests.tiny import tiny_model
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from hf_dashkv import DashKVConfig, HashEncoders
-from hf_dashkv.evaluation import runner
-from hf_dashkv.evaluation.longbench import load_longbench
-from hf_dashkv.evaluation.report import failed_samples, summarize, write_report
-from hf_dashkv.evaluation.runner import METHODS, Evaluator, evaluate, read_records, setups
+from hf_dashkv.apps.evaluation import runner
+from hf_dashkv.apps.evaluation.longbench import load_longbench
+from hf_dashkv.apps.evaluation.report import failed_samples, summarize, write_report
+from hf_dashkv.apps.evaluation.runner import METHODS, Evaluator, evaluate, read_records, setups
 
 from .tiny import byte_tokenizer, tiny_model
 
@@ -145,7 +145,7 @@ def test_summary_ratios_and_perplexity_by_hand():
 
 
 def test_runner_methods_match_the_cli_choices():
-    from hf_dashkv.cli import build_parser
+    from hf_dashkv.apps.cli import build_parser
 
     args = build_parser().parse_args(["eval", "--budgets", "1/32", "256", "--context", "4k", "8k"])
     assert args.methods == list(runner.METHODS) and args.budgets == [1 / 32, 256] and args.context == [4096, 8192]
@@ -153,7 +153,7 @@ def test_runner_methods_match_the_cli_choices():
 
 def test_setups_take_another_base_config(tiny):
     model, _, encoders = tiny
-    base = DashKVConfig(**{**CONFIG.to_dict(), "group_reduce": "min"})
+    base = dataclasses.replace(CONFIG, group_reduce="min")
     runs = setups(model.config, encoders, ["full", "dashkv"], [8], base)
     assert {s.config.group_reduce for s in runs} == {"min"}
     assert [s.config.group_reduce for s in setups(model.config, encoders, ["full", "dashkv"], [8])] == ["sum", "sum"]

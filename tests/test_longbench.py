@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from hf_dashkv.evaluation.longbench import TASKS, LongBenchTask, load_longbench
-from hf_dashkv.evaluation.metrics import METRICS, score
+from hf_dashkv.apps.evaluation.longbench import TASKS, LongBenchTask, load_longbench
+from hf_dashkv.apps.evaluation.metrics import METRICS, score
 
 from .tiny import byte_tokenizer
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from hf_dashkv.evaluation.metrics import (
+from hf_dashkv.apps.evaluation.metrics import (
     METRICS,
     classification_score,
     code_sim_score,

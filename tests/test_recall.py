@@ -1,7 +1,7 @@
 import torch
 
 from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders
-from hf_dashkv.recall import attention_probs, attention_recall, selected_mass
+from hf_dashkv.recall import attention_probs, attention_recall, ranking_recall, selected_mass
 from hf_dashkv.selection import Selection
 from tests.tiny import tiny_model
 
@@ -35,3 +35,21 @@ def test_recall_grows_with_the_budget_and_leaves_the_model_as_it_was():
     for layer, small in recalls[0].items():
         assert 0 < small <= recalls[1][layer] <= 1 + 1e-6
     assert model.config._attn_implementation == "dashkv"
+
+
+def test_ranking_recall_counts_the_true_top_keys_among_the_candidates_only():
+    # one KV head, two query heads, 12 keys; the query at position 11 sees candidates 2..8 (2 sinks, 3 recent)
+    g = torch.Generator().manual_seed(1)
+    query, key = torch.randn(1, 2, 1, 8, generator=g), torch.randn(1, 1, 12, 8, generator=g)
+    positions = torch.tensor([11])
+    allowed = (torch.arange(12) >= 2) & (torch.arange(12) < 9)
+    logits = torch.einsum("hd,nd->hn", query[0, :, 0], key[0, 0])
+    order = [[int(i) for i in logits[h].argsort(descending=True) if allowed[i]] for h in range(2)]
+    chosen = torch.zeros(1, 1, 1, 12, dtype=torch.bool)
+    chosen[0, 0, 0, [order[0][0], order[0][1], 0, 11]] = True  # head 0's two best candidates, a sink, the current
+    out = ranking_recall(query, key, chosen, allowed.view(1, 1, 12), positions, 0.5, ks=(1, 2, 4))
+    assert out["R@1"][0, 0, 0].item() == 1.0 and out["R@2"][0, 0, 0].item() == 1.0 and out["R@4"][0, 0, 0] == 0.5
+    expected_r1 = float(order[1][0] in order[0][:2])
+    assert out["R@1"][0, 0, 1].item() == expected_r1
+    probs = torch.softmax(logits * 0.5, -1)  # the full causal softmax: sinks and the recent window count in it
+    torch.testing.assert_close(out["mass"][0, 0, :, 0], probs[:, order[0][:2]].sum(-1))  # but not as selections

@@ -5,7 +5,7 @@ import torch
 from transformers import DynamicCache
 
 from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders
-from hf_dashkv.demo import passkey_prompt
+from hf_dashkv.apps.demo import passkey_prompt
 from tests.tiny import SelectionLog
 
 pytestmark = pytest.mark.slow
@@ -65,9 +65,9 @@ def test_small_budget_attends_only_to_selected_rows(smollm2):
 
 
 def test_dashkv_generate_command(capsys):
-    from hf_dashkv.cli import main
+    from hf_dashkv.apps.cli import main
 
-    from hf_dashkv.cli import shipped_encoders
+    from hf_dashkv.apps.cli import shipped_encoders
 
     assert main(["generate", "--context-tokens", "600", "--max-new-tokens", "6"]) == 0
     out = capsys.readouterr().out
@@ -76,7 +76,7 @@ def test_dashkv_generate_command(capsys):
 
 
 def test_shipped_encoders_fit_the_embedded_model(smollm2):
-    from hf_dashkv.cli import shipped_encoders
+    from hf_dashkv.apps.cli import shipped_encoders
 
     model, _ = smollm2
     encoders = HashEncoders.from_pretrained(str(shipped_encoders("smollm2-135m")))

@@ -1,5 +1,7 @@
 """Tier 2 (approximate logits from the codes) and the decode path the learned terms take."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -125,7 +127,7 @@ FLAGS = {
 
 @pytest.mark.parametrize("flags", sorted(FLAGS))
 def test_greedy_generation_runs_with_each_learned_term(flags, monkeypatch):
-    config = DashKVConfig(**{**SMALL.to_dict(), **FLAGS[flags]})
+    config = replace(SMALL, **FLAGS[flags])
     model = tiny_model("llama-gqa")
     encoders = HashEncoders.random(model.config, config)
     for i in encoders.layout.hashed_layers:

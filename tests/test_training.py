@@ -10,16 +10,12 @@ import pytest
 import safetensors.torch
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders
-from hf_dashkv.exact import attend_rows
-from hf_dashkv.models import embedded_model_dir
-from hf_dashkv.selectors import DecodeStep, HashSelector
+from hf_dashkv import DashKVCache, HashEncoders
+from hf_dashkv.apps.models import embedded_model_dir
 from lightning_modules import DashKVDistillation, ExportEncoders, LongTextDataModule
-from lightning_modules.distillation import TRAIN_IMPLEMENTATION, selection_mask
 from lightning_modules.export import encoders_from_checkpoint, export, load_with_adapter
-from tests.tiny import SelectionLog, tiny_model
+from tests.tiny import SelectionLog
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -167,7 +163,7 @@ def test_resume_after_a_kill_loses_no_step_and_no_data(tiny_dir, tmp_path):
 def test_export_round_trip_and_push_arguments(tiny_dir, tmp_path, monkeypatch):
     _, module = fit(tiny_dir, tmp_path, 2)
     out = tmp_path / "exported"
-    subprocess.run([sys.executable, "-m", "hf_dashkv.cli", "export", str(tmp_path / "last.ckpt"), str(out)],
+    subprocess.run([sys.executable, "-m", "hf_dashkv.apps.cli", "export", str(tmp_path / "last.ckpt"), str(out)],
                    check=True, cwd=REPO)
     loaded = HashEncoders.from_pretrained(out)
     for name, tensor in module.encoders.state_dict().items():
@@ -189,7 +185,7 @@ def test_export_round_trip_and_push_arguments(tiny_dir, tmp_path, monkeypatch):
             calls.append(("upload_folder", folder_path, repo_id))
 
     monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
-    from hf_dashkv.cli import main
+    from hf_dashkv.apps.cli import main
 
     assert main(["push", str(out), "me/tiny-dashkv"]) == 0
     assert calls[1:] == [("create_repo", "me/tiny-dashkv", False, True), ("upload_folder", str(out), "me/tiny-dashkv")]
@@ -285,43 +281,6 @@ def test_lora_lowers_the_logit_kl_under_sparse_attention(tiny_dir):
         history.append(loss.item())
     assert all(p.grad is None for p in module.encoders.parameters())  # selection is not differentiable
     assert history[0] > 0 and module.lora_loss(ids).item() < 0.7 * history[0]
-
-
-def test_dashkv_train_attention_is_exact_and_ignores_unselected_keys():
-    model, reference = tiny_model("llama-gqa", TRAIN_IMPLEMENTATION), tiny_model("llama-gqa", "sdpa")
-    ids = torch.randint(0, 97, (2, 64), generator=torch.Generator().manual_seed(0))
-
-    def logits(budget):
-        config = DashKVConfig(bits=16, budget=budget, sink_tokens=2, recent_tokens=8, query_hidden=0, dense_layers=(0,))
-        with torch.no_grad():
-            return model(input_ids=ids, dashkv_sparse=HashEncoders.random(model.config, config)).logits
-
-    expected = reference(input_ids=ids).logits
-    assert torch.equal(logits(64), expected)  # a budget covering every key: plain causal sdpa
-    assert not torch.allclose(logits(4), expected)
-
-    # with a small budget, each position attends exactly to the rows a decode step selects, and to nothing else
-    config = DashKVConfig(bits=16, budget=0.125, sink_tokens=2, recent_tokens=8, query_hidden=0, dense_layers=(0,))
-    encoders = HashEncoders.random(model.config, config)
-    generator = torch.Generator().manual_seed(1)
-    query, key, value = (torch.randn(2, heads, 64, 16, generator=generator) for heads in (4, 2, 2))
-    attention = ALL_ATTENTION_FUNCTIONS[TRAIN_IMPLEMENTATION]
-    layer = model.model.layers[1].self_attn
-    out, _ = attention(layer, query, key, value, None, scaling=0.25, dashkv_sparse=encoders)
-    key_codes = encoders[1].encode_keys(key)
-    selector = HashSelector(config, encoders[1])
-    for t in range(config.sink_tokens + config.recent_tokens + config.budget_tokens(64), 64):  # selection drops keys
-        step = DecodeStep(query[:, :, t : t + 1], key[:, :, : t + 1], value[:, :, : t + 1], key_codes[:, :, : t + 1],
-                          None, 0.25, layer_idx=1)
-        torch.testing.assert_close(out[:, t], attend_rows(step.query, step.key, step.value, selector.select(step),
-                                                          0.25)[:, 0])
-    keep = selection_mask(encoders[1], config, query, key)
-    dropped = int((~keep[0, 0, 63]).nonzero()[0])
-    poisoned = value.clone()
-    poisoned[0, 0, dropped] = 1e4
-    out_poisoned, _ = attention(layer, query, key, poisoned, None, scaling=0.25, dashkv_sparse=encoders)
-    assert torch.equal(out_poisoned[0, 63], out[0, 63])
-    assert not torch.equal(out_poisoned[0, dropped], out[0, dropped])  # where the row is attended, it shows
 
 
 def test_lora_export_round_trip_gives_identical_logits(tiny_dir, tmp_path):

@@ -46,7 +46,7 @@ class HashSelector(Selector):
         Returns:
             int32 ``[B, Hkv, P, N]``, what :meth:`scores` gives at each position.
         """
-        batch, kv_heads, length = query.shape[0], key_codes.shape[1], query.shape[2]
+        batch, length = query.shape[0], query.shape[2]
         query_codes = self.encoders.encode_query(query.transpose(1, 2).flatten(0, 1))  # [B * P, Hkv, G, nbytes]
         query_codes = query_codes.unflatten(0, (batch, length)).transpose(1, 2)  # [B, Hkv, P, G, nbytes]
         return combine_group(head_distances_many(query_codes, key_codes), self.config.group_reduce)

@@ -6,10 +6,6 @@ the model and data classes come from the YAML's ``class_path``.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 
 def main(args: list[str] | None = None) -> None:
     try:

@@ -1,7 +1,7 @@
 """The offline evaluation suite: LongBench-like tasks built only from registry packages (design.md §3-4).
 
 Every task builds prompts of about ``context_tokens`` tokens, deterministically under a seed, from the evaluation
-side of ``hf_dashkv.corpora``'s document split:
+side of ``hf_dashkv.apps.corpora``'s document split:
 
 - ``squad_qa``: single-document QA. A SQuAD article (its paragraphs in order, a window around the gold paragraph
   when the article is longer than the context, other articles around it when it is shorter) with the gold

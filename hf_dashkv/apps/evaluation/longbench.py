@@ -45,7 +45,7 @@ class LongBenchTask:
         name: LongBench's dataset name (also its file name, ``{name}.jsonl``).
         prompt: the template, formatted with the record's fields (``{context}``, ``{input}``).
         max_new_tokens: LongBench's generation length for the task (``dataset2maxlen.json``).
-        metric: a key of ``hf_dashkv.evaluation.metrics.METRICS`` (``dataset2metric`` of ``eval.py``).
+        metric: a key of ``hf_dashkv.apps.evaluation.metrics.METRICS`` (``dataset2metric`` of ``eval.py``).
     """
 
     name: str

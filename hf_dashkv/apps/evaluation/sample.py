@@ -14,7 +14,7 @@ class Sample:
         sample_id: unique within the task and stable across runs (resume keys on ``(task, sample_id)``).
         prompt: the full text given to the model (document(s) and question), already truncated to fit.
         answers: reference answers; a prediction is scored against each and the best score counts.
-        metric: a name from ``hf_dashkv.evaluation.metrics.METRICS`` (``None``: fidelity only, no task score).
+        metric: a name from ``hf_dashkv.apps.evaluation.metrics.METRICS`` (``None``: fidelity only, no task score).
         max_new_tokens: greedy tokens generated for the answer.
         all_classes: the label set, for classification metrics.
         continuation: text whose negative log-likelihood after the prompt is measured (teacher-forced, one decode

@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 
 from ..bench import budget_label
-from ..cache import DashKVCache
-from ..config import DashKVConfig
-from ..encoders import HashEncoders
-from ..recall import measuring_recall
+from ...cache import DashKVCache
+from ...config import DashKVConfig
+from ...encoders import HashEncoders
+from ...recall import measuring_recall
 from .metrics import score
 from .sample import Sample
 

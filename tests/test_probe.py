@@ -1,0 +1,39 @@
+"""The recall probe (`dashkv recall`): R@k|B of trained codes, SimHash and the exact-score ceilings."""
+
+import torch
+
+from hf_dashkv import DashKVConfig, HashEncoders
+from hf_dashkv.apps.probe import markdown, probe
+from tests.tiny import tiny_model
+
+CONFIG = DashKVConfig(bits=32, budget=1 / 8, sink_tokens=2, recent_tokens=8, query_hidden=0, dense_layers=(0,))
+
+
+def sequences(count=2, length=160):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(3, 97, (1, length), generator=g) for _ in range(count)]
+
+
+def test_probe_measures_every_hashed_layer_and_the_ceilings_bound_the_codes():
+    model = tiny_model("llama-gqa")
+    encoders = HashEncoders.random(model.config, CONFIG, seed=0)  # the same projections as the probe's SimHash
+    table = probe(model, encoders, sequences(), CONFIG, queries=8)
+    assert sorted(table.values["trained"]) == [1, 2, 3]
+    for layer in (1, 2, 3):
+        trained, simhash = table.layer("trained", layer), table.layer("simhash", layer)
+        assert trained == simhash  # random encoders with seed 0 are the SimHash floor itself
+        oracle = table.layer("oracle", layer)
+        assert oracle["R@1"] >= trained["R@1"] and oracle["R@8"] >= trained["R@8"] > 0
+        assert all(0 <= v <= 1 for v in oracle.values())
+    summary = table.summary("oracle")
+    assert summary["min layer R@8"] <= summary["R@8"]
+    report = markdown(table)
+    assert "| trained |" in report and "| oracle |" in report and report.count("\n| 3 |") == 1
+
+
+def test_a_budget_covering_the_candidates_finds_every_top_key():
+    model = tiny_model("llama-gqa")
+    covering = DashKVConfig(bits=32, budget=0.99, sink_tokens=2, recent_tokens=8, query_hidden=0, dense_layers=(0,))
+    table = probe(model, HashEncoders.random(model.config, covering, seed=3), sequences(1), covering, queries=4)
+    for method in ("trained", "simhash", "oracle", "angle"):
+        assert table.summary(method)["R@32"] == 1.0
