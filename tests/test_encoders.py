@@ -85,3 +85,21 @@ def test_query_encoder_is_the_same_map_at_any_batch_shape():
     x = torch.nn.functional.silu(x @ enc.w2[head] + enc.b2[head])
     expected = q[..., head, :] @ enc.proj[head] + x @ enc.w3[head] + enc.b3[head]
     torch.testing.assert_close(enc(q)[..., head, :], expected)
+
+
+def test_input_scale_divides_the_inputs_and_older_checkpoints_load_neutral(tmp_path):
+    config = DashKVConfig(bits=16, query_hidden=8)
+    encoders = HashEncoders.random(CONFIGS["llama-gqa"](), config, seed=1)
+    layer = encoders[1]
+    g = torch.Generator().manual_seed(0)
+    keys, queries = torch.randn(1, 2, 5, 16, generator=g), torch.randn(3, 4, 16, generator=g)
+    before_k, before_q = layer.key(keys), layer.query(queries)
+    layer.key.input_scale.copy_(torch.tensor([2.0, 4.0]))
+    layer.query.input_scale.fill_(3.0)
+    torch.testing.assert_close(layer.key(keys * torch.tensor([2.0, 4.0]).view(1, 2, 1, 1)), before_k)
+    torch.testing.assert_close(layer.query(queries * 3.0), before_q)
+    encoders.save_pretrained(tmp_path)
+    assert torch.equal(HashEncoders.from_pretrained(tmp_path)[1].key.input_scale, torch.tensor([2.0, 4.0]))
+    state = safetensors.torch.load_file(tmp_path / "model.safetensors")
+    safetensors.torch.save_file({n: t for n, t in state.items() if "input_scale" not in n}, tmp_path / "model.safetensors")
+    assert HashEncoders.from_pretrained(tmp_path)[1].key.input_scale.eq(1).all()  # written before the scales existed

@@ -52,12 +52,15 @@ class HashSelector(Selector):
         return combine_group(head_distances_many(query_codes, key_codes), self.config.group_reduce)
 
     def decode(self, step: DecodeStep) -> tuple[torch.Tensor, Selection]:
+        """On the CPU, codes -> selection -> attention in one compiled pass (left padding or none); else the
+        PyTorch definition (:meth:`select`, then exact attention)."""
         first, left_padded = step.first_valid()
         if not (left_padded and kernels.supports_decode(step.key, step.value)):
             return super().decode(step)
+        query_codes = self.encoders.encode_query(step.query[:, :, 0])
         config = self.config
         out, rows, valid = kernels.decode_attention(
-            step.query, self.encoders.encode_query(step.query[:, :, 0]), step.key, step.value, step.key_codes, first,
-            config.sink_tokens, config.recent_tokens, config.budget_tokens(step.n), config.group_reduce, step.scale,
+            step.query, query_codes, step.key, step.value, step.key_codes, first, config.sink_tokens,
+            config.recent_tokens, config.budget_tokens(step.n), config.group_reduce, step.scale,
         )
         return out, Selection(rows, valid)
