@@ -345,3 +345,20 @@ def test_lora_export_round_trip_gives_identical_logits(tiny_dir, tmp_path):
     assert generated.shape == (1, 43) and 1 in log.last  # decoded sparsely
     with pytest.raises(FileNotFoundError, match="without a joint LoRA"):
         load_with_adapter(model, tmp_path)
+
+
+def test_the_rope_shift_is_the_models_own_rotation_to_later_positions(tiny_dir):
+    from hf_dashkv.capture import Capture
+
+    module = tiny_module(tiny_dir)
+    ids = torch.randint(0, 1000, (1, 24), generator=torch.Generator().manual_seed(0))
+    captured = module.capture(ids, torch.arange(24))
+    later = Capture(until=2)
+    with pytest.raises(Capture.Done), torch.no_grad():
+        module.base(input_ids=ids, position_ids=torch.arange(24).view(1, -1) + 1000, use_cache=False,
+                    dashkv_capture=later)
+    query, key = module.shifted(1, 1000, captured[1][0], captured[1][1])
+    torch.testing.assert_close(query, later.layers[1][0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(key, later.layers[1][1], atol=1e-4, rtol=1e-4)
+    scores = captured[1][0] @ captured[1][1].repeat_interleave(2, 1).transpose(-1, -2)
+    torch.testing.assert_close(query @ key.repeat_interleave(2, 1).transpose(-1, -2), scores, atol=1e-3, rtol=1e-4)
