@@ -36,6 +36,8 @@ class DashKVConfig:
         temporal_calibration: discount the distance of keys the previous hashed layer selected at the same step.
             Off by default. The learned terms need fitted encoders (``lightning_modules.calibration``) and the
             ``"hash"`` selector; with them on, decode steps take the PyTorch path, not the fused CPU kernel.
+        rerank: ``> 1`` re-ranks: the hash codes shortlist ``rerank x budget`` candidates and exact scores choose the
+            budget among them (``selectors.rerank``), for ``rerank x budget`` more key reads per step; 1: off.
     """
 
     bits: int = 64
@@ -50,6 +52,7 @@ class DashKVConfig:
     tier2_budget: int | float = 0
     spatial_calibration: bool = False
     temporal_calibration: bool = False
+    rerank: int = 1
 
     def __post_init__(self) -> None:
         # JSON (Hub configs, YAML recipes) gives lists; keep one hashable, comparable form.
@@ -90,6 +93,13 @@ class DashKVConfig:
         for name in ("spatial_calibration", "temporal_calibration"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"DashKVConfig.{name}={getattr(self, name)!r}: must be True or False.")
+        if not isinstance(self.rerank, int) or isinstance(self.rerank, bool) or self.rerank < 1:
+            raise ValueError(f"DashKVConfig.rerank={self.rerank!r}: must be an int >= 1 (1: no re-ranking).")
+        if self.rerank > 1 and (self.selector != "hash" or self.learned_terms):
+            raise ValueError(
+                f"DashKVConfig.rerank={self.rerank} re-ranks what hash codes shortlist: use it with selector='hash' "
+                "and without tier2_budget / calibration, or set rerank=1."
+            )
         if self.learned_terms and self.selector != "hash":
             raise ValueError(
                 f"DashKVConfig: tier2_budget, spatial_calibration and temporal_calibration work on hash codes, but "

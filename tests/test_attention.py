@@ -2,20 +2,7 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from hf_dashkv.attention import dashkv_attention_forward, key_validity
-
-
-class Module(torch.nn.Module):
-    num_key_value_groups = 3
-    is_causal = True
-
-
-def qkv(batch=2, heads=6, kv_heads=2, n=20, d=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (
-        torch.randn(batch, heads, 1, d, generator=g),
-        torch.randn(batch, kv_heads, n, d, generator=g),
-        torch.randn(batch, kv_heads, n, d, generator=g),
-    )
+from tests.test_exact import Module, qkv
 
 
 def test_key_validity_reads_bool_and_additive_masks():

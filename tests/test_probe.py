@@ -37,3 +37,13 @@ def test_a_budget_covering_the_candidates_finds_every_top_key():
     table = probe(model, HashEncoders.random(model.config, covering, seed=3), sequences(1), covering, queries=4)
     for method in ("trained", "simhash", "oracle", "angle"):
         assert table.summary(method)["R@32"] == 1.0
+
+
+def test_reranking_a_shortlist_of_every_candidate_is_the_oracle():
+    model = tiny_model("llama-gqa")
+    encoders = HashEncoders.random(model.config, CONFIG, seed=0)
+    table = probe(model, encoders, sequences(1), CONFIG, queries=8, methods=("trained", "oracle"), rerank=(2, 1000))
+    for layer in (1, 2, 3):
+        assert table.layer("rerank1000", layer) == table.layer("oracle", layer)
+        assert table.layer("rerank2", layer)["R@8"] >= table.layer("trained", layer)["R@8"] - 0.05
+    assert "| rerank2 |" in markdown(table)

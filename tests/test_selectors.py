@@ -4,8 +4,9 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from hf_dashkv import DashKVCache, DashKVConfig
-from hf_dashkv.selectors import DecodeStep, build_selector
+from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders
+from hf_dashkv.selectors import DecodeStep, HashSelector, RerankSelector, build_selector
+from tests.test_tiers import decode_inputs
 from tests.tiny import SelectionLog, tiny_model
 
 
@@ -68,3 +69,55 @@ def test_baselines_need_no_encoders_and_are_exact_with_a_covering_budget(selecto
         out = dash.generate(past_key_values=cache, **kwargs)
     assert out.shape == (1, 38) and cache.added_bytes_per_token() == 0
     assert int(log.last[1].valid[0, 0].sum()) == 2 + 4 + (0 if selector == "streaming" else 4)
+
+
+def test_rerank_picks_the_budget_by_exact_scores_among_what_the_codes_shortlist():
+    with pytest.raises(ValueError, match="rerank=0"):
+        DashKVConfig(rerank=0)
+    with pytest.raises(ValueError, match="selector='hash'"):
+        DashKVConfig(rerank=2, selector="oracle")
+    config = DashKVConfig(bits=32, budget=4, sink_tokens=2, recent_tokens=4, query_hidden=0, rerank=3)
+    layer = HashEncoders.random(tiny_model().config, config, seed=0)[1]
+    query, key, value = decode_inputs(n=60, seed=4)
+    step = DecodeStep(query, key, value, layer.encode_keys(key), None, 0.25, layer_idx=1)
+    selector = build_selector(config, layer)
+    assert isinstance(selector, RerankSelector)
+    chosen = selector.select(step)
+    shortlist = HashSelector(DashKVConfig(bits=32, budget=12, sink_tokens=2, recent_tokens=4, query_hidden=0),
+                             layer).select(step).mask(60)
+    assert (chosen.mask(60) <= shortlist).all() and chosen.valid.sum(-1).eq(2 + 4 + 4).all()
+    # among the shortlist, the budget holds the keys of most exact attention (the group's summed softmax)
+    for h in range(2):
+        rows = [int(r) for r in shortlist[0, h].nonzero() if 2 <= r < 56]
+        q = query[0, 2 * h : 2 * h + 2, 0]
+        probs = torch.softmax(q @ key[0, h, rows].T * 0.25, -1).sum(0)
+        best = {rows[i] for i in probs.topk(4).indices.tolist()}
+        assert best == set(chosen.rows[0, h, 6:].tolist())
+
+
+def test_generation_runs_with_reranking():
+    dash = tiny_model("llama-gqa", "dashkv")
+    config = DashKVConfig(bits=32, budget=4, sink_tokens=2, recent_tokens=4, query_hidden=0, dense_layers=(0,),
+                          rerank=2)
+    cache = DashKVCache(dash.config, HashEncoders.random(dash.config, config), config)
+    ids = torch.randint(3, 97, (1, 40), generator=torch.Generator().manual_seed(0))
+    with cache.observing(SelectionLog()) as log:
+        out = dash.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0, past_key_values=cache)
+    assert out.shape == (1, 44) and sorted(log.last) == [1, 2, 3]
+    assert all(int(s.valid[0, 0].sum()) == 2 + 4 + 4 for s in log.last.values())
+
+
+def test_the_compiled_shortlist_gives_the_same_rerank_as_the_pytorch_definition(monkeypatch):
+    from hf_dashkv import kernels
+
+    if kernels.numba is None:
+        pytest.skip("numba is not installed")
+    config = DashKVConfig(bits=32, budget=5, sink_tokens=2, recent_tokens=4, query_hidden=0, rerank=2)
+    layer = HashEncoders.random(tiny_model().config, config, seed=2)[1]
+    query, key, value = decode_inputs(batch=2, n=80, seed=5)
+    valid = torch.arange(80) >= torch.tensor([[0], [7]])  # left padding in the second row
+    step = DecodeStep(query, key, value, layer.encode_keys(key), valid, 0.25, layer_idx=1)
+    fast = build_selector(config, layer).select(step)
+    monkeypatch.setattr(kernels, "supports", lambda codes: False)
+    reference = build_selector(config, layer).select(step)
+    assert torch.equal(fast.valid, reference.valid) and torch.equal(fast.rows[fast.valid], reference.rows[reference.valid])

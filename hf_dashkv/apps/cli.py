@@ -169,7 +169,8 @@ def cmd_recall(args: argparse.Namespace) -> int:
         raise SystemExit(f"--budget {args.budget}: the probe measures a fraction of the context, e.g. 1/32.")
     encoders = _trained_encoders(args.model, args.encoders)
     out_dir = Path(args.out_dir)
-    tables = run(args.model, encoders, args.text, args.context, args.budget, args.sequences, args.queries, out_dir)
+    tables = run(args.model, encoders, args.text, args.context, args.budget, args.sequences, args.queries, out_dir,
+                 rerank=args.rerank)
     for name, table in tables.items():
         means = {m: table.summary(m) for m in table.values}
         print(f"{name}: R@8|B " + ", ".join(f"{m} {s['R@8']:.3f}" for m, s in means.items())
@@ -267,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--budget", type=_budget, default=1 / 32, help="fraction of the context, e.g. 1/32")
     rec.add_argument("--sequences", type=int, default=4, help="held-out sequences per text and length")
     rec.add_argument("--queries", type=int, default=32, help="last positions of each sequence taken as decode steps")
+    rec.add_argument("--rerank", nargs="*", type=int, default=[2, 4],
+                     help="also measure the trained codes re-ranked: shortlist R x budget, exact scores pick the budget")
     rec.add_argument("--out-dir", default="runs/recall")
     rec.set_defaults(func=cmd_recall)
 

@@ -6,14 +6,14 @@ nearest candidates per KV group, by that method's scores), and ``recall.ranking_
 ``R@k|B`` (k = 1, 8, 32; mean and 10th percentile of R@8 over query heads and positions) and the candidate mass.
 
 Methods: the encoders' hash codes (``trained``), random projections of the same width (``simhash``, the floor),
-and two ceilings: ``oracle`` (exact scores: the group's summed softmax over the candidates) and ``angle``
+optionally the trained codes with re-ranking (``rerank2`` ...: the codes shortlist 2 x budget, exact scores pick
+the budget; ``selectors.rerank``), and two ceilings: ``oracle`` (exact scores: the group's summed softmax over the candidates) and ``angle``
 (the same with each key scaled to the mean key norm: the best any code that sees only a key's direction can do).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,6 +26,7 @@ from ..encoders import HashEncoders
 from ..recall import attention_probs, ranking_recall
 from ..selection import candidates, select
 from ..selectors import HashSelector
+from ..selectors.rerank import rerank_scores
 
 METHODS = ("trained", "simhash", "oracle", "angle")
 METRICS = ("R@1", "R@8", "R@32", "mass")
@@ -94,12 +95,13 @@ class ProbeTable:
 
 @torch.no_grad()
 def probe(model, encoders: HashEncoders, sequences: list[torch.Tensor], config: DashKVConfig, queries: int = 32,
-          methods=METHODS, progress=None) -> ProbeTable:
+          methods=METHODS, rerank=(), progress=None) -> ProbeTable:
     """Measure every method at the last ``queries`` positions of each sequence, in every hashed layer.
 
     Args:
         model: the model the encoders are for; encoders: trained hash encoders (their layers are measured);
         sequences: token ids ``[1, T]``; config: budget, sinks and recent window (``encoders.config``'s bits);
+        rerank: re-ranking factors to measure the trained codes with (methods ``rerank2``, ...);
         progress: an optional callable called once per sequence (a progress bar's ``update``).
     """
     layers = encoders.layout.hashed_layers
@@ -113,10 +115,14 @@ def probe(model, encoders: HashEncoders, sequences: list[torch.Tensor], config: 
         for layer in layers:
             query, key, _, scale = captured[layer]
             query, key = query[:, :, -queries:].float(), key.float()
-            for method in methods:
+            hashed = {}
+            for method in (*methods, *(f"rerank{r}" for r in rerank)):
                 if method in ("trained", "simhash"):
                     codes = (encoders if method == "trained" else simhash)[layer]
-                    scores = HashSelector(config, codes).position_scores(query, codes.encode_keys(key))
+                    scores = hashed[method] = HashSelector(config, codes).position_scores(query, codes.encode_keys(key))
+                elif method.startswith("rerank"):
+                    factor = replace(config, rerank=int(method[len("rerank"):]))
+                    scores = rerank_scores(query, key, hashed["trained"], factor, positions + 1, None, scale)
                 else:
                     scores = exact_scores(query, key, allowed, scale, angle=method == "angle")
                 chosen = select(scores, config, positions + 1).mask(length)
@@ -129,7 +135,7 @@ def probe(model, encoders: HashEncoders, sequences: list[torch.Tensor], config: 
 
 def markdown(table: ProbeTable, dense_layers=()) -> str:
     """The summary (mean over hashed layers) and the per-layer R@8 / R@1 of each method."""
-    methods = [m for m in METHODS if m in table.values]
+    methods = [m for m in METHODS if m in table.values] + sorted(m for m in table.values if m.startswith("rerank"))
     lines = ["| method | R@1 | R@8 | R@32 | candidate mass | p10 R@8 | min layer R@8 |", "|---|---:|---:|---:|---:|---:|---:|"]
     for m in methods:
         s = table.summary(m)
@@ -155,9 +161,9 @@ def plot(tables: dict[str, ProbeTable], path: Path) -> None:
     styles = {"trained": ("tab:blue", "o-"), "simhash": ("tab:gray", "s--"), "oracle": ("tab:green", ":"),
               "angle": ("tab:olive", "-.")}
     for ax, (title, table) in zip(axes[0], tables.items()):
-        for m in [m for m in METHODS if m in table.values]:
+        for m in [m for m in METHODS if m in table.values] + sorted(m for m in table.values if m not in METHODS):
             layers = sorted(table.values[m])
-            color, style = styles[m]
+            color, style = styles.get(m, ("tab:purple", "^-"))
             ax.plot(layers, [table.layer(m, i)["R@8"] for i in layers], style, color=color, label=m, markersize=3)
         ax.axhline(0.85, color="tab:red", linewidth=0.8, label="target 0.85")
         ax.set(title=title, xlabel="layer", ylabel="R@8|B over candidates", ylim=(0, 1.02))
@@ -169,10 +175,11 @@ def plot(tables: dict[str, ProbeTable], path: Path) -> None:
 
 
 def run(model_name: str, encoders: HashEncoders, texts, contexts, budget: float, sequences: int, queries: int,
-        out_dir: Path) -> dict[str, ProbeTable]:
+        out_dir: Path, rerank=()) -> dict[str, ProbeTable]:
     """The whole ``dashkv recall`` job: ``results.md``, ``results.json`` and ``recall.png`` in ``out_dir``."""
     from tqdm import tqdm
 
+    from .bench import budget_label
     from .models import load_model
 
     model, tokenizer = load_model(model_name)
@@ -185,11 +192,10 @@ def run(model_name: str, encoders: HashEncoders, texts, contexts, budget: float,
                 if length - queries <= config.sink_tokens + config.recent_tokens + 32:
                     raise ValueError(f"--context {length} leaves too few candidates; use at least 1024 tokens.")
                 ids = probe_sequences(tokenizer, text, length, sequences)
-                tables[f"{text}, {length // 1024}k"] = probe(model, encoders, ids, config, queries,
+                tables[f"{text}, {length // 1024}k"] = probe(model, encoders, ids, config, queries, rerank=rerank,
                                                                progress=bar.update)
     out_dir.mkdir(parents=True, exist_ok=True)
-    budget_text = f"1/{round(1 / budget)}" if budget < 1 and math.isclose(1 / budget, round(1 / budget)) else budget
-    header = (f"# Hash ranking recall: {model_name}, {encoders.config.bits} bits, budget {budget_text}, "
+    header = (f"# Hash ranking recall: {model_name}, {encoders.config.bits} bits, budget {budget_label(budget)}, "
               f"{sequences} sequences x last {queries} positions\n\nCandidates only (between {config.sink_tokens} "
               f"sinks and a {config.recent_tokens}-token recent window). R@k|B: share of each query head's true top-k "
               "candidates inside its KV group's selection.\n")

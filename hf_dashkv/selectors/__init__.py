@@ -6,7 +6,7 @@ attention over them. So DASH-KV and its baselines share the cache, the selection
 comparison between them differs only in the scores. The random-projection baseline (SimHash) is the hash
 selector with ``HashEncoders.random`` encoders. DASH-KV's optional learned terms wrap the hash selector:
 :class:`CalibratedSelector` (distance discounts) and :class:`Tier2Selector` (approximate logits for the next
-nearest keys).
+nearest keys); :class:`RerankSelector` re-ranks the hash selector's shortlist by exact scores.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from .calibrated import CalibratedSelector
 from .hash import HashSelector
 from .oracle import OracleSelector
 from .quest import QuestSelector
+from .rerank import RerankSelector
 from .streaming import StreamingSelector
 from .tiers import Tier2Selector
 
@@ -34,10 +35,13 @@ def build_selector(config: DashKVConfig, encoders: LayerEncoders | None) -> Sele
     if not needs_encoders(config):
         return _BASELINES[config.selector](config)
     selector = (CalibratedSelector if config.calibrated else HashSelector)(config, encoders)
+    if config.rerank > 1:
+        return RerankSelector(config, selector)
     return Tier2Selector(config, selector) if config.tier2_budget else selector
 
 
 __all__ = [
-    "CalibratedSelector", "DecodeRecord", "DecodeStep", "HashSelector", "OracleSelector", "QuestSelector", "Selector",
+    "CalibratedSelector", "DecodeRecord", "DecodeStep", "HashSelector", "OracleSelector", "QuestSelector",
+    "RerankSelector", "Selector",
     "StreamingSelector", "Tier2Selector", "build_selector", "needs_encoders",
 ]
