@@ -12,9 +12,13 @@ def test_a_small_case_times_all_three_paths():
     result = run_case(BenchCase("smollm2", "fp32", 2048, 64), repeats=3)
     assert result.exact_rows == 4 + 64 + 64
     assert min(result.sdpa_ms, result.hf_default_ms, result.dashkv_ms) > 0
-    assert result.speedup == result.sdpa_ms / result.dashkv_ms
     row = markdown_table([result]).splitlines()[-1]
     assert row.startswith("| smollm2 | fp32 | 2k | 64 | 132 |")
+
+
+def test_a_reranked_case_times_the_reranking_path():
+    result = run_case(BenchCase("smollm2", "fp32", 2048, 64), repeats=2, rerank=2)
+    assert result.exact_rows == 4 + 64 + 64 and result.dashkv_ms > 0  # the budget's rows, however many were scored
 
 
 def test_run_writes_json_markdown_and_plot(tmp_path):
@@ -40,4 +44,4 @@ def test_caches_are_filled_by_tiling_real_kv():
 def test_bench_arguments():
     assert _tokens("4k") == 4096 and _tokens("1000") == 1000
     args = build_parser().parse_args(["bench", "--contexts", "4k", "128k", "--budgets", "0.03125", "2048"])
-    assert args.contexts == [4096, 131072] and args.budgets == [1 / 32, 2048]
+    assert args.contexts == [4096, 131072] and args.budgets == [1 / 32, 2048] and args.rerank == 1

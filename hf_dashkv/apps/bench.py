@@ -84,7 +84,8 @@ def _timed(fn) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def run_case(case: BenchCase, bits: int = 32, query_hidden: int = 0, repeats: int = 15, seed: int = 0) -> BenchResult:
+def run_case(case: BenchCase, bits: int = 32, query_hidden: int = 0, repeats: int = 15, seed: int = 0,
+             rerank: int = 1) -> BenchResult:
     """Time one decode step of one layer three ways (interleaved, ``repeats`` times) and return medians."""
     shape = SHAPES[case.shape]
     heads, kv_heads, head_dim = shape["num_heads"], shape["num_kv_heads"], shape["head_dim"]
@@ -93,7 +94,7 @@ def run_case(case: BenchCase, bits: int = 32, query_hidden: int = 0, repeats: in
         num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
         hidden_size=heads * head_dim,
     )
-    config = DashKVConfig(bits=bits, budget=case.budget, query_hidden=query_hidden, dense_layers=(0,))
+    config = DashKVConfig(bits=bits, budget=case.budget, query_hidden=query_hidden, dense_layers=(0,), rerank=rerank)
     encoders = HashEncoders.random(model_config, config, seed=seed)
     g = torch.Generator().manual_seed(seed)
     keys = torch.randn(1, kv_heads, n, head_dim, generator=g).to(dtype)
@@ -203,15 +204,16 @@ def plot(results: list[BenchResult], path: Path) -> None:
     plt.close(fig)
 
 
-def run(cases: list[BenchCase], out_dir: Path, bits: int = 32, query_hidden: int = 0, repeats: int = 15) -> list[BenchResult]:
+def run(cases: list[BenchCase], out_dir: Path, bits: int = 32, query_hidden: int = 0, repeats: int = 15,
+        rerank: int = 1) -> list[BenchResult]:
     """Run ``cases`` with a progress bar, write ``results.json``, ``results.md`` and ``latency.png`` to ``out_dir``."""
     from tqdm import tqdm
 
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for case in tqdm(cases, desc="dashkv bench", unit="case"):
-        results.append(run_case(case, bits=bits, query_hidden=query_hidden, repeats=repeats))
-    meta = dict(bits=bits, query_hidden=query_hidden, repeats=repeats, threads=torch.get_num_threads())
+        results.append(run_case(case, bits=bits, query_hidden=query_hidden, repeats=repeats, rerank=rerank))
+    meta = dict(bits=bits, query_hidden=query_hidden, rerank=rerank, repeats=repeats, threads=torch.get_num_threads())
     (out_dir / "results.json").write_text(
         json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=1)
     )

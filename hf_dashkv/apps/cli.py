@@ -94,7 +94,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for context in args.contexts
     ]
     out_dir = Path(args.out_dir)
-    results = run(cases, out_dir, bits=args.bits, query_hidden=args.query_hidden, repeats=args.repeats)
+    results = run(cases, out_dir, bits=args.bits, query_hidden=args.query_hidden, repeats=args.repeats,
+                  rerank=args.rerank)
     print("\nDecode attention, one layer, one step (ms, median ± IQR); ratios > 1: DASH-KV is faster\n")
     print(markdown_table(results))
     selection = selection_speed(args.contexts, budget=args.budgets[0], bits=args.bits)
@@ -227,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--budgets", nargs="+", type=_budget, default=[1 / 32, 1 / 16, 2048])
     bench.add_argument("--bits", type=int, default=32)
     bench.add_argument("--query-hidden", type=int, default=0, help="query encoder MLP width (0: linear)")
+    bench.add_argument("--rerank", type=int, default=1, help="re-ranking factor of the DASH-KV path (1: off)")
     bench.add_argument("--repeats", type=int, default=15)
     bench.add_argument("--out-dir", default="docs/bench")
     bench.add_argument("--generate-contexts", nargs="*", type=_tokens, default=[8192, 32768],
