@@ -103,7 +103,8 @@ def model_card(encoders: HashEncoders, facts: dict) -> str:
     layout, config = encoders.layout, encoders.config
     recall = facts.get("recall") or {}
     rows = "\n".join(
-        f"| {layer} | {values['trained']:.3f} | {values['random']:.3f} |" for layer, values in sorted(recall.items())
+        f"| {layer} | {values['trained']:.3f} | {values['random']:.3f} |"
+        for layer, values in sorted(recall.items(), key=lambda item: int(item[0]))  # JSON keys are strings
     )
     table = f"| layer | trained | SimHash |\n|---:|---:|---:|\n{rows}" if rows else "(not measured)"
     lora = facts.get("lora")
@@ -130,8 +131,8 @@ Key and query hash encoders for [hf_dashkv](https://arxiv.org/abs/2604.19351)'s 
 
 R@8|B per hashed layer: the share of each query head's 8 highest-scoring candidate keys (between
 {config.sink_tokens} sinks and a {config.recent_tokens}-token recent window) inside the budget {config.budget} that
-Hamming distance selects for its KV group, at the last positions of held-out text; random projections of the
-same width (SimHash) beside it. {facts.get('recall_source', '')}
+Hamming distance selects for its KV group, at the last 32 positions of the validation blocks (documents of the
+training sources that training never saw); random projections of the same width (SimHash) beside it.
 
 {table}
 
