@@ -25,5 +25,8 @@ for _name, _forward in ((ATTN_IMPLEMENTATION, dashkv_attention_forward),
     AttentionInterface.register(_name, _forward)
     AttentionMaskInterface.register(_name, sdpa_mask)
 
-__all__ = ["ATTN_IMPLEMENTATION", "TRAIN_IMPLEMENTATION", "DashKVCache", "DashKVConfig", "DashKVLayer", "HashEncoders", "ModelLayout"]
+__all__ = [
+    "ATTN_IMPLEMENTATION", "TRAIN_IMPLEMENTATION", "DashKVCache", "DashKVConfig", "DashKVLayer", "HashEncoders",
+    "ModelLayout",
+]
 __version__ = "0.1.0"

@@ -81,7 +81,6 @@ def select(
     config: DashKVConfig,
     ends: torch.Tensor,
     valid: torch.Tensor | None = None,
-    allowed: torch.Tensor | None = None,
 ) -> Selection:
     """The rows each query attends to exactly: the definition of DASH-KV's selection.
 
@@ -91,8 +90,6 @@ def select(
         config: sinks, recent window and budget (``budget_tokens`` of each query's context).
         ends: ``[P]``, each query's context length: a decode step over ``N`` cached tokens is ``ends = [N]``.
         valid: bool ``[B, N]``, ``False`` at padding, or ``None`` when every key is visible.
-        allowed: bool, broadcast to ``[B, Hkv, P, N]``: further restricts the candidates (tier 2 takes what tier 1
-            left), or ``None``.
 
     Returns:
         A :class:`Selection` of ``[B, Hkv, P, sinks + recent + max budget]``; queries with a smaller budget have
@@ -106,20 +103,19 @@ def select(
     ends = ends.to(device)
 
     sink_rows = (first.view(-1, 1, 1) + torch.arange(sinks, device=device)).expand(-1, length, -1)  # [B, P, S]
-    sink_ok = (sink_rows < (ends - recent).view(1, -1, 1)) & seen.gather(1, sink_rows.clamp(max=n - 1).flatten(1)).view_as(sink_rows)
-    recent_rows = (ends.view(1, -1, 1) - recent + torch.arange(recent, device=device)).expand(batch, -1, -1)  # [B, P, R]
+    sink_seen = seen.gather(1, sink_rows.clamp(max=n - 1).flatten(1)).view_as(sink_rows)
+    sink_ok = (sink_rows < (ends - recent).view(1, -1, 1)) & sink_seen
+    recent_rows = (ends.view(1, -1, 1) - recent + torch.arange(recent, device=device)).expand(batch, -1, -1)
     recent_ok = (recent_rows >= 0) & seen.gather(1, recent_rows.clamp(min=0).flatten(1)).view_as(recent_rows)
 
-    allowed_now = candidates(config, first, ends, n, valid).unsqueeze(1).expand(-1, kv_heads, -1, -1)
-    if allowed is not None:
-        allowed_now = allowed_now & allowed
+    allowed = candidates(config, first, ends, n, valid).unsqueeze(1).expand(-1, kv_heads, -1, -1)
     budgets = [config.budget_tokens(int(end)) for end in ends.tolist()]
     width = max(budgets)
     near_rows = torch.zeros(batch, kv_heads, length, width, dtype=torch.long, device=device)
     near_ok = torch.zeros(batch, kv_heads, length, width, dtype=torch.bool, device=device)
     for budget in sorted(set(budgets)):  # a fractional budget grows with the context
         index = torch.tensor([i for i, b in enumerate(budgets) if b == budget], device=device)
-        rows, ok = nearest(scores[:, :, index], allowed_now[:, :, index], budget)
+        rows, ok = nearest(scores[:, :, index], allowed[:, :, index], budget)
         near_rows[:, :, index, :budget], near_ok[:, :, index, :budget] = rows, ok
 
     def per_head(t: torch.Tensor) -> torch.Tensor:

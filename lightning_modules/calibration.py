@@ -107,7 +107,9 @@ def fit_calibration(encoders: HashEncoders, samples: list[DecodeSample], config:
                 per_head = selector.head_distances(step)[1]
                 distances = combine_group(per_head, config.group_reduce)
                 allowed = candidates(config, step.first_valid()[0], step.ends, step.n)[:, 0]
-                votes = spatial_votes(per_head, allowed, config.budget_tokens(step.n)) if config.spatial_calibration else None
+                votes = None
+                if config.spatial_calibration:
+                    votes = spatial_votes(per_head, allowed, config.budget_tokens(step.n))
                 before = previous.get((s, p)) if config.temporal_calibration and index else None
                 trials = torch.cat([calibrate(distances, votes, before, ws, wt) for ws, wt in combos])  # [C, Hkv, n]
                 chosen = select(trials.unsqueeze(2), config, step.ends).mask(step.n)[:, :, 0]

@@ -10,7 +10,8 @@ Sources:
 
 Documents, not blocks, are split into train and validation per source (deterministically under ``seed``, with
 ``val_documents`` held out of each), so no document's text is on both sides. Sources interleave block by block
-(round robin), so a capped run (``max_train_blocks``) sees each source equally. Tokenized blocks are cached on disk, keyed by everything that shapes them.
+(round robin), so a capped run (``max_train_blocks``) sees each source equally. Tokenized blocks are cached on
+disk, keyed by everything that shapes them.
 Under DDP Lightning gives each rank its own shard of the blocks.
 """
 

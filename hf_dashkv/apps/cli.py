@@ -261,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .probe import TEXTS
 
-    rec = sub.add_parser("recall", help="hash ranking quality over the candidates: R@k|B, trained vs SimHash vs ceilings")
+    rec = sub.add_parser("recall",
+                         help="hash ranking quality over the candidates: R@k|B, trained vs SimHash vs ceilings")
     rec.add_argument("--model", default="smollm2-135m",
                      help="embedded model (smollm2-135m, gemma3-270m) or a transformers path / Hub id")
     rec.add_argument("--encoders", default=None, help="trained encoders (folder or Hub id); default: shipped ones")
@@ -271,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--sequences", type=int, default=4, help="held-out sequences per text and length")
     rec.add_argument("--queries", type=int, default=32, help="last positions of each sequence taken as decode steps")
     rec.add_argument("--rerank", nargs="*", type=int, default=[2, 4],
-                     help="also measure the trained codes re-ranked: shortlist R x budget, exact scores pick the budget")
+                     help="also measure the trained codes re-ranked (shortlist R x budget, exact scores pick the budget)")
     rec.add_argument("--out-dir", default="runs/recall")
     rec.set_defaults(func=cmd_recall)
 

@@ -7,7 +7,8 @@ nearest candidates per KV group, by that method's scores), and ``recall.ranking_
 
 Methods: the encoders' hash codes (``trained``), random projections of the same width (``simhash``, the floor),
 optionally the trained codes with re-ranking (``rerank2`` ...: the codes shortlist 2 x budget, exact scores pick
-the budget; ``selectors.rerank``), and two ceilings: ``oracle`` (exact scores: the group's summed softmax over the candidates) and ``angle``
+the budget; ``selectors.rerank``), and two ceilings: ``oracle`` (exact scores: the group's summed softmax over the
+candidates) and ``angle``
 (the same with each key scaled to the mean key norm: the best any code that sees only a key's direction can do).
 """
 
@@ -136,7 +137,8 @@ def probe(model, encoders: HashEncoders, sequences: list[torch.Tensor], config: 
 def markdown(table: ProbeTable, dense_layers=()) -> str:
     """The summary (mean over hashed layers) and the per-layer R@8 / R@1 of each method."""
     methods = [m for m in METHODS if m in table.values] + sorted(m for m in table.values if m.startswith("rerank"))
-    lines = ["| method | R@1 | R@8 | R@32 | candidate mass | p10 R@8 | min layer R@8 |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| method | R@1 | R@8 | R@32 | candidate mass | p10 R@8 | min layer R@8 |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for m in methods:
         s = table.summary(m)
         lines.append(f"| {m} | {s['R@1']:.3f} | **{s['R@8']:.3f}** | {s['R@32']:.3f} | {s['mass']:.3f} | "
