@@ -163,9 +163,10 @@ def plot(tables: dict[str, ProbeTable], path: Path) -> None:
     styles = {"trained": ("tab:blue", "o-"), "simhash": ("tab:gray", "s--"), "oracle": ("tab:green", ":"),
               "angle": ("tab:olive", "-.")}
     for ax, (title, table) in zip(axes[0], tables.items()):
+        extra = iter(("tab:purple", "tab:orange", "tab:brown", "tab:pink"))  # one colour per re-ranking factor
         for m in [m for m in METHODS if m in table.values] + sorted(m for m in table.values if m not in METHODS):
             layers = sorted(table.values[m])
-            color, style = styles.get(m, ("tab:purple", "^-"))
+            color, style = styles[m] if m in styles else (next(extra), "^-")
             ax.plot(layers, [table.layer(m, i)["R@8"] for i in layers], style, color=color, label=m, markersize=3)
         ax.axhline(0.85, color="tab:red", linewidth=0.8, label="target 0.85")
         ax.set(title=title, xlabel="layer", ylabel="R@8|B over candidates", ylim=(0, 1.02))
