@@ -168,7 +168,6 @@ def plot(tables: dict[str, ProbeTable], path: Path) -> None:
             layers = sorted(table.values[m])
             color, style = styles[m] if m in styles else (next(extra), "^-")
             ax.plot(layers, [table.layer(m, i)["R@8"] for i in layers], style, color=color, label=m, markersize=3)
-        ax.axhline(0.85, color="tab:red", linewidth=0.8, label="target 0.85")
         ax.set(title=title, xlabel="layer", ylabel="R@8|B over candidates", ylim=(0, 1.02))
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8, loc="lower left")
