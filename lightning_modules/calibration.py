@@ -30,7 +30,7 @@ import torch
 from hf_dashkv import DashKVConfig, HashEncoders
 from hf_dashkv.capture import capture_attention
 from hf_dashkv.recall import attention_probs
-from hf_dashkv.selection import Selection, candidates, combine_group, select
+from hf_dashkv.selection import Selection, combine_group, select
 from hf_dashkv.selectors import DecodeRecord, DecodeStep, HashSelector, Tier2Selector, build_selector
 from hf_dashkv.selectors.calibrated import calibrate, spatial_votes
 
@@ -106,7 +106,7 @@ def fit_calibration(encoders: HashEncoders, samples: list[DecodeSample], config:
                 step = _step(codes[s], sample, layer, p, DecodeRecord())
                 per_head = selector.head_distances(step)[1]
                 distances = combine_group(per_head, config.group_reduce)
-                allowed = candidates(config, step.first_valid()[0], step.ends, step.n)[:, 0]
+                allowed = step.candidates(config)
                 votes = None
                 if config.spatial_calibration:
                     votes = spatial_votes(per_head, allowed, config.budget_tokens(step.n))

@@ -9,7 +9,7 @@ import torch
 
 from ..config import DashKVConfig
 from ..exact import attend_rows
-from ..selection import Selection, first_valid, select_step
+from ..selection import Selection, candidates, first_valid, select_step
 
 
 @dataclass
@@ -54,6 +54,10 @@ class DecodeStep:
 
     def first_valid(self) -> tuple[torch.Tensor, bool]:
         return first_valid(self.valid, self.key.shape[0], self.key.device)
+
+    def candidates(self, config: DashKVConfig) -> torch.Tensor:
+        """bool ``[B, N]``: the keys this step's budget chooses from (``selection.candidates``)."""
+        return candidates(config, self.first_valid()[0], self.ends, self.n, self.valid)[:, 0]
 
 
 @dataclass

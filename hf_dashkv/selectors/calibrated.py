@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..codes import nearest
-from ..selection import Selection, candidates, combine_group
+from ..selection import Selection, combine_group
 from .base import DecodeStep, Selector
 from .hash import HashSelector
 
@@ -88,7 +88,7 @@ class CalibratedSelector(HashSelector):
         distances = combine_group(per_head, config.group_reduce)
         votes = None
         if config.spatial_calibration:
-            allowed = candidates(config, step.first_valid()[0], step.ends, step.n, step.valid)[:, 0]
+            allowed = step.candidates(config)
             votes = spatial_votes(per_head, allowed, config.budget_tokens(step.n))
         previous = self.previous(step) if config.temporal_calibration else None
         return calibrate(distances, votes, previous, weights.spatial, weights.temporal)

@@ -23,7 +23,7 @@ import torch
 
 from ..codes import hamming_distance, nearest
 from ..exact import attend_tiers, gather_rows
-from ..selection import Selection, candidates
+from ..selection import Selection
 from .base import DecodeStep, Selector
 from .hash import HashSelector
 
@@ -79,7 +79,7 @@ class Tier2Selector(Selector):
         query_codes, per_head = self.inner.head_distances(step)
         scores = self.inner.scores_from(step, per_head)
         tier1 = self.inner.select(step, scores)
-        allowed = candidates(self.config, step.first_valid()[0], step.ends, step.n, step.valid)[:, 0]
+        allowed = step.candidates(self.config)
         left = allowed.unsqueeze(1) & ~tier1.mask(step.n)
         tier2 = Selection(*nearest(scores, left, self.config.tier2_tokens(step.n)))
         features = tier2_features(step.query, query_codes, gather_rows(step.key_codes, tier2.rows))
