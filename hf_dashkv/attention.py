@@ -15,6 +15,7 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .cache import take_pending
+from .layout import SUPPORTED_LAYOUTS
 from .selectors import DecodeStep
 
 
@@ -29,6 +30,12 @@ def dashkv_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention interface: ``query [B, Hq, q, D]``, ``key/value [B, Hkv, N, D]`` -> ``[B, q, Hq, D]``."""
+    extra = sorted(name for name in EXTRA_LOGIT_TERMS if kwargs.get(name) is not None)
+    if extra:
+        raise ValueError(
+            f"This model's attention adds terms to the logits ({', '.join(extra)}) that DASH-KV's selection would "
+            f"silently drop. Supported: {SUPPORTED_LAYOUTS}. Load the model with another attn_implementation."
+        )
     layer = take_pending(key)
     if layer is None or query.shape[2] != 1 or layer.selector.covers(key.shape[2]):
         return sdpa_attention_forward(
@@ -42,6 +49,9 @@ def dashkv_attention_forward(
     for observe in layer.record.observers:
         observe(step, selection)
     return out, None
+
+
+EXTRA_LOGIT_TERMS = ("s_aux", "sinks", "position_bias", "alibi", "softcap")
 
 
 def key_validity(attention_mask: torch.Tensor | None, key: torch.Tensor) -> torch.Tensor | None:

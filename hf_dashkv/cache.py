@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import threading
-import warnings
 from contextlib import contextmanager
 
 import torch
@@ -27,7 +26,14 @@ from .layout import ModelLayout
 from .selectors import DecodeRecord, build_selector, needs_encoders
 
 _pending = threading.local()
-_MIN_CAPACITY = 256
+_MIN_GROWTH = 64  # tokens
+_GROWTH = 64  # buffers grow by 1/64 of the length: ~1.6% spare memory, ~64 rows copied per token on average
+_KEY_NORM_TOLERANCE = 1.5  # x: the mean key norm per head varies ~10% between texts on one model
+UNREAD_CACHE = (
+    "DashKVCache is in use but the model's attention does not read it, so decoding runs full attention and the "
+    "key codes are computed for nothing. Load the model with attn_implementation='dashkv' (after `import "
+    "hf_dashkv`), or call model.set_attn_implementation('dashkv')."
+)
 
 
 def take_pending(keys: torch.Tensor) -> "DashKVLayer | None":
@@ -42,8 +48,9 @@ def take_pending(keys: torch.Tensor) -> "DashKVLayer | None":
 class DashKVLayer(CacheLayerMixin):
     """One full-attention layer's cache: K/V ``[B, Hkv, N, D]`` and, if hashed, key codes ``[B, Hkv, N, bits/8]``.
 
-    Storage grows by doubling, so appending a token costs O(1) amortised instead of a full copy per step
-    (``DynamicLayer`` concatenates). ``keys`` / ``values`` / ``key_codes`` are views of the first ``N`` rows.
+    Storage grows by a bounded share of its length (1/64), so appending a token costs O(1) amortised instead of
+    a full copy per step (``DynamicLayer`` concatenates) while the spare room stays small; beam reorders work in
+    place. ``keys`` / ``values`` / ``key_codes`` are views of the first ``N`` rows.
     Nothing is ever evicted: selection happens in attention, afresh at every step.
 
     Args:
@@ -95,13 +102,10 @@ class DashKVLayer(CacheLayerMixin):
         a sparse layer leaves itself for the attention call that follows (:func:`take_pending`)."""
         self.store(key_states, value_states)
         if self.sparse:
-            if getattr(_pending, "layer", None) is self:  # updated twice and no attention call took it
-                warnings.warn(
-                    "DashKVCache is in use but the model's attention does not read it, so decoding runs full "
-                    "attention. Load the model with attn_implementation='dashkv' (after `import hf_dashkv`), or call "
-                    "model.set_attn_implementation('dashkv').",
-                    stacklevel=2,
-                )
+            waiting = getattr(_pending, "layer", None)
+            if waiting is not None and waiting.record is self.record:
+                # a sparse layer of this cache stored keys and no "dashkv" attention call took them
+                self.record.warn_once(UNREAD_CACHE)
             _pending.layer = self
         return self.keys, self.values
 
@@ -109,6 +113,8 @@ class DashKVLayer(CacheLayerMixin):
         """Append K/V ``[B, Hkv, T, D]`` (hashing the keys) outside a forward pass: no attention call follows."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+            if self.hashed:
+                self._check_key_norms(key_states)
         new = {"keys": key_states, "values": value_states}
         if self.hashed:
             new["key_codes"] = self.encoders.encode_keys(key_states)
@@ -119,11 +125,27 @@ class DashKVLayer(CacheLayerMixin):
         self.length = end
         self._refresh_views()
 
+    def _check_key_norms(self, keys: torch.Tensor) -> None:
+        """Warn if these keys are not the kind the encoders were trained on: their mean norm per head, recorded
+        in ``input_scale`` at training, identifies the model far better than its shape does."""
+        trained = self.encoders.key.input_scale
+        if bool((trained == 1).all()):  # neutral: random encoders, or trained before the scale was recorded
+            return
+        seen = keys.float().norm(dim=-1).mean(dim=(0, 2)).to(trained.device)
+        off = (seen / trained).log().abs().mean().exp()
+        if off > _KEY_NORM_TOLERANCE:
+            self.record.warn_once(
+                f"The keys of this model's hashed layers are not those the encoders were trained on (mean key norm "
+                f"per head {seen.tolist()} here, {trained.tolist()} in training; off by x{float(off):.1f}): the "
+                "encoders are probably for another model and will select poorly. Use encoders trained for this "
+                "model (lightning fit --config recipes/...), or HashEncoders.random(model.config, config)."
+            )
+
     def _reserve(self, needed: int) -> None:
         capacity = self._buffers["keys"].shape[2]
         if needed <= capacity:
             return
-        capacity = max(needed, 2 * capacity, _MIN_CAPACITY)
+        capacity = needed + max(_MIN_GROWTH, needed // _GROWTH)
         for name, old in self._buffers.items():
             grown = old.new_empty(*old.shape[:2], capacity, old.shape[3])
             grown[:, :, : self.length] = old[:, :, : self.length]
@@ -135,9 +157,10 @@ class DashKVLayer(CacheLayerMixin):
         self.key_codes = views.get("key_codes")
 
     def _apply(self, fn) -> None:
-        """Apply ``fn`` to every stored tensor (batch or device changes), keeping only the filled rows."""
+        """Apply ``fn`` to every whole buffer (batch or device changes): capacity is kept, so the next step does
+        not reallocate."""
         if self.is_initialized:
-            self._buffers = {name: fn(buf[:, :, : self.length]) for name, buf in self._buffers.items()}
+            self._buffers = {name: fn(buf) for name, buf in self._buffers.items()}
             self._refresh_views()
 
     def get_seq_length(self) -> int:
@@ -167,7 +190,11 @@ class DashKVLayer(CacheLayerMixin):
         self._refresh_views()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        """Beam search: row ``b`` takes row ``beam_idx[b]``'s tokens, in place (no new buffer at each step)."""
+        if self.is_initialized:
+            for buf in self._buffers.values():
+                filled = buf[:, :, : self.length]
+                filled.copy_(filled.index_select(0, beam_idx.to(buf.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._apply(lambda t: t.repeat_interleave(repeats, dim=0))

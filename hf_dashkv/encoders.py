@@ -262,7 +262,13 @@ class HashEncoders(nn.Module, PyTorchModelHubMixin, library_name="hf_dashkv", ta
                 token=token,
                 local_files_only=local_files_only,
             )
-        state = safetensors.torch.load_file(str(weights), device=map_location)
+        try:
+            state = safetensors.torch.load_file(str(weights), device=map_location)
+        except Exception as error:  # safetensors raises its own error type, without the path
+            raise ValueError(
+                f"{weights} could not be read ({error}): the file is truncated or damaged. Download it again, or "
+                "re-export the encoders from their training checkpoint (dashkv export)."
+            ) from error
         expected = {name: tuple(p.shape) for name, p in encoders.state_dict().items()}
         found = {name: tuple(t.shape) for name, t in state.items()}
         optional = {  # older checkpoints lack them: they keep their neutral values (NeutralBuffers)
@@ -276,6 +282,17 @@ class HashEncoders(nn.Module, PyTorchModelHubMixin, library_name="hf_dashkv", ta
             raise ValueError(
                 f"{weights} does not match its config.json: missing {missing}, unexpected {unexpected}, "
                 f"wrong shapes {reshaped}. The checkpoint is damaged or was edited; re-export it."
+            )
+        # only the unfitted tier-2 term is infinite by design (Tier2Terms); anything else non-finite breaks every code
+        broken = sorted(
+            name for name, t in state.items()
+            if t.is_floating_point() and (t.isnan().any() or (t.isinf().any() and not name.endswith("tier2.weight")))
+        )
+        if broken:
+            raise ValueError(
+                f"{weights} holds NaN or infinite values in {broken[:5]}{' ...' if len(broken) > 5 else ''}: every "
+                "code would be 0 and selection meaningless. The training run diverged or the file was damaged; "
+                "re-export from an earlier checkpoint."
             )
         encoders.load_state_dict(state, strict=strict)
         return encoders

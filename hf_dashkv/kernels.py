@@ -15,9 +15,18 @@ Why numba: it installs as a wheel (no compiler at install time, unlike a C++ ext
 ``ctpop`` and ``prefetch`` intrinsics, runs ``prange`` loops on all cores, and caches machine code on disk.
 Where numba is missing, the tensors are not on the CPU, or the dtype is not fp32/bf16, the PyTorch
 definitions run instead.
+
+Threads and processes: numba's thread pool is process-wide. Its default layer here is GNU OpenMP, which aborts a
+process forked after the pool started ("fork() called from a process already using GNU OpenMP"), and its
+``workqueue`` layer aborts when two Python threads launch kernels at once. We pick ``workqueue`` (always present,
+survives fork) unless ``NUMBA_THREADING_LAYER`` says otherwise, and launch kernels under one lock: each launch
+already uses every core, so two threads (a web server's two ``generate`` calls) lose nothing by taking turns.
 """
 
 from __future__ import annotations
+
+import os
+import threading
 
 import numpy as np
 import torch
@@ -30,6 +39,11 @@ try:
     from numba.extending import intrinsic
 except ImportError:  # the PyTorch definitions still work
     numba = None
+else:
+    if "NUMBA_THREADING_LAYER" not in os.environ:
+        numba.config.THREADING_LAYER = "workqueue"
+
+_LAUNCH = threading.Lock()  # one parallel launch at a time (module docstring)
 
 _PREFETCH_ROWS_AHEAD = 8  # measured best of 2/4/8/16 for random 512-byte rows on the 2-core CI machine
 _CACHE_LINE = 64
@@ -69,7 +83,8 @@ def nearest_codes(
     rows = np.zeros((batch, heads, budget), dtype=np.int64)
     valid = np.zeros((batch, heads, budget), dtype=np.bool_)
     q, k, max_distance = _code_arrays(query_codes, key_codes, reduce)
-    _nearest_kernel(q, k, lo.to(torch.int64).numpy(), hi, budget, reduce == "sum", max_distance, rows, valid)
+    with _LAUNCH:
+        _nearest_kernel(q, k, lo.to(torch.int64).numpy(), hi, budget, reduce == "sum", max_distance, rows, valid)
     return torch.from_numpy(rows), torch.from_numpy(valid)
 
 
@@ -107,11 +122,12 @@ def decode_attention(
     valid = np.zeros((batch, kv_heads, slots), dtype=np.bool_)
     out = np.zeros((batch, kv_heads, group, value.shape[-1]), dtype=np.float32)
     q_codes, k_codes, max_distance = _code_arrays(query_codes, key_codes, reduce)
-    _decode_kernel(
-        query.reshape(batch, kv_heads, group, head_dim).float().numpy(), q_codes, k_codes,
-        _row_buffer(key), _row_buffer(value), first.to(torch.int64).numpy(), n, sinks, recent, budget,
-        reduce == "sum", max_distance, np.float32(scale), rows, valid, out,
-    )
+    with _LAUNCH:
+        _decode_kernel(
+            query.reshape(batch, kv_heads, group, head_dim).float().numpy(), q_codes, k_codes,
+            _row_buffer(key), _row_buffer(value), first.to(torch.int64).numpy(), n, sinks, recent, budget,
+            reduce == "sum", max_distance, np.float32(scale), rows, valid, out,
+        )
     output = torch.from_numpy(out).reshape(batch, heads, 1, -1).transpose(1, 2).to(query.dtype)
     return output, torch.from_numpy(rows), torch.from_numpy(valid)
 

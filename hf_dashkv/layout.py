@@ -14,6 +14,10 @@ from transformers.cache_utils import get_layer_types_and_kwargs
 from .config import DashKVConfig
 
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+# attention with extra logit terms that selection would silently drop; the attention function also refuses
+# any call that carries such terms (hf_dashkv.attention)
+ALIBI_MODELS = ("bloom", "mpt")
+LEARNED_SINK_MODELS = ("gpt_oss",)
 SUPPORTED_LAYOUTS = (
     "decoder-only models whose layers are standard softmax attention (MHA, GQA or MQA) with one head_dim for "
     "keys and values, each layer 'full_attention' or 'sliding_attention' (e.g. Llama, Mistral, Qwen2/3, Gemma 3)"
@@ -65,6 +69,10 @@ class ModelLayout:
             problems.append("it uses multi-head latent attention (kv_lora_rank)")
         if getattr(text, "attn_logit_softcapping", None) is not None:
             problems.append("it soft-caps attention logits (attn_logit_softcapping)")
+        if getattr(text, "alibi", False) or model_type in ALIBI_MODELS:
+            problems.append("it adds a position bias to attention logits (ALiBi)")
+        if model_type in LEARNED_SINK_MODELS:
+            problems.append("its attention has learned sink logits (s_aux)")
         num_layers = getattr(text, "num_hidden_layers", None)
         num_heads = getattr(text, "num_attention_heads", None)
         if num_layers is None or num_heads is None:
@@ -94,6 +102,14 @@ class ModelLayout:
                 f"bounded, DASH-KV only runs on full-attention layers. This model's sliding layers are {all_sliding}; "
                 "remove them from dense_layers."
             )
+        if layer_types and "full_attention" not in layer_types:
+            window = getattr(text, "sliding_window", None)
+            raise ValueError(
+                f"Every layer of this {model_type!r} model is sliding-window (sliding_window={window}), so DASH-KV has "
+                "nothing to hash and would only add work. If the model attends to the whole context (e.g. Mistral "
+                "v0.2+, whose config may still carry a window), set model.config.sliding_window = None before "
+                "building the cache; otherwise use transformers' DynamicCache."
+            )
         hashed = tuple(i for i, t in enumerate(layer_types) if t == "full_attention" and i not in dense)
         return cls(
             model_type=model_type,
@@ -108,6 +124,8 @@ class ModelLayout:
     def mismatches(self, other: "ModelLayout") -> list[str]:
         """Human-readable differences that make encoders for ``other`` unusable on ``self``."""
         out = []
+        if self.model_type != other.model_type:
+            out.append(f"model_type: model is {self.model_type!r}, encoders are for {other.model_type!r}")
         for name in ("num_layers", "num_heads", "num_kv_heads", "head_dim"):
             mine, theirs = getattr(self, name), getattr(other, name)
             if mine != theirs:

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -19,3 +20,10 @@ def test_without_a_dashkv_cache_it_is_plain_sdpa():
     out, _ = dashkv_attention_forward(Module(), q, k, v, None, scaling=0.3)
     ref, _ = sdpa_attention_forward(Module(), q, k, v, None, scaling=0.3)
     assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("term", ["s_aux", "position_bias"])
+def test_attention_with_extra_logit_terms_is_refused(term):
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=rf"adds terms to the logits \({term}\).*Supported: decoder-only"):
+        dashkv_attention_forward(Module(), q, k, v, None, **{term: torch.zeros(q.shape[1])})

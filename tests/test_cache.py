@@ -106,12 +106,55 @@ def test_missing_or_wrong_encoders_are_refused():
     assert DashKVCache(CONFIGS["llama-gqa"](), config=all_dense).layout.hashed_layers == ()
 
 
-def test_cache_with_other_attention_warns():
+@pytest.mark.parametrize("hashed", [(1,), (1, 2, 3)])
+def test_a_model_without_dashkv_attention_warns_once_with_the_fix(hashed):
+    import warnings
+
+    from tests.tiny import tiny_model
+
+    model = tiny_model(attn_implementation="sdpa")
+    config = DashKVConfig(bits=32, budget=4, query_hidden=0, dense_layers=tuple(i for i in range(4) if i not in hashed))
+    cache = DashKVCache(model.config, HashEncoders.random(model.config, config), config)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.generate(input_ids=torch.ones(1, 30, dtype=torch.long), max_new_tokens=4, do_sample=False,
+                       past_key_values=cache)
+    mine = [w for w in caught if "does not read it" in str(w.message)]
+    assert len(mine) == 1 and "attn_implementation='dashkv'" in str(mine[0].message)
+    take_pending(cache.layers[hashed[-1]].keys)
+
+
+def test_memory_after_a_prompt_and_decode_steps_stays_close_to_the_tokens_stored():
     layer = make_cache().layers[1]
-    layer.update(torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 3, 16))
-    with pytest.warns(UserWarning, match="attn_implementation='dashkv'"):
-        layer.update(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16))
-    take_pending(layer.keys)
+    fill(layer, batch=1, tokens=(20_000,) + (1,) * 100)
+    capacity = {name: buf.shape[2] for name, buf in layer._buffers.items()}
+    assert all(c == capacity["keys"] for c in capacity.values())
+    assert 20_100 <= capacity["keys"] <= 1.02 * 20_100  # doubling would hold 40,000
+
+
+@pytest.mark.parametrize("trained_on, warnings_expected", [("other keys", 1), ("these keys", 0), ("neutral", 0)])
+def test_encoders_trained_on_other_keys_are_noticed_at_the_prompt(trained_on, warnings_expected):
+    import warnings
+
+    cache = make_cache()
+    keys = torch.randn(1, 2, 40, 16) * 3
+    observed = keys.norm(dim=-1).mean(dim=(0, 2))
+    # neutral (all ones): random encoders, or trained before the scale was recorded: nothing to compare with
+    scale = {"other keys": observed * 10, "these keys": observed, "neutral": torch.ones(2)}[trained_on]
+    cache.layers[1].encoders.key.input_scale.copy_(scale)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cache.layers[1].store(keys, keys)
+    assert sum("not those the encoders were trained on" in str(w.message) for w in caught) == warnings_expected
+
+
+def test_beam_reorder_keeps_the_buffers_in_place():
+    layer = make_cache().layers[1]
+    k, _ = fill(layer, batch=3, tokens=(50, 1))
+    before = {name: (buf.data_ptr(), buf.shape) for name, buf in layer._buffers.items()}
+    layer.reorder_cache(torch.tensor([2, 0, 0]))
+    assert {name: (buf.data_ptr(), buf.shape) for name, buf in layer._buffers.items()} == before
+    assert torch.equal(layer.keys, k[[2, 0, 0]])
 
 
 def test_update_hands_the_layer_to_the_next_attention_call_once_and_store_does_not():

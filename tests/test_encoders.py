@@ -58,6 +58,25 @@ def test_damaged_checkpoint_does_not_load_silently(tmp_path):
         HashEncoders.from_pretrained(tmp_path)
 
 
+def test_truncated_or_non_finite_checkpoints_name_the_file_and_the_fix(tmp_path):
+    enc = HashEncoders.random(CONFIGS["llama-gqa"](), DashKVConfig(bits=16, query_hidden=0))
+    enc.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=r"model.safetensors could not be read .* truncated or damaged"):
+        HashEncoders.from_pretrained(tmp_path)
+    weights.write_bytes(whole)
+    for bad in (float("nan"), float("inf")):
+        state = safetensors.torch.load_file(weights)
+        state["layers.3.key.weight"][0, 0, 0] = bad
+        safetensors.torch.save_file(state, weights)
+        with pytest.raises(ValueError, match=r"NaN or infinite values in \['layers.3.key.weight'\].*re-export"):
+            HashEncoders.from_pretrained(tmp_path)
+    weights.write_bytes(whole)
+    assert torch.isinf(HashEncoders.from_pretrained(tmp_path)[1].tier2.weight).any()  # unfitted tier 2 still loads
+
+
 def test_pickle_checkpoints_are_never_loaded(tmp_path):
     enc = HashEncoders.random(CONFIGS["llama-gqa"](), DashKVConfig(bits=16, query_hidden=0))
     enc.save_pretrained(tmp_path)

@@ -7,7 +7,11 @@ from hf_dashkv import kernels
 from hf_dashkv.codes import head_distances, nearest, pack_signs
 from hf_dashkv.selection import combine_group, select_step
 
-pytestmark = pytest.mark.skipif(kernels.numba is None, reason="numba is not installed")
+
+
+def test_the_compiled_kernel_is_installed():
+    # numba is a declared dependency: a broken install must fail here, not quietly fall back to PyTorch
+    assert kernels.numba is not None, "numba failed to import: reinstall with `bash scripts/install.sh`"
 
 
 @settings(max_examples=60, deadline=None)
@@ -80,3 +84,76 @@ def test_fused_decode_is_only_used_where_it_applies():
     assert kernels.supports_decode(x, x) and kernels.supports_decode(x.bfloat16(), x.bfloat16())
     assert not kernels.supports_decode(x.half(), x.half())
     assert not kernels.supports_decode(x, x.bfloat16())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_decode_propagates_non_finite_rows_as_the_reference_does(bad, dtype):
+    from hf_dashkv import DashKVConfig
+    from hf_dashkv.exact import attend_rows
+
+    g = torch.Generator().manual_seed(0)
+    batch, kv_heads, group, n, dim, bits = 2, 2, 2, 64, 16, 32
+    query = torch.randn(batch, kv_heads * group, 1, dim, generator=g).to(dtype)
+    key = torch.randn(batch, kv_heads, n, dim, generator=g).to(dtype)
+    value = torch.randn(batch, kv_heads, n, dim, generator=g).to(dtype)
+    key[0, 0, 62, 3] = bad  # in the recent window: always attended
+    value[1, 1, 1, :] = bad  # a sink
+    key[1, 0, 20] = bad  # a candidate row (whether it is selected depends on its code)
+    key_codes = pack_signs(torch.randn(batch, kv_heads, n, bits, generator=g))
+    query_codes = pack_signs(torch.randn(batch, kv_heads, group, bits, generator=g))
+    config = DashKVConfig(bits=bits, budget=8, sink_tokens=2, recent_tokens=4)
+    out, rows, row_valid = kernels.decode_attention(
+        query, query_codes, key, value, key_codes, torch.zeros(batch, dtype=torch.long), 2, 4, 8, "sum", 0.25
+    )
+    ref = select_step(combine_group(head_distances(query_codes, key_codes), "sum"), config, None)
+    assert torch.equal(rows[row_valid], ref.rows[ref.valid])
+    reference = attend_rows(query.float(), key.float(), value.float(), ref, 0.25)
+    assert torch.equal(out.float().isnan(), reference.isnan())
+    torch.testing.assert_close(out.float(), reference, atol=1e-2, rtol=1e-2, equal_nan=True)
+
+
+def _generate(model, ids, make_cache):
+    return model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, past_key_values=make_cache())
+
+
+def test_two_threads_decoding_at_once_get_what_they_get_one_after_the_other():
+    import threading
+
+    from tests.tiny import sparse_generation_setup
+
+    model, ids, make_cache = sparse_generation_setup()
+    expected = [_generate(model, ids[i : i + 1], make_cache) for i in range(2)]
+    results = [[], []]
+
+    def run(i):
+        for _ in range(3):
+            results[i].append(_generate(model, ids[i : i + 1], make_cache))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert all(len(r) == 3 and all(torch.equal(x, e) for x in r) for r, e in zip(results, expected))
+
+
+def test_a_process_forked_after_the_kernel_ran_can_decode():
+    import multiprocessing
+
+    from tests.tiny import sparse_generation_setup
+
+    model, ids, make_cache = sparse_generation_setup()
+    expected = _generate(model, ids[:1], make_cache)  # numba's thread pool starts here
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+
+    def in_child():
+        torch.set_num_threads(1)  # PyTorch's own OpenMP pool hangs in a forked child otherwise (as DataLoader does)
+        results.put(_generate(model, ids[:1], make_cache).tolist())
+
+    child = context.Process(target=in_child)
+    child.start()
+    forked = results.get(timeout=120)
+    child.join(timeout=30)
+    assert child.exitcode == 0 and forked == expected.tolist()

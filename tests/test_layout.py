@@ -1,5 +1,5 @@
 import pytest
-from transformers import Gemma2Config, Gemma3TextConfig, LlamaConfig
+from transformers import Gemma2Config, Gemma3TextConfig, GptOssConfig, LlamaConfig, MistralConfig
 
 from hf_dashkv import DashKVConfig, ModelLayout
 
@@ -30,6 +30,12 @@ def test_unsupported_models_say_what_is_supported():
     softcapped = Gemma2Config(num_hidden_layers=2)
     with pytest.raises(ValueError, match=r"soft-caps attention logits.*Supported: decoder-only"):
         ModelLayout.from_model_config(softcapped, DashKVConfig())
+    learned_sinks = GptOssConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_local_experts=2, num_experts_per_tok=1,
+    )
+    with pytest.raises(ValueError, match=r"learned sink logits \(s_aux\).*Supported: decoder-only"):
+        ModelLayout.from_model_config(learned_sinks, DashKVConfig())
     uneven = LlamaConfig(num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=4, hidden_size=96)
     with pytest.raises(ValueError, match="do not split evenly"):
         ModelLayout.from_model_config(uneven, DashKVConfig())
@@ -38,3 +44,13 @@ def test_unsupported_models_say_what_is_supported():
 def test_dense_layer_out_of_range():
     with pytest.raises(ValueError, match="outside this model's 4 layers"):
         ModelLayout.from_model_config(CONFIGS["llama-gqa"](), DashKVConfig(dense_layers=(4,)))
+
+
+def test_a_model_wide_sliding_window_is_refused_with_the_way_out():
+    windowed = MistralConfig(
+        num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, sliding_window=4096
+    )
+    with pytest.raises(ValueError, match=r"Every layer .* sliding-window \(sliding_window=4096\).*sliding_window = None"):
+        ModelLayout.from_model_config(windowed, DashKVConfig())
+    windowed.sliding_window = None
+    assert ModelLayout.from_model_config(windowed, DashKVConfig()).hashed_layers == (0, 1)

@@ -110,8 +110,6 @@ def test_generation_runs_with_reranking():
 def test_the_compiled_shortlist_gives_the_same_rerank_as_the_pytorch_definition(monkeypatch):
     from hf_dashkv import kernels
 
-    if kernels.numba is None:
-        pytest.skip("numba is not installed")
     config = DashKVConfig(bits=32, budget=5, sink_tokens=2, recent_tokens=4, query_hidden=0, rerank=2)
     layer = HashEncoders.random(tiny_model().config, config, seed=2)[1]
     query, key, value = decode_inputs(batch=2, n=80, seed=5)

@@ -101,8 +101,6 @@ def test_unfitted_tier2_is_refused_with_the_fix_named():
 
 
 def test_with_every_learned_term_off_the_fused_kernel_runs_and_nothing_else(monkeypatch):
-    if kernels.numba is None:
-        pytest.skip("numba is not installed")
     calls = []
     fused = kernels.decode_attention
     monkeypatch.setattr(kernels, "decode_attention", lambda *a, **k: calls.append(1) or fused(*a, **k))

@@ -59,3 +59,15 @@ class SelectionLog:
 
     def __call__(self, step, selection):
         self.last[step.layer_idx] = selection
+
+
+def sparse_generation_setup(batch: int = 2, prompt: int = 60, seed: int = 0):
+    """``(model, input_ids [batch, prompt], make_cache)``: a tiny GQA model whose hashed layers (1-3) decode with a
+    budget far below the prompt, so generation runs the sparse path (the compiled kernel on the CPU)."""
+    from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders
+
+    model = tiny_model("llama-gqa", seed=seed)
+    config = DashKVConfig(bits=32, budget=4, sink_tokens=2, recent_tokens=4, query_hidden=0, dense_layers=(0,))
+    encoders = HashEncoders.random(model.config, config, seed=seed)
+    ids = torch.randint(1, 97, (batch, prompt), generator=torch.Generator().manual_seed(seed))
+    return model, ids, lambda: DashKVCache(model.config, encoders, config)

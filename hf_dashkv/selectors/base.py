@@ -3,6 +3,7 @@ scores -> :func:`hf_dashkv.selection.select` -> exact attention over the selecte
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +24,13 @@ class DecodeRecord:
 
     previous: tuple[int, int, torch.Tensor] | None = None
     observers: list = field(default_factory=list)
+    warned: set = field(default_factory=set)
+
+    def warn_once(self, message: str) -> None:
+        """Warn about this cache's use once, however many layers and steps find the problem."""
+        if message not in self.warned:
+            self.warned.add(message)
+            warnings.warn(message, stacklevel=4)
 
 
 @dataclass
