@@ -11,6 +11,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .attention import dashkv_attention_forward
 from .cache import DashKVCache, DashKVLayer
+from .compat import with_cache
 from .capture import TRAIN_IMPLEMENTATION, train_attention_forward
 from .config import DashKVConfig
 from .encoders import HashEncoders
@@ -27,6 +28,6 @@ for _name, _forward in ((ATTN_IMPLEMENTATION, dashkv_attention_forward),
 
 __all__ = [
     "ATTN_IMPLEMENTATION", "TRAIN_IMPLEMENTATION", "DashKVCache", "DashKVConfig", "DashKVLayer", "HashEncoders",
-    "ModelLayout",
+    "ModelLayout", "with_cache",
 ]
 __version__ = "0.1.0"

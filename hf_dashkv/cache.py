@@ -215,7 +215,7 @@ class DashKVCache(Cache):
     Use it with a model loaded with ``attn_implementation="dashkv"`` (importing ``hf_dashkv`` registers it)::
 
         cache = DashKVCache(model.config, encoders=HashEncoders.from_pretrained(path))
-        model.generate(**inputs, past_key_values=cache)
+        model.generate(**inputs, cache=cache)  # past_key_values=cache before transformers 5.24
 
     Args:
         model_config: the model's transformers config.

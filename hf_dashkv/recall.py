@@ -18,6 +18,7 @@ from contextlib import contextmanager
 import torch
 
 from .cache import DashKVCache
+from .compat import with_cache
 from .selectors import DecodeStep
 from .selection import Selection
 
@@ -111,9 +112,9 @@ def attention_recall(model, input_ids: torch.Tensor, cache: DashKVCache, decode_
     and steps.
     """
     with measuring_recall(cache) as meter:
-        out = model(input_ids, past_key_values=cache)
+        out = model(input_ids, **with_cache(cache))
         token = out.logits[:, -1:].argmax(-1)
         for _ in range(decode_steps):
-            out = model(token, past_key_values=cache)
+            out = model(token, **with_cache(cache))
             token = out.logits[:, -1:].argmax(-1)
         return meter.per_layer()

@@ -7,6 +7,7 @@ A run with a joint LoRA (``lora_rank > 0``) also exports its adapter in peft's f
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -71,7 +72,13 @@ def encoders_from_checkpoint(path: str | Path) -> tuple[HashEncoders, dict]:
 
     The facts hold the run's joint LoRA as ``facts["lora"]`` (an :class:`Adapter`, or ``None``), for :func:`export`.
     """
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    try:  # tensors and plain containers only: a checkpoint from elsewhere cannot run code when loaded
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path} holds objects other than tensors and plain containers, so it is not loaded (that would run "
+            f"arbitrary code): {str(error).splitlines()[0]}. Export from a DashKVDistillation checkpoint."
+        ) from error
     if "dashkv" not in checkpoint:
         raise ValueError(f"{path} is not a DashKVDistillation checkpoint (it has no 'dashkv' entry).")
     encoders = HashEncoders(ModelLayout(**checkpoint["dashkv"]["layout"]), DashKVConfig(**checkpoint["dashkv"]["config"]))

@@ -18,7 +18,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
-from hf_dashkv import DashKVCache, HashEncoders  # noqa: E402
+from hf_dashkv import DashKVCache, HashEncoders, with_cache  # noqa: E402
 from hf_dashkv.apps.cli import shipped_encoders  # noqa: E402
 from hf_dashkv.apps.demo import passkey_prompt  # noqa: E402
 from hf_dashkv.apps.models import load_model  # noqa: E402
@@ -58,7 +58,7 @@ def main() -> None:
         ids = tokenizer(prompt.text, return_tensors="pt")
         for name, make in methods.items():
             with torch.inference_mode():
-                out = model.generate(**ids, past_key_values=make(), max_new_tokens=8, do_sample=False,
+                out = model.generate(**ids, **with_cache(make()), max_new_tokens=8, do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
             right[(name, n)] += key in tokenizer.decode(out[0, ids.input_ids.shape[1]:])
     header = " | ".join(f"{n // 1024}k" for n in args.contexts)

@@ -3,7 +3,7 @@ import torch
 from transformers.cache_utils import DynamicSlidingWindowLayer
 from transformers import Gemma3TextConfig
 
-from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders
+from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders, with_cache
 from hf_dashkv.cache import DashKVLayer, take_pending
 from tests.tiny import CONFIGS
 
@@ -118,7 +118,7 @@ def test_a_model_without_dashkv_attention_warns_once_with_the_fix(hashed):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model.generate(input_ids=torch.ones(1, 30, dtype=torch.long), max_new_tokens=4, do_sample=False,
-                       past_key_values=cache)
+                       **with_cache(cache))
     mine = [w for w in caught if "does not read it" in str(w.message)]
     assert len(mine) == 1 and "attn_implementation='dashkv'" in str(mine[0].message)
     take_pending(cache.layers[hashed[-1]].keys)

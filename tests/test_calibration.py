@@ -5,7 +5,7 @@ import torch
 
 from dataclasses import replace
 
-from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders, kernels
+from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders, kernels, with_cache
 from hf_dashkv.apps.cli import shipped_encoders
 from hf_dashkv.selection import Selection, select_step
 from hf_dashkv.selectors import CalibratedSelector, DecodeRecord, DecodeStep, HashSelector
@@ -84,7 +84,7 @@ def test_a_large_temporal_weight_makes_a_layer_choose_from_the_previous_layers_s
         encoders[i].calibration.temporal.fill_(1000.0)
     cache = DashKVCache(model.config, encoders, config)
     with cache.observing(SelectionLog()) as log:
-        model.generate(**prompt(batch=1), max_new_tokens=4, do_sample=False, pad_token_id=0, past_key_values=cache)
+        model.generate(**prompt(batch=1), max_new_tokens=4, do_sample=False, pad_token_id=0, **with_cache(cache))
     n = cache.get_seq_length()
     previous = log.last[1].mask(n).any(1)  # the last step's selections
     for layer in (2, 3):

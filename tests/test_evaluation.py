@@ -157,3 +157,24 @@ def test_setups_take_another_base_config(tiny):
     runs = setups(model.config, encoders, ["full", "dashkv"], [8], base)
     assert {s.config.group_reduce for s in runs} == {"min"}
     assert [s.config.group_reduce for s in setups(model.config, encoders, ["full", "dashkv"], [8])] == ["sum", "sum"]
+
+
+def test_a_rerun_with_another_setup_is_refused_and_reports_hold_only_this_run(tiny, samples, tmp_path):
+    model, tokenizer, encoders = tiny
+    path = tmp_path / "predictions.jsonl"
+    first = make_evaluator(tiny, budgets=(8,), methods=["full", "dashkv"])
+    evaluate(first, samples[:1], path, facts={"suite_seed": 0})
+    with pytest.raises(ValueError, match=r"another setup \(it differs in \['suite_seed'\]\).*another --out-dir"):
+        evaluate(first, samples[:1], path, facts={"suite_seed": 1})
+    other_encoders = HashEncoders.random(model.config, encoders.config, seed=5)
+    retrained = Evaluator(model, tokenizer, setups(model.config, other_encoders, ["full", "dashkv"], [8]))
+    with pytest.raises(ValueError, match=r"differs in \['dashkv 8'\]"):
+        evaluate(retrained, samples[:1], path, facts={"suite_seed": 0})
+    min_reduce = dataclasses.replace(encoders.config, group_reduce="min")
+    regrouped = Evaluator(model, tokenizer, setups(model.config, encoders, ["full", "dashkv"], [8], min_reduce))
+    with pytest.raises(ValueError, match=r"differs in \['full -', 'dashkv 8'\]"):
+        evaluate(regrouped, samples[:1], path, facts={"suite_seed": 0})
+    # the same setup with another budget adds to the folder; its report holds this run's budgets only
+    records = evaluate(make_evaluator(tiny, budgets=(16,), methods=["full", "dashkv"]), samples[:1], path,
+                       facts={"suite_seed": 0})
+    assert sorted({(r["method"], r["budget"]) for r in records}) == [("dashkv", "16"), ("full", "-")]

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders
+from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders, with_cache
 from tests.tiny import CONFIGS, SelectionLog, tiny_model
 
 COVERING = DashKVConfig(bits=32, budget=10_000, sink_tokens=2, recent_tokens=4, query_hidden=8, dense_layers=(0,))
@@ -29,9 +29,9 @@ def generate_both(name, config=COVERING, **kwargs):
     sdpa, dash = tiny_model(name, "sdpa"), tiny_model(name, "dashkv")
     kwargs = dict(max_new_tokens=12, pad_token_id=0, **kwargs)
     torch.manual_seed(7)
-    ref = sdpa.generate(past_key_values=DynamicCache(config=sdpa.config), **kwargs)
+    ref = sdpa.generate(**with_cache(DynamicCache(config=sdpa.config)), **kwargs)
     torch.manual_seed(7)
-    out = dash.generate(past_key_values=dashkv_cache(dash, config), **kwargs)
+    out = dash.generate(**with_cache(dashkv_cache(dash, config)), **kwargs)
     return ref, out
 
 
@@ -89,7 +89,7 @@ def test_peft_lora_model_equals_sdpa():
     ref = models["sdpa"].generate(**inputs, max_new_tokens=10, do_sample=False, pad_token_id=0)
     out = models["dashkv"].generate(
         **inputs, max_new_tokens=10, do_sample=False, pad_token_id=0,
-        past_key_values=dashkv_cache(models["dashkv"]),
+        **with_cache(dashkv_cache(models["dashkv"])),
     )
     assert torch.equal(ref, out)
 
@@ -98,7 +98,7 @@ def test_small_budget_decodes_through_hash_selection():
     model = tiny_model("llama-gqa")
     cache = dashkv_cache(model, SMALL)
     with cache.observing(SelectionLog()) as log:
-        out = model.generate(**prompt(), max_new_tokens=6, do_sample=False, pad_token_id=0, past_key_values=cache)
+        out = model.generate(**prompt(), max_new_tokens=6, do_sample=False, pad_token_id=0, **with_cache(cache))
     assert out.shape == (2, 46)
     assert sorted(log.last) == [1, 2, 3]  # layer 0 is dense
     for selection in log.last.values():
@@ -113,14 +113,14 @@ def test_qwen3_hashes_the_normed_rotated_keys_that_attention_scores_use():
     reference = DynamicCache(config=sdpa.config)
     cache = dashkv_cache(dash, SMALL)
     with torch.no_grad():
-        sdpa(**inputs, past_key_values=reference)
-        dash(**inputs, past_key_values=cache)
+        sdpa(**inputs, **with_cache(reference))
+        dash(**inputs, **with_cache(cache))
     for index in cache.layout.hashed_layers:
         keys = reference.layers[index].keys  # after k_norm and RoPE, as sdpa attention receives them
         torch.testing.assert_close(cache.layers[index].keys, keys)
         assert torch.equal(cache.layers[index].key_codes, cache.encoders[index].encode_keys(cache.layers[index].keys))
     with cache.observing(SelectionLog()) as log:
-        out = dash.generate(**inputs, past_key_values=cache, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        out = dash.generate(**inputs, **with_cache(cache), max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3
     row_valid = log.last[cache.layout.hashed_layers[0]].valid
     assert row_valid.shape[-1] == SMALL.exact_tokens(42) and row_valid.sum(-1).max() < 42  # decoded sparsely

@@ -5,7 +5,7 @@ import torch
 from transformers import DynamicCache, Gemma3ForCausalLM, Gemma3TextConfig
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
-from hf_dashkv import DashKVCache, DashKVConfig, DashKVLayer, HashEncoders
+from hf_dashkv import DashKVCache, DashKVConfig, DashKVLayer, HashEncoders, with_cache
 from tests.tiny import SelectionLog
 
 # MQA, head_dim 32, its own query scaling (query_pre_attn_scalar) and q/k norms; window 16 < the 60-token prompt
@@ -36,8 +36,8 @@ def test_covering_budget_equals_sdpa_greedy_and_beam():
     sdpa, dash = gemma3("sdpa"), gemma3("dashkv")
     covering = DashKVConfig(bits=32, budget=10_000, query_hidden=0)
     for extra in ({}, {"num_beams": 3}):
-        ref = sdpa.generate(past_key_values=DynamicCache(config=sdpa.config), **inputs(), **extra)
-        assert torch.equal(dash.generate(past_key_values=cache_for(dash, covering), **inputs(), **extra), ref)
+        ref = sdpa.generate(**with_cache(DynamicCache(config=sdpa.config)), **inputs(), **extra)
+        assert torch.equal(dash.generate(**with_cache(cache_for(dash, covering)), **inputs(), **extra), ref)
 
 
 def test_small_budget_hashes_global_layers_only_and_leaves_sliding_layers_as_they_were():
@@ -50,8 +50,8 @@ def test_small_budget_hashes_global_layers_only_and_leaves_sliding_layers_as_the
     with torch.no_grad(), cache.observing(SelectionLog()) as log:
         ids = inputs()["input_ids"][:1]
         for cache_ in (cache, reference):
-            dash(ids, past_key_values=cache_)
-            dash(ids[:, -1:], past_key_values=cache_)  # one decode step
+            dash(ids, **with_cache(cache_))
+            dash(ids[:, -1:], **with_cache(cache_))  # one decode step
     assert all(isinstance(cache.layers[i], DashKVLayer) for i in (2, 5)) and sorted(log.last) == [2, 5]
     # the sliding layers hold exactly what transformers' own sliding layers hold (layer 0 sees identical inputs)
     assert torch.equal(cache.layers[0].keys, reference.layers[0].keys)
@@ -72,16 +72,16 @@ def test_real_gemma3_is_exact_past_its_sliding_window_and_hashes_only_global_lay
     for extra in ({}, {"num_beams": 3}):
         model.set_attn_implementation("sdpa")
         try:
-            ref = model.generate(past_key_values=DynamicCache(config=model.config), **kwargs, **extra)
+            ref = model.generate(**with_cache(DynamicCache(config=model.config)), **kwargs, **extra)
         finally:
             model.set_attn_implementation("dashkv")
-        assert torch.equal(model.generate(past_key_values=cache_for(model, covering), **kwargs, **extra), ref)
+        assert torch.equal(model.generate(**with_cache(cache_for(model, covering)), **kwargs, **extra), ref)
     assert "71432" in tokenizer.decode(ref[0, batch.input_ids.shape[1]:])
 
     small = DashKVConfig(bits=64, budget=32, sink_tokens=4, recent_tokens=32, query_hidden=0)
     cache = cache_for(model, small)
     with cache.observing(SelectionLog()) as log:
-        model.generate(past_key_values=cache, **kwargs)
+        model.generate(**with_cache(cache), **kwargs)
     assert sorted(log.last) == [5, 11, 17]
     assert all(isinstance(cache.layers[i], DynamicSlidingWindowLayer) for i in range(18) if i not in (5, 11, 17))
 

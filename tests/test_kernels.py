@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hf_dashkv import kernels
+from hf_dashkv import kernels, with_cache
 from hf_dashkv.codes import head_distances, nearest, pack_signs
 from hf_dashkv.selection import combine_group, select_step
 
@@ -114,7 +114,7 @@ def test_fused_decode_propagates_non_finite_rows_as_the_reference_does(bad, dtyp
 
 
 def _generate(model, ids, make_cache):
-    return model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, past_key_values=make_cache())
+    return model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, **with_cache(make_cache()))
 
 
 def test_two_threads_decoding_at_once_get_what_they_get_one_after_the_other():

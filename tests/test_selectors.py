@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders
+from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders, with_cache
 from hf_dashkv.selectors import DecodeStep, HashSelector, RerankSelector, build_selector
 from tests.test_tiers import decode_inputs
 from tests.tiny import SelectionLog, tiny_model
@@ -60,13 +60,13 @@ def test_baselines_need_no_encoders_and_are_exact_with_a_covering_budget(selecto
     ids = torch.randint(3, 97, (1, 30), generator=torch.Generator().manual_seed(0))
     kwargs = dict(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
     covering = DashKVConfig(selector=selector, budget=10_000, sink_tokens=4, recent_tokens=40, dense_layers=(0,))
-    ref = sdpa.generate(past_key_values=DynamicCache(config=sdpa.config), **kwargs)
-    assert torch.equal(dash.generate(past_key_values=DashKVCache(dash.config, config=covering), **kwargs), ref)
+    ref = sdpa.generate(**with_cache(DynamicCache(config=sdpa.config)), **kwargs)
+    assert torch.equal(dash.generate(**with_cache(DashKVCache(dash.config, config=covering)), **kwargs), ref)
 
     small = DashKVConfig(selector=selector, budget=4, sink_tokens=2, recent_tokens=4, dense_layers=(0,))
     cache = DashKVCache(dash.config, config=small)
     with cache.observing(SelectionLog()) as log:
-        out = dash.generate(past_key_values=cache, **kwargs)
+        out = dash.generate(**with_cache(cache), **kwargs)
     assert out.shape == (1, 38) and cache.added_bytes_per_token() == 0
     assert int(log.last[1].valid[0, 0].sum()) == 2 + 4 + (0 if selector == "streaming" else 4)
 
@@ -102,7 +102,7 @@ def test_generation_runs_with_reranking():
     cache = DashKVCache(dash.config, HashEncoders.random(dash.config, config), config)
     ids = torch.randint(3, 97, (1, 40), generator=torch.Generator().manual_seed(0))
     with cache.observing(SelectionLog()) as log:
-        out = dash.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0, past_key_values=cache)
+        out = dash.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0, **with_cache(cache))
     assert out.shape == (1, 44) and sorted(log.last) == [1, 2, 3]
     assert all(int(s.valid[0, 0].sum()) == 2 + 4 + 4 for s in log.last.values())
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders
+from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders, with_cache
 from hf_dashkv.apps.demo import passkey_prompt
 from tests.tiny import SelectionLog
 
@@ -20,12 +20,12 @@ def test_covering_budget_equals_sdpa_token_for_token(smollm2):
     kwargs = dict(**inputs, max_new_tokens=10, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     model.set_attn_implementation("sdpa")
     try:
-        ref = model.generate(past_key_values=DynamicCache(config=model.config), **kwargs)
+        ref = model.generate(**with_cache(DynamicCache(config=model.config)), **kwargs)
     finally:
         model.set_attn_implementation("dashkv")
     config = DashKVConfig(bits=64, budget=10_000, dense_layers=SANDWICH, query_hidden=0)
     cache = DashKVCache(model.config, HashEncoders.random(model.config, config), config)
-    out = model.generate(past_key_values=cache, **kwargs)
+    out = model.generate(**with_cache(cache), **kwargs)
     assert torch.equal(ref, out)
     assert "71432" in tokenizer.decode(out[0, inputs.input_ids.shape[1] :])
 
@@ -36,10 +36,10 @@ def test_small_budget_attends_only_to_selected_rows(smollm2):
     ids = tokenizer(passkey_prompt(tokenizer, 3000).text, return_tensors="pt").input_ids
     config = DashKVConfig(bits=64, budget=64, sink_tokens=4, recent_tokens=32, dense_layers=SANDWICH, query_hidden=0)
     cache = DashKVCache(model.config, HashEncoders.random(model.config, config), config)
-    prefill = model(ids, past_key_values=cache)
+    prefill = model(ids, **with_cache(cache))
     token = prefill.logits[:, -1].argmax(-1, keepdim=True)
     with cache.observing(SelectionLog()) as log:
-        step = model(token, past_key_values=cache)
+        step = model(token, **with_cache(cache))
     n = cache.get_seq_length()
     hashed = cache.layout.hashed_layers
     assert len(hashed) == 26
@@ -60,7 +60,7 @@ def test_small_budget_attends_only_to_selected_rows(smollm2):
         unselected.scatter_(2, rows.clamp(max=n - 2), False)
         layer.keys.masked_fill_(unselected.unsqueeze(-1), float("nan"))
         layer.values.masked_fill_(unselected.unsqueeze(-1), float("nan"))
-    again = model(token, past_key_values=cache)
+    again = model(token, **with_cache(cache))
     assert torch.equal(again.logits, step.logits)
 
 

@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders, kernels
+from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders, kernels, with_cache
 from hf_dashkv.codes import pack_signs, unpack_bits
 from hf_dashkv.exact import attend_rows, attend_tiers
 from hf_dashkv.selection import Selection
@@ -111,7 +111,7 @@ def test_with_every_learned_term_off_the_fused_kernel_runs_and_nothing_else(monk
     monkeypatch.setattr(HashSelector, "select", refuse)
     model = tiny_model("llama-gqa")
     cache = DashKVCache(model.config, HashEncoders.random(model.config, SMALL), SMALL)
-    model.generate(**prompt(), max_new_tokens=4, do_sample=False, pad_token_id=0, past_key_values=cache)
+    model.generate(**prompt(), max_new_tokens=4, do_sample=False, pad_token_id=0, **with_cache(cache))
     assert len(calls) == 3 * 3  # hashed layers x decode steps (the first new token comes from prefill)
 
 
@@ -137,7 +137,7 @@ def test_greedy_generation_runs_with_each_learned_term(flags, monkeypatch):
     monkeypatch.setattr(HashSelector, "select", lambda *a, **k: steps.append(1) or pytorch_select(*a, **k))
     cache = DashKVCache(model.config, encoders, config)
     with cache.observing(SelectionLog()) as log:
-        out = model.generate(**prompt(), max_new_tokens=5, do_sample=False, pad_token_id=0, past_key_values=cache)
+        out = model.generate(**prompt(), max_new_tokens=5, do_sample=False, pad_token_id=0, **with_cache(cache))
     assert out.shape == (2, 45) and len(steps) == 3 * 4  # the PyTorch path, not the fused kernel
     for selection in log.last.values():
         rows, ok = selection.rows, selection.valid  # tier 1 only, whatever tier 2 adds

@@ -11,7 +11,7 @@ import safetensors.torch
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from hf_dashkv import DashKVCache, HashEncoders
+from hf_dashkv import DashKVCache, HashEncoders, with_cache
 from hf_dashkv.apps.models import embedded_model_dir
 from lightning_modules import DashKVDistillation, ExportEncoders, LongTextDataModule
 from lightning_modules.export import encoders_from_checkpoint, export, load_with_adapter
@@ -234,6 +234,16 @@ def test_export_refuses_other_checkpoints(tmp_path):
         encoders_from_checkpoint(tmp_path / "other.ckpt")
 
 
+class Payload:
+    """Stands for any object a pickle could smuggle in (loading it would run its class's code)."""
+
+
+def test_export_never_unpickles_objects(tmp_path):
+    torch.save({"dashkv": {}, "state_dict": {}, "extra": Payload()}, tmp_path / "odd.ckpt")
+    with pytest.raises(ValueError, match="holds objects other than tensors .* not loaded"):
+        encoders_from_checkpoint(tmp_path / "odd.ckpt")
+
+
 def test_lightning_fit_runs_ddp_with_two_processes(tiny_dir, tmp_path):
     command = [
         "lightning", "fit", "--config", str(REPO / "recipes" / "smollm2.yaml"),
@@ -341,7 +351,7 @@ def test_lora_export_round_trip_gives_identical_logits(tiny_dir, tmp_path):
     model = load_with_adapter(LlamaForCausalLM.from_pretrained(tiny_dir / "model", attn_implementation="dashkv"), out)
     cache = DashKVCache(model.config, HashEncoders.from_pretrained(out))
     with cache.observing(SelectionLog()) as log:
-        generated = model.generate(input_ids=ids, past_key_values=cache, max_new_tokens=3, do_sample=False)
+        generated = model.generate(input_ids=ids, **with_cache(cache), max_new_tokens=3, do_sample=False)
     assert generated.shape == (1, 43) and 1 in log.last  # decoded sparsely
     with pytest.raises(FileNotFoundError, match="without a joint LoRA"):
         load_with_adapter(model, tmp_path)

