@@ -94,19 +94,6 @@ def test_peft_lora_model_equals_sdpa():
     assert torch.equal(ref, out)
 
 
-def test_small_budget_decodes_through_hash_selection():
-    model = tiny_model("llama-gqa")
-    cache = dashkv_cache(model, SMALL)
-    with cache.observing(SelectionLog()) as log:
-        out = model.generate(**prompt(), max_new_tokens=6, do_sample=False, pad_token_id=0, **with_cache(cache))
-    assert out.shape == (2, 46)
-    assert sorted(log.last) == [1, 2, 3]  # layer 0 is dense
-    for selection in log.last.values():
-        rows, ok = selection.rows, selection.valid
-        assert rows.shape == (2, 2, 2 + 4 + 4)
-        assert ok[0].all()  # the unpadded row has enough candidates
-
-
 def test_qwen3_hashes_the_normed_rotated_keys_that_attention_scores_use():
     sdpa, dash = tiny_model("qwen3-gqa", "sdpa"), tiny_model("qwen3-gqa", "dashkv")
     inputs = prompt(batch=1)
