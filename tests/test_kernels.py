@@ -136,6 +136,8 @@ def test_two_threads_decoding_at_once_get_what_they_get_one_after_the_other():
     for t in threads:
         t.join(timeout=120)
     assert all(len(r) == 3 and all(torch.equal(x, e) for x in r) for r, e in zip(results, expected))
+    # GNU OpenMP would abort a forked process (next test); TBB is installed with the package
+    assert kernels.numba.threading_layer() == "tbb"
 
 
 def test_a_process_forked_after_the_kernel_ran_can_decode():
