@@ -244,22 +244,74 @@ def test_export_never_unpickles_objects(tmp_path):
         encoders_from_checkpoint(tmp_path / "odd.ckpt")
 
 
-def test_lightning_fit_runs_ddp_with_two_processes(tiny_dir, tmp_path):
-    command = [
+def ddp_fit_command(tiny_dir, steps, *extra):
+    """`lightning fit` of the SmolLM2 recipe on the tiny model: 2 processes (DDP over gloo), ``steps`` steps."""
+    return [
         "lightning", "fit", "--config", str(REPO / "recipes" / "smollm2.yaml"),
         "--model.init_args.model", str(tiny_dir / "model"), "--model.init_args.bits", "16",
         "--model.init_args.query_positions", "16", "--model.init_args.recent_tokens", "8",
         "--data.init_args.tokenizer", str(tiny_dir / "model"),
         "--data.init_args.sources", f"[{tiny_dir / 'docs' / '*.txt'}]", "--data.init_args.seq_len", "128",
-        "--data.init_args.val_documents", "1", "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
-        "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "2",
+        "--data.init_args.val_documents", "1", "--trainer.max_steps", str(steps), "--trainer.val_check_interval", "2",
+        "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "2", *extra,
     ]
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+
+
+def test_lightning_fit_runs_ddp_with_two_processes(tiny_dir, tmp_path):
+    done = subprocess.run(ddp_fit_command(tiny_dir, 4), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Starting with 2 processes" in done.stderr + done.stdout
     exported = HashEncoders.from_pretrained(tmp_path / "runs" / "smollm2" / "encoders")
     assert exported.config.bits == 16
     assert (tmp_path / "runs" / "smollm2" / "encoders" / "README.md").read_text().count("| 1 |") == 1
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "known, not yet fixed: after a hard kill of a 2-process run, resuming from the last checkpoint ends within ~1e-4 "
+    "of the uninterrupted run's weights, not bit-equal (two uninterrupted 2-process runs are bit-equal, and the "
+    "1-process kill-and-resume test is exact); strict, so the fix shows up here as a failure to remove this mark"
+))
+def test_ddp_hard_killed_between_checkpoints_resumes_to_the_uninterrupted_weights(tiny_dir, tmp_path):
+    import os
+    import signal
+    import time
+
+    # a checkpoint every 2 steps (the recipe's 50 is beyond this run); the final weights are read from the last one
+    every_two = tmp_path / "every_two.yaml"
+    every_two.write_text(
+        "trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+        "      init_args: {every_n_train_steps: 2, save_last: true, save_top_k: -1}\n"
+    )
+    steps = 20
+    command = ddp_fit_command(tiny_dir, steps, "--config", str(every_two))
+    (tmp_path / "straight").mkdir()
+    done = subprocess.run(command, cwd=tmp_path / "straight", capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    killed_dir = tmp_path / "killed"
+    killed_dir.mkdir()
+    run = subprocess.Popen(command, cwd=killed_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    checkpoints = killed_dir / "runs" / "smollm2" / "lightning_logs" / "version_0" / "checkpoints"
+    deadline = time.time() + 600
+    while not (checkpoints / "epoch=0-step=4.ckpt").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.2)  # let the step-4 checkpoint and last.ckpt finish; 16 steps are still to come
+    os.killpg(run.pid, signal.SIGKILL)  # both processes, no clean-up, mid-step
+    run.wait()
+    assert not (checkpoints / f"epoch=0-step={steps}.ckpt").exists()  # the run did not get to finish
+    resumed = subprocess.run(command + ["--ckpt_path", str(checkpoints / "last.ckpt")], cwd=killed_dir,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    def final_encoders(folder):
+        (path,) = folder.glob(f"runs/smollm2/lightning_logs/version_*/checkpoints/epoch=0-step={steps}.ckpt")
+        return encoders_from_checkpoint(path)[0].state_dict()
+
+    straight, after = final_encoders(tmp_path / "straight"), final_encoders(killed_dir)
+    assert straight.keys() == after.keys()
+    for name in straight:
+        assert torch.equal(straight[name], after[name]), name
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
