@@ -59,6 +59,29 @@ def test_small_budget_hashes_global_layers_only_and_leaves_sliding_layers_as_the
     assert cache.get_seq_length() == 61
 
 
+def test_small_budget_hybrid_generation_equals_the_pytorch_definition(monkeypatch):
+    from hf_dashkv import kernels
+    from tests.test_sparse_generate import AllSelections
+
+    dash = gemma3("dashkv")
+    small = DashKVConfig(bits=32, budget=4, sink_tokens=2, recent_tokens=4, query_hidden=0)
+    encoders = HashEncoders.random(dash.config, small)
+
+    def run():
+        cache = DashKVCache(dash.config, encoders, small)
+        with cache.observing(AllSelections()) as log:
+            out = dash.generate(**inputs(), **with_cache(cache), output_scores=True, return_dict_in_generate=True)
+        return out, log.steps
+
+    (out, steps) = run()
+    monkeypatch.setattr(kernels, "supports", lambda codes: False)
+    monkeypatch.setattr(kernels, "supports_decode", lambda key, value: False)
+    (ref, ref_steps) = run()
+    assert steps == ref_steps and {layer for layer, _, _ in steps} == {2, 5}
+    assert torch.equal(out.sequences, ref.sequences)
+    torch.testing.assert_close(torch.stack(out.scores), torch.stack(ref.scores), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.slow
 def test_real_gemma3_is_exact_past_its_sliding_window_and_hashes_only_global_layers(gemma3_270m):
     from hf_dashkv.apps.demo import passkey_prompt
