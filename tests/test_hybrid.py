@@ -116,4 +116,4 @@ def test_shipped_gemma3_encoders_fit_its_global_layers(gemma3_270m):
     model, _ = gemma3_270m
     encoders = HashEncoders.from_pretrained(str(shipped_encoders("gemma3-270m")))
     encoders.check_compatible(model.config, encoders.config)
-    assert encoders.layout.hashed_layers == (5, 11, 17) and encoders.config.bits == 128
+    assert encoders.layout.hashed_layers == (5, 11, 17) and encoders.config.bits == 256
