@@ -65,10 +65,7 @@ def rerank_scores(query: torch.Tensor, key: torch.Tensor, distances: torch.Tenso
 class RerankSelector(Selector):
     """``inner``'s Hamming distances shortlist ``config.rerank x budget`` candidates; exact scores rank them."""
 
-    inner: HashSelector
-
-    def covers(self, n: int) -> bool:
-        return self.inner.covers(n)
+    inner: HashSelector  # built with the same config, so the inherited ``covers`` holds for both
 
     def scores(self, step: DecodeStep) -> torch.Tensor:
         """On the CPU (left padding or none) the compiled kernel finds the shortlist; else the PyTorch definition."""

@@ -63,10 +63,7 @@ def tier2_logits(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 class Tier2Selector(Selector):
     """``inner``'s selection as tier 1, plus ``config.tier2_tokens`` rows with the layer's fitted tier-2 logit."""
 
-    inner: HashSelector
-
-    def covers(self, n: int) -> bool:
-        return self.inner.covers(n)
+    inner: HashSelector  # built with the same config, so the inherited ``covers`` holds for both
 
     def scores(self, step: DecodeStep) -> torch.Tensor:
         return self.inner.scores(step)
