@@ -6,7 +6,7 @@ from transformers import DynamicCache, Gemma3ForCausalLM, Gemma3TextConfig
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from hf_dashkv import DashKVCache, DashKVConfig, DashKVLayer, HashEncoders, with_cache
-from tests.tiny import SelectionLog
+from tests.tiny import AllSelections, SelectionLog, use_pytorch_definition
 
 # MQA, head_dim 32, its own query scaling (query_pre_attn_scalar) and q/k norms; window 16 < the 60-token prompt
 CONFIG = dict(
@@ -60,9 +60,6 @@ def test_small_budget_hashes_global_layers_only_and_leaves_sliding_layers_as_the
 
 
 def test_small_budget_hybrid_generation_equals_the_pytorch_definition(monkeypatch):
-    from hf_dashkv import kernels
-    from tests.test_sparse_generate import AllSelections
-
     dash = gemma3("dashkv")
     small = DashKVConfig(bits=32, budget=4, sink_tokens=2, recent_tokens=4, query_hidden=0)
     encoders = HashEncoders.random(dash.config, small)
@@ -74,8 +71,7 @@ def test_small_budget_hybrid_generation_equals_the_pytorch_definition(monkeypatc
         return out, log.steps
 
     (out, steps) = run()
-    monkeypatch.setattr(kernels, "supports", lambda codes: False)
-    monkeypatch.setattr(kernels, "supports_decode", lambda key, value: False)
+    use_pytorch_definition(monkeypatch)
     (ref, ref_steps) = run()
     assert steps == ref_steps and {layer for layer, _, _ in steps} == {2, 5}
     assert torch.equal(out.sequences, ref.sequences)

@@ -4,31 +4,10 @@ PyTorch definition of the same step (``selection.select`` then ``exact.attend_ro
 import pytest
 import torch
 
-from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders, kernels, with_cache
-from tests.tiny import tiny_model
+from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders, with_cache
+from tests.tiny import AllSelections, tiny_model, use_pytorch_definition
 
 SMALL = DashKVConfig(bits=32, budget=4, sink_tokens=2, recent_tokens=4, query_hidden=8, dense_layers=(0,))
-
-
-class AllSelections:
-    """Every selection of a run, in order: ``[(layer, sequence length, selected rows per (batch, KV head))]``."""
-
-    def __init__(self):
-        self.steps = []
-
-    def __call__(self, step, selection):
-        rows = [[selection.rows[b, h][selection.valid[b, h]].tolist() for h in range(selection.rows.shape[1])]
-                for b in range(selection.rows.shape[0])]
-        self.steps.append((step.layer_idx, step.key.shape[2], rows))
-
-
-@pytest.fixture
-def pytorch_definition(monkeypatch):
-    """Within the test, hashed layers run the PyTorch definition instead of the compiled kernels."""
-    def use(on: bool):
-        monkeypatch.setattr(kernels, "supports", lambda codes: not on and codes.device.type == "cpu")
-        monkeypatch.setattr(kernels, "supports_decode", lambda k, v: not on and k.dtype in (torch.float32, torch.bfloat16))
-    return use
 
 
 def prompt(batch=2, length=48, pad=(0, 7), repeat=False, seed=1):
@@ -71,26 +50,26 @@ GENERATIONS = {
 
 
 @pytest.mark.parametrize("name", sorted(GENERATIONS))
-def test_generation_with_a_small_budget_equals_the_pytorch_definition(name, pytorch_definition):
+def test_generation_with_a_small_budget_equals_the_pytorch_definition(name, monkeypatch):
     prompt_args, generate_args = GENERATIONS[name]
     model, inputs = tiny_model("llama-gqa"), prompt(**prompt_args)
     fused = generate(model, inputs, fresh_cache(model), **generate_args)
-    pytorch_definition(True)
+    use_pytorch_definition(monkeypatch)
     assert_same_run(fused, generate(model, inputs, fresh_cache(model), **generate_args))
 
 
-def test_peft_lora_with_a_small_budget_equals_the_pytorch_definition(pytorch_definition):
+def test_peft_lora_with_a_small_budget_equals_the_pytorch_definition(monkeypatch):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(12)
     model = get_peft_model(tiny_model("llama-gqa"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
                                                                init_lora_weights=False)).eval()
     fused = generate(model, prompt(), fresh_cache(model))
-    pytorch_definition(True)
+    use_pytorch_definition(monkeypatch)
     assert_same_run(fused, generate(model, prompt(), fresh_cache(model)))
 
 
-def test_crop_then_continue_and_reuse_after_reset(pytorch_definition):
+def test_crop_then_continue_and_reuse_after_reset(monkeypatch):
     model, inputs = tiny_model("llama-gqa"), prompt(batch=1)
 
     def crop_continue_reset():
@@ -105,14 +84,14 @@ def test_crop_then_continue_and_reuse_after_reset(pytorch_definition):
 
     fused = crop_continue_reset()
     assert torch.equal(fused[2][0].sequences, fused[0][0].sequences)  # a reset cache is as good as a new one
-    pytorch_definition(True)
+    use_pytorch_definition(monkeypatch)
     for mine, reference in zip(fused, crop_continue_reset()):
         assert_same_run(mine, reference)
     assert fused[1][1][0][1] == fused[0][0].sequences.shape[1] - 3  # continued from the cropped length
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_caches_decode_sparsely_as_the_definition_does(dtype, pytorch_definition):
+def test_half_precision_caches_decode_sparsely_as_the_definition_does(dtype, monkeypatch):
     # one decode step: later steps and layers may part ways by a rounding that flips a code bit
     model, inputs = tiny_model("llama-gqa").to(dtype), prompt()
 
@@ -127,7 +106,7 @@ def test_half_precision_caches_decode_sparsely_as_the_definition_does(dtype, pyt
         return logits.float(), log.steps
 
     logits, steps = first_step()
-    pytorch_definition(True)
+    use_pytorch_definition(monkeypatch)
     ref_logits, ref_steps = first_step()
     assert steps[0] == ref_steps[0] and steps[0][0] == 1  # the first hashed layer sees the same inputs: same rows
     assert sum(len(r) for r in steps[0][2][0]) < 2 * 49  # sparse

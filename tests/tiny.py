@@ -61,6 +61,26 @@ class SelectionLog:
         self.last[step.layer_idx] = selection
 
 
+class AllSelections:
+    """An observer keeping every selection of a run, in order: ``[(layer, N, selected rows per (batch, KV head))]``."""
+
+    def __init__(self):
+        self.steps = []
+
+    def __call__(self, step, selection):
+        rows = [[selection.rows[b, h][selection.valid[b, h]].tolist() for h in range(selection.rows.shape[1])]
+                for b in range(selection.rows.shape[0])]
+        self.steps.append((step.layer_idx, step.key.shape[2], rows))
+
+
+def use_pytorch_definition(monkeypatch) -> None:
+    """For the rest of the test, hashed layers run the PyTorch definition instead of the compiled kernels."""
+    from hf_dashkv import kernels
+
+    monkeypatch.setattr(kernels, "supports", lambda codes: False)
+    monkeypatch.setattr(kernels, "supports_decode", lambda key, value: False)
+
+
 def sparse_generation_setup(batch: int = 2, prompt: int = 60, seed: int = 0):
     """``(model, input_ids [batch, prompt], make_cache)``: a tiny GQA model whose hashed layers (1-3) decode with a
     budget far below the prompt, so generation runs the sparse path (the compiled kernel on the CPU)."""
