@@ -165,19 +165,21 @@ class DashKVDistillation(L.LightningModule):
     def training_block(self, input_ids: torch.Tensor, index: int) -> tuple[dict, torch.Tensor]:
         """The captured tensors of one training block ``[1, T]`` and their positions ``[M]``: captured once and
         kept (fp16) when only the encoders train; with a LoRA, captured anew at every step."""
-        if index in self._captures:
-            stored = self._captures[index]
-            return {layer: (q.float(), k.float(), scale) for layer, (q, k, scale) in stored["layers"].items()}, \
-                stored["positions"]
-        generator = torch.Generator().manual_seed(self.hparams.init_seed * 1_000_003 + index)
-        positions = self.late_positions(input_ids.shape[1], self.hparams.captured_positions, generator)
-        captured = self.capture(input_ids, positions.to(input_ids.device))
-        if self.lora is None and self.hparams.keep_captures:
+        if index not in self._captures:
+            generator = torch.Generator().manual_seed(self.hparams.init_seed * 1_000_003 + index)
+            positions = self.late_positions(input_ids.shape[1], self.hparams.captured_positions, generator)
+            captured = self.capture(input_ids, positions.to(input_ids.device))
+            if self.lora is not None or not self.hparams.keep_captures:
+                return captured, positions
             self._captures[index] = {
                 "layers": {layer: (q.half(), k.half(), scale) for layer, (q, k, scale) in captured.items()},
                 "positions": positions,
             }
-        return captured, positions
+        # read back from the fp16 store even on first use: a resumed run starts with an empty store, and has to
+        # see a block exactly as the uninterrupted run saw it again (unrounded on first sight, it does not)
+        stored = self._captures[index]
+        return {layer: (q.float(), k.float(), scale) for layer, (q, k, scale) in stored["layers"].items()}, \
+            stored["positions"]
 
     def candidates(self, positions: torch.Tensor, length: int) -> torch.Tensor:
         """bool ``[P, T]``: the keys the budget chooses from for queries at ``positions`` (unpadded sequences)."""

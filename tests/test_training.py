@@ -266,11 +266,6 @@ def test_lightning_fit_runs_ddp_with_two_processes(tiny_dir, tmp_path):
     assert (tmp_path / "runs" / "smollm2" / "encoders" / "README.md").read_text().count("| 1 |") == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known, not yet fixed: after a hard kill of a 2-process run, resuming from the last checkpoint ends within ~1e-4 "
-    "of the uninterrupted run's weights, not bit-equal (two uninterrupted 2-process runs are bit-equal, and the "
-    "1-process kill-and-resume test is exact); strict, so the fix shows up here as a failure to remove this mark"
-))
 def test_ddp_hard_killed_between_checkpoints_resumes_to_the_uninterrupted_weights(tiny_dir, tmp_path):
     import os
     import signal
