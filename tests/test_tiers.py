@@ -12,7 +12,7 @@ from hf_dashkv.selection import Selection
 from hf_dashkv.selectors import DecodeStep, HashSelector, Tier2Selector, build_selector
 from hf_dashkv.selectors.tiers import tier2_features, tier2_logits
 from tests.test_generate import prompt
-from tests.tiny import CONFIGS, SelectionLog, tiny_model
+from tests.tiny import CONFIGS, decode_and_replay, tiny_model
 
 SMALL = DashKVConfig(bits=32, budget=4, sink_tokens=2, recent_tokens=4, query_hidden=0, dense_layers=(0,))
 
@@ -124,21 +124,29 @@ FLAGS = {
 
 
 @pytest.mark.parametrize("flags", sorted(FLAGS))
-def test_greedy_generation_runs_with_each_learned_term(flags, monkeypatch):
+def test_greedy_generation_with_each_learned_term_attends_what_it_selected(flags, monkeypatch):
     config = replace(SMALL, **FLAGS[flags])
     model = tiny_model("llama-gqa")
     encoders = HashEncoders.random(model.config, config)
-    for i in encoders.layout.hashed_layers:
-        encoders[i].tier2.weight.copy_(torch.tensor([2.0, 0.0, 0.1]).repeat(4, 1))
-        encoders[i].calibration.spatial.fill_(1.5)
-        encoders[i].calibration.temporal.fill_(3.0)
     steps = []
     pytorch_select = HashSelector.select
     monkeypatch.setattr(HashSelector, "select", lambda *a, **k: steps.append(1) or pytorch_select(*a, **k))
-    cache = DashKVCache(model.config, encoders, config)
-    with cache.observing(SelectionLog()) as log:
-        out = model.generate(**prompt(), max_new_tokens=5, do_sample=False, pad_token_id=0, **with_cache(cache))
-    assert out.shape == (2, 45) and len(steps) == 3 * 4  # the PyTorch path, not the fused kernel
-    for selection in log.last.values():
-        rows, ok = selection.rows, selection.valid  # tier 1 only, whatever tier 2 adds
-        assert rows.shape == (2, 2, 2 + 4 + 4) and ok[0].all()
+
+    def decode(tier2_bias):
+        for i in encoders.layout.hashed_layers:
+            encoders[i].tier2.weight.copy_(torch.tensor([2.0, tier2_bias, 0.1]).repeat(4, 1))
+            encoders[i].calibration.spatial.fill_(1.5)
+            encoders[i].calibration.temporal.fill_(3.0)
+        steps.clear()
+        return decode_and_replay(model, DashKVCache(model.config, encoders, config), prompt(), max_new_tokens=5,
+                                 do_sample=False)
+
+    # the replay attends tier 1's rows exactly: what decoding with tier 1 alone gives
+    run, replayed, log = decode(tier2_bias=-1e4 if config.tier2_budget else 0.0)
+    assert len(steps) == 3 * 4  # the PyTorch path, not the fused kernel
+    assert {len(rows[1][0]) for _, _, rows in log.steps} == {2 + 4 + 4}  # the padded row has 7 fewer candidates
+    assert torch.equal(run.sequences, replayed.sequences)
+    torch.testing.assert_close(torch.stack(run.scores), torch.stack(replayed.scores), atol=1e-4, rtol=1e-4)
+    if config.tier2_budget:  # with logits that count, tier 2's rows take attention the tier-1 replay does not have
+        run, replayed, _ = decode(tier2_bias=0.0)
+        assert (torch.stack(run.scores) - torch.stack(replayed.scores)).abs().max() > 1e-2

@@ -1,5 +1,7 @@
 """Tiny random models built from configs in the tests: fast; Llama, Qwen2, Qwen3 (q/k norms), Mistral, GQA, MHA."""
 
+import contextlib
+
 import torch
 from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
@@ -91,3 +93,70 @@ def sparse_generation_setup(batch: int = 2, prompt: int = 60, seed: int = 0):
     encoders = HashEncoders.random(model.config, config, seed=seed)
     ids = torch.randint(1, 97, (batch, prompt), generator=torch.Generator().manual_seed(seed))
     return model, ids, lambda: DashKVCache(model.config, encoders, config)
+
+
+@contextlib.contextmanager
+def replaying(model, selections: AllSelections):
+    """Within the block, ``model`` (loaded with a plain attention) decodes each hashed layer's step as SDPA over all
+    its keys, masked to the rows that ``selections`` logged for that step (and to the padding mask): the definition
+    of sparse attention, independent of the selection and the kernels that made the rows. Prompt forwards, and
+    layers without logged rows, run plain SDPA. A step that does not line up with the log fails the test."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    queues = {}
+    for layer, length, rows in selections.steps:
+        queues.setdefault(layer, []).append((length, rows))
+
+    def replay(module, query, key, value, attention_mask, **kwargs):
+        queue = queues.get(module.layer_idx)
+        if query.shape[2] != 1 or not queue:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        length, rows = queue.pop(0)
+        assert key.shape[2] == length, f"layer {module.layer_idx}: {key.shape[2]} keys, the logged step had {length}"
+        allowed = torch.zeros(key.shape[0], key.shape[1], 1, length, dtype=torch.bool)
+        for b, per_head in enumerate(rows):
+            for h, picked in enumerate(per_head):
+                allowed[b, h, 0, picked] = True
+        mask = allowed.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+        if attention_mask is not None:
+            mask = mask & attention_mask[..., -length:]
+        return sdpa_attention_forward(module, query, key, value, mask, **{**kwargs, "is_causal": False})
+
+    AttentionInterface.register("dashkv_replay", replay)
+    AttentionMaskInterface.register("dashkv_replay", sdpa_mask)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("dashkv_replay")
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(previous)
+    assert not any(queues.values()), "the reference run made fewer decode steps than the logged one"
+
+
+def decode_and_replay(model, cache, inputs: dict, **generate_kwargs):
+    """``(run, replayed, log)``: ``generate`` with ``cache`` logging every selection (``log``), then again with a
+    plain cache under ``replaying`` (both with scores, the same sampling seed)."""
+    from transformers import DynamicCache
+
+    from hf_dashkv import with_cache
+
+    kwargs = dict(pad_token_id=0, output_scores=True, return_dict_in_generate=True, **generate_kwargs)
+    torch.manual_seed(7)
+    with cache.observing(AllSelections()) as log:
+        run = model.generate(**inputs, **with_cache(cache), **kwargs)
+    torch.manual_seed(7)
+    with replaying(model, log):
+        replayed = model.generate(**inputs, **with_cache(DynamicCache(config=model.config)), **kwargs)
+    return run, replayed, log
+
+
+def assert_decodes_as_replayed(model, cache, inputs: dict, **generate_kwargs) -> AllSelections:
+    """``decode_and_replay``: the same tokens and scores (1e-4), and some step dropped rows (so the check covered
+    sparse decoding). Returns the log."""
+    run, replayed, log = decode_and_replay(model, cache, inputs, **generate_kwargs)
+    assert any(sum(len(r) for r in rows[0]) < len(rows[0]) * n for _, n, rows in log.steps), "nothing was dropped"
+    assert torch.equal(run.sequences, replayed.sequences)
+    torch.testing.assert_close(torch.stack(run.scores), torch.stack(replayed.scores), atol=1e-4, rtol=1e-4)
+    return log
