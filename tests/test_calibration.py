@@ -133,8 +133,29 @@ def test_fitting_sets_every_term_and_tier_two_adds_mass():
     assert not encoders[1].tier2.fitted  # the input is left as it was
     for i in fitted.layout.hashed_layers:
         assert fitted[i].tier2.fitted
-        assert float(fitted[i].calibration.spatial) in (0.0, 1.0, 4.0)
     samples = [capture(model, x, fitted.layout.hashed_layers, 6) for x in ids]
     plain = replace(config, tier2_budget=0, spatial_calibration=False, temporal_calibration=False)
     results = evaluate(fitted, samples, {"plain": plain, "fitted": config})
     assert results["fitted"]["tiers_mass"] > results["fitted"]["recall"]
+
+
+def test_the_calibration_fit_picks_the_grid_point_of_highest_recall():
+    from lightning_modules.calibration import capture, evaluate, fit_calibration
+
+    model = tiny_model("llama-gqa")
+    # spatial only: no term reads another layer, so each layer's weight moves only that layer's recall
+    config = DashKVConfig(bits=32, budget=6, sink_tokens=2, recent_tokens=4, query_hidden=0, dense_layers=(0,),
+                          spatial_calibration=True)
+    encoders = HashEncoders.random(model.config, config)
+    ids = [torch.randint(3, 97, (1, 160), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    samples = [capture(model, x, encoders.layout.hashed_layers, 6) for x in ids]
+    grid = (0.0, 1.0, 4.0, 16.0)
+    fit_calibration(encoders, samples, config, grid)
+    fitted_recall = evaluate(encoders, samples, {"c": config})["c"]["recall"]
+    chosen = {i: float(encoders[i].calibration.spatial) for i in encoders.layout.hashed_layers}
+    assert set(chosen.values()) - {0.0}, "every layer kept weight 0: the test would not tell a fit from none"
+    for i in encoders.layout.hashed_layers:
+        for weight in grid:
+            encoders[i].calibration.spatial.fill_(weight)
+            assert evaluate(encoders, samples, {"c": config})["c"]["recall"] <= fitted_recall + 1e-7, (i, weight)
+        encoders[i].calibration.spatial.fill_(chosen[i])
