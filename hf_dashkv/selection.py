@@ -97,16 +97,9 @@ def select(
     """
     batch, kv_heads, length, n = scores.shape
     device = scores.device
-    sinks, recent = config.sink_tokens, config.recent_tokens
     first, _ = first_valid(valid, batch, device)
-    seen = torch.ones(batch, n, dtype=torch.bool, device=device) if valid is None else valid
     ends = ends.to(device)
-
-    sink_rows = (first.view(-1, 1, 1) + torch.arange(sinks, device=device)).expand(-1, length, -1)  # [B, P, S]
-    sink_seen = seen.gather(1, sink_rows.clamp(max=n - 1).flatten(1)).view_as(sink_rows)
-    sink_ok = (sink_rows < (ends - recent).view(1, -1, 1)) & sink_seen
-    recent_rows = (ends.view(1, -1, 1) - recent + torch.arange(recent, device=device)).expand(batch, -1, -1)
-    recent_ok = (recent_rows >= 0) & seen.gather(1, recent_rows.clamp(min=0).flatten(1)).view_as(recent_rows)
+    fixed, fixed_ok = fixed_rows(config.sink_tokens, config.recent_tokens, first, ends, n, valid)
 
     allowed = candidates(config, first, ends, n, valid).unsqueeze(1).expand(-1, kv_heads, -1, -1)
     budgets = [config.budget_tokens(int(end)) for end in ends.tolist()]
@@ -121,9 +114,29 @@ def select(
     def per_head(t: torch.Tensor) -> torch.Tensor:
         return t.unsqueeze(1).expand(-1, kv_heads, -1, -1)
 
-    rows = torch.cat([per_head(sink_rows.clamp(max=n - 1)), per_head(recent_rows.clamp(min=0)), near_rows], dim=-1)
-    row_valid = torch.cat([per_head(sink_ok), per_head(recent_ok), near_ok], dim=-1)
+    rows = torch.cat([per_head(fixed), near_rows], dim=-1)
+    row_valid = torch.cat([per_head(fixed_ok), near_ok], dim=-1)
     return Selection(rows, row_valid)
+
+
+def fixed_rows(
+    sinks: int, recent: int, first: torch.Tensor, ends: torch.Tensor, n: int, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows each query attends whatever the scores, its sinks then its recent window: ``(rows, ok)``, each
+    ``[B, P, sinks + recent]``; not ok: a sink inside the recent window, padding, a position before 0.
+
+    Args: first ``[B]`` (:func:`first_valid`); ends ``[P]``, each query's context length; valid as in :func:`select`.
+    """
+    device = first.device
+    batch, length = first.shape[0], ends.shape[0]
+    seen = torch.ones(batch, n, dtype=torch.bool, device=device) if valid is None else valid
+    sink_rows = (first.view(-1, 1, 1) + torch.arange(sinks, device=device)).expand(-1, length, -1)  # [B, P, S]
+    sink_seen = seen.gather(1, sink_rows.clamp(max=n - 1).flatten(1)).view_as(sink_rows)
+    sink_ok = (sink_rows < (ends - recent).view(1, -1, 1)) & sink_seen
+    recent_rows = (ends.view(1, -1, 1) - recent + torch.arange(recent, device=device)).expand(batch, -1, -1)
+    recent_ok = (recent_rows >= 0) & seen.gather(1, recent_rows.clamp(min=0).flatten(1)).view_as(recent_rows)
+    rows = torch.cat([sink_rows.clamp(max=n - 1), recent_rows.clamp(min=0)], dim=-1)
+    return rows, torch.cat([sink_ok, recent_ok], dim=-1)
 
 
 def select_step(scores: torch.Tensor, config: DashKVConfig, valid: torch.Tensor | None = None) -> Selection:

@@ -76,11 +76,13 @@ class AllSelections:
 
 
 def use_pytorch_definition(monkeypatch) -> None:
-    """For the rest of the test, hashed layers run the PyTorch definition instead of the compiled kernels."""
-    from hf_dashkv import kernels
+    """For the rest of the test, hashed layers run the PyTorch definition instead of the compiled kernels (numba's,
+    and Triton's, which the tests run on CPU tensors in its interpreter)."""
+    from hf_dashkv import kernels, triton_kernels
 
     monkeypatch.setattr(kernels, "supports", lambda codes: False)
     monkeypatch.setattr(kernels, "supports_decode", lambda key, value: False)
+    monkeypatch.setattr(triton_kernels, "supports_decode", lambda key, value: False)
 
 
 def sparse_generation_setup(batch: int = 2, prompt: int = 60, seed: int = 0):

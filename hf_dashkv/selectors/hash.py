@@ -2,8 +2,9 @@
 
 Keys were hashed once, as the cache stored them; the query is hashed here. The query heads of a GQA group
 combine their distances (``DashKVConfig.group_reduce``), so they share one selection. On the CPU the whole step
-(distances, selection, attention) is one compiled kernel (``kernels.decode_attention``), the fast path of the
-same rule; elsewhere, or with padding that is not left padding, the PyTorch definition runs.
+(distances, selection, attention) is one compiled kernel (``kernels.decode_attention``), on CUDA three Triton
+kernels (``triton_kernels.decode_attention``), fast paths of the same rule; elsewhere, or with padding that is
+not left padding, the PyTorch definition runs.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import kernels
+from .. import kernels, triton_kernels
 from ..codes import head_distances, head_distances_many
 from ..encoders import LayerEncoders
 from ..selection import Selection, combine_group
@@ -52,14 +53,15 @@ class HashSelector(Selector):
         return combine_group(head_distances_many(query_codes, key_codes), self.config.group_reduce)
 
     def decode(self, step: DecodeStep) -> tuple[torch.Tensor, Selection]:
-        """On the CPU, codes -> selection -> attention in one compiled pass (left padding or none); else the
-        PyTorch definition (:meth:`select`, then exact attention)."""
+        """Codes -> selection -> attention as compiled kernels where they run (left padding or none): numba on the
+        CPU, Triton on CUDA; else the PyTorch definition (:meth:`select`, then exact attention)."""
         first, left_padded = step.first_valid()
-        if not (left_padded and kernels.supports_decode(step.key, step.value)):
+        compiled = next((m for m in (kernels, triton_kernels) if m.supports_decode(step.key, step.value)), None)
+        if not left_padded or compiled is None:
             return super().decode(step)
         query_codes = self.encoders.encode_query(step.query[:, :, 0])
         config = self.config
-        out, rows, valid = kernels.decode_attention(
+        out, rows, valid = compiled.decode_attention(
             step.query, query_codes, step.key, step.value, step.key_codes, first, config.sink_tokens,
             config.recent_tokens, config.budget_tokens(step.n), config.group_reduce, step.scale,
         )

@@ -1,0 +1,98 @@
+"""The Triton decode kernels against the PyTorch definition, small shapes: on a GPU where there is one, else under
+Triton's interpreter on CPU tensors (``tests/conftest.py`` sets ``TRITON_INTERPRET=1`` before the kernels are
+defined). Their speed needs a GPU (``dashkv bench --device cuda``).
+"""
+
+import pytest
+import torch
+
+from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders, kernels, triton_kernels
+from hf_dashkv.codes import head_distances, pack_signs
+from hf_dashkv.exact import attend_rows
+from hf_dashkv.selection import Selection, combine_group, select_step
+from tests.tiny import assert_decodes_as_replayed, tiny_model
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def test_triton_is_installed_and_runs_here():
+    # a dependency of the tests (scripts/install.sh): a broken install must fail here, not skip the kernels' tests
+    assert triton_kernels.triton is not None, "triton failed to import: reinstall with `bash scripts/install.sh`"
+    assert DEVICE == "cuda" or triton_kernels.interpreting()
+
+
+CASES = {  # (batch, kv heads, group, N, bits, sinks, recent, budget, reduce, left padding, dtype)
+    "GQA, fp32": (1, 2, 4, 90, 32, 4, 8, 12, "sum", (0,), torch.float32),
+    "GQA, left padding, bf16": (2, 2, 2, 70, 64, 2, 4, 9, "sum", (0, 11), torch.bfloat16),
+    "MQA, min over the group, fp16": (1, 1, 4, 64, 16, 1, 5, 7, "min", (0,), torch.float16),
+    "MHA, 128 bits, fp16": (2, 3, 1, 50, 128, 4, 6, 5, "sum", (3, 0), torch.float16),
+    "budget larger than the candidates": (2, 2, 2, 40, 32, 4, 8, 64, "sum", (0, 9), torch.float32),
+    "no candidates at all": (1, 2, 2, 10, 32, 4, 8, 3, "sum", (0,), torch.bfloat16),
+}
+
+
+def case_inputs(batch, kv_heads, group, n, bits, pad, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, kv_heads * group, 1, 16, generator=g).to(dtype)
+    key, value = (torch.randn(batch, kv_heads, n + 5, 16, generator=g).to(dtype)[:, :, :n] for _ in range(2))
+    query_codes = pack_signs(torch.randn(batch, kv_heads, group, bits, generator=g))
+    # a strided view, as the cache hands over (capacity > length); coarse codes, so there are many ties
+    key_codes = pack_signs(torch.randn(batch, kv_heads, n + 3, bits, generator=g).round())[:, :, :n]
+    first = torch.tensor(pad[:batch])
+    return tuple(t.to(DEVICE) for t in (query, key, value, query_codes, key_codes, first))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_the_triton_step_selects_and_attends_as_the_definition(name):
+    batch, kv_heads, group, n, bits, sinks, recent, budget, reduce, pad, dtype = CASES[name]
+    query, key, value, query_codes, key_codes, first = case_inputs(batch, kv_heads, group, n, bits, pad, dtype)
+    config = DashKVConfig(bits=bits, budget=budget, sink_tokens=sinks, recent_tokens=recent, group_reduce=reduce,
+                          query_hidden=0)
+    out, rows, valid = triton_kernels.decode_attention(query, query_codes, key, value, key_codes, first, sinks,
+                                                       recent, budget, reduce, 0.25)
+    seen = torch.arange(n, device=DEVICE) >= first.view(-1, 1)
+    reference = select_step(combine_group(head_distances(query_codes, key_codes), reduce), config, seen)
+    assert torch.equal(valid, reference.valid)
+    assert torch.equal(rows[valid], reference.rows[reference.valid])
+    expected = attend_rows(query, key, value, reference, 0.25)
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), expected.float(), atol=tolerance, rtol=tolerance)
+
+
+def test_attention_reads_only_the_valid_rows():
+    query, key, value, *_ = case_inputs(1, 2, 2, 30, 32, (0,), torch.float32)
+    rows = torch.tensor([[3, 7, 12, 29], [0, 1, 12, 3]], device=DEVICE).view(1, 2, 4)
+    valid = torch.tensor([[True, True, False, True], [True, False, False, False]], device=DEVICE).view(1, 2, 4)
+    key[0, :, 12], value[0, :, 12] = float("nan"), float("nan")  # only in unused slots: must not leak in
+    out = triton_kernels.attend_rows(query, key, value, rows, valid, 0.5)
+    expected = attend_rows(query, key.nan_to_num(), value.nan_to_num(), Selection(rows, valid), 0.5)
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="runs the Triton path on CPU tensors, through the interpreter")
+def test_generation_through_the_triton_path_is_the_replayed_definition(monkeypatch):
+    monkeypatch.setattr(kernels, "supports_decode", lambda key, value: False)  # the CPU kernel steps aside
+    calls = []
+    fused = triton_kernels.decode_attention
+    monkeypatch.setattr(triton_kernels, "decode_attention", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    model = tiny_model("llama-gqa")
+    config = DashKVConfig(bits=32, budget=4, sink_tokens=2, recent_tokens=4, query_hidden=8, dense_layers=(0,))
+    cache = DashKVCache(model.config, HashEncoders.random(model.config, config), config)
+    ids = torch.randint(3, 97, (2, 40), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0  # left padding
+    assert_decodes_as_replayed(model, cache, dict(input_ids=ids, attention_mask=mask), max_new_tokens=3,
+                               do_sample=False)
+    assert len(calls) == 3 * 2  # hashed layers x decode steps after the prompt's token
+
+
+def test_without_triton_or_a_gpu_the_path_is_not_offered(monkeypatch):
+    key = torch.zeros(1, 1, 4, 8)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not triton_kernels.supports_decode(key, key)  # CPU tensors outside the interpreter
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert triton_kernels.supports_decode(key, key)
+    assert not triton_kernels.supports_decode(key.to(torch.int32), key.to(torch.int32))
+    monkeypatch.setattr(triton_kernels, "triton", None)
+    assert not triton_kernels.supports_decode(key, key)
