@@ -27,17 +27,6 @@ from .layout import ModelLayout
 WEIGHTS_NAME = "model.safetensors"
 
 
-def project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Per-head linear map: ``x [..., H, T, D] @ weight [H, D, K] -> [..., H, T, K]``.
-
-    At decode (``T == 1``) a broadcast multiply-sum: the work is tiny, and a batched matmul there costs ~15x
-    more in waking its thread pool (measured ~48 us vs ~3 us on 2 cores with OMP_WAIT_POLICY=PASSIVE).
-    """
-    if x.shape[-2] == 1:
-        return (x.transpose(-1, -2) * weight).sum(-2, keepdim=True)
-    return torch.matmul(x, weight)
-
-
 def _neutral_if_absent(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
     for name, buffer in module.named_buffers(recurse=False):
         state_dict.setdefault(prefix + name, buffer)
@@ -69,7 +58,7 @@ class KeyEncoder(NeutralBuffers):
 
     def forward(self, keys: torch.Tensor) -> torch.Tensor:
         x = keys.to(self.weight.dtype) / self.input_scale[:, None, None]
-        return project(x, self.weight) + self.bias[:, None]
+        return torch.matmul(x, self.weight) + self.bias[:, None]
 
 
 class QueryEncoder(NeutralBuffers):
@@ -94,12 +83,14 @@ class QueryEncoder(NeutralBuffers):
 
     def forward(self, queries: torch.Tensor) -> torch.Tensor:
         lead, (heads, dim) = queries.shape[:-2], queries.shape[-2:]
+        # batched matmuls over the heads, also at decode (M = batch): measured faster there than a broadcast
+        # multiply-sum, by 2x for the linear map and 3-7x for the MLP, whose broadcast materialised [H, D, hidden]
         q = (queries.to(self.proj.dtype) / self.input_scale[:, None]).reshape(-1, heads, dim).transpose(0, 1)  # [H, M, D]
-        out = project(q, self.proj)
+        out = torch.bmm(q, self.proj)
         if self.hidden:
-            x = nn.functional.silu(project(q, self.w1) + self.b1.unsqueeze(1))
-            x = nn.functional.silu(project(x, self.w2) + self.b2.unsqueeze(1))
-            out = out + project(x, self.w3) + self.b3.unsqueeze(1)
+            x = nn.functional.silu(torch.baddbmm(self.b1.unsqueeze(1), q, self.w1))
+            x = nn.functional.silu(torch.baddbmm(self.b2.unsqueeze(1), x, self.w2))
+            out = torch.baddbmm(out + self.b3.unsqueeze(1), x, self.w3)
         return out.transpose(0, 1).reshape(*lead, heads, -1)
 
 

@@ -20,7 +20,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from hf_dashkv import HashEncoders  # noqa: E402
-from hf_dashkv.apps.cli import shipped_encoders  # noqa: E402
+from hf_dashkv.apps.models import shipped_encoders  # noqa: E402
 from hf_dashkv.apps.demo import sotu_speeches, sotu_text  # noqa: E402
 from hf_dashkv.encoders import Tier2Terms  # noqa: E402
 from hf_dashkv.apps.models import load_model  # noqa: E402

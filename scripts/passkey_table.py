@@ -19,7 +19,7 @@ from tqdm import tqdm  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
 from hf_dashkv import DashKVCache, HashEncoders, with_cache  # noqa: E402
-from hf_dashkv.apps.cli import shipped_encoders  # noqa: E402
+from hf_dashkv.apps.models import shipped_encoders  # noqa: E402
 from hf_dashkv.apps.demo import passkey_prompt  # noqa: E402
 from hf_dashkv.apps.models import load_model  # noqa: E402
 

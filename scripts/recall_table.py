@@ -12,7 +12,7 @@ import statistics  # noqa: E402
 from dataclasses import replace  # noqa: E402
 
 from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders  # noqa: E402
-from hf_dashkv.apps.cli import shipped_encoders  # noqa: E402
+from hf_dashkv.apps.models import shipped_encoders  # noqa: E402
 from hf_dashkv.apps.demo import passkey_prompt  # noqa: E402
 from hf_dashkv.apps.models import load_model  # noqa: E402
 from hf_dashkv.recall import attention_recall  # noqa: E402

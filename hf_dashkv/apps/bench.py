@@ -1,16 +1,28 @@
-"""`dashkv bench`: per-step decode attention latency, full attention vs DASH-KV, side by side in one process.
+"""`dashkv bench`: decode latency, full attention vs DASH-KV, side by side in one process.
 
-For each shape, dtype, context length N and budget, one decode step of one layer is timed, interleaved,
-repeated, as:
+For each encoder config, shape, dtype, context length N and budget, one decode step of one layer is timed,
+interleaved, repeated, two ways:
+
+**The attention call** (cache update, then attention):
 
 - ``sdpa``: the best full attention here, SDPA over a cache that does not copy itself each step; the fastest
   of two layouts (query heads folded onto their KV head, or ``enable_gqa``) is kept per case;
 - ``hf-default``: transformers' default path, ``DynamicLayer.update`` (a ``torch.cat`` of the whole cache)
   then ``sdpa_attention_forward``;
 - ``dashkv``: the real DASH-KV path, ``DashKVLayer.update`` (stores and hashes the new key) then the
-  ``dashkv`` attention function (query encoding, scoring and selection, exact attention over selected rows).
+  ``dashkv`` attention function (query encoding, scoring and selection, exact attention over selected rows);
 
-Ratios are ``sdpa / dashkv`` and ``hf-default / dashkv`` of the medians (> 1: DASH-KV is faster).
+and its parts, each timed alone on the same inputs: ``update`` (store + hash the key), ``encode`` (the query
+encoder), ``select`` (the compiled nearest-codes selection) and ``kernel`` (the fused select-and-attend kernel;
+attending alone is about ``kernel - select``).
+
+**The whole decode step** of one Llama decoder layer of the shape (input norm, q/k/v projections, RoPE, cache
+update, attention, o_proj, the MLP block; the shape's real widths): ``full`` (DashKVCache with every layer dense,
+a cache that does not copy, and the faster SDPA layout of the attention call), ``hf-default`` (DynamicCache and
+transformers' SDPA path) and ``dashkv``. ``step_bound`` is what the step ratio could reach if DASH-KV's attention took no time at all:
+``full step / (full step - full attention)``; the layer's weights are read once per step whatever the attention.
+
+Ratios are medians, ``full / dashkv`` (> 1: DASH-KV is faster).
 """
 
 from __future__ import annotations
@@ -18,25 +30,62 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig
+from transformers import DynamicCache, LlamaConfig
 from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
+from .. import kernels, triton_kernels
 from ..attention import dashkv_attention_forward
-from ..cache import DashKVLayer
+from ..cache import DashKVCache, DashKVLayer, take_pending
 from ..compat import with_cache
 from ..config import DashKVConfig
 from ..encoders import HashEncoders
 
 SHAPES = {
-    "smollm2": dict(num_heads=9, num_kv_heads=3, head_dim=64),
-    "llama3-8b": dict(num_heads=32, num_kv_heads=8, head_dim=128),
+    "smollm2": dict(num_heads=9, num_kv_heads=3, head_dim=64, hidden_size=576, intermediate_size=1536),
+    "llama3-8b": dict(num_heads=32, num_kv_heads=8, head_dim=128, hidden_size=4096, intermediate_size=14336),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """The encoder settings a case runs with: ``name`` (``default``: ``DashKVConfig()``'s; ``shipped``: the shipped
+    SmolLM2 encoders'; ``custom``: the command line's), bits, query MLP width (0: linear), re-ranking factor."""
+
+    name: str = "custom"
+    bits: int = 32
+    query_hidden: int = 0
+    rerank: int = 1
+
+    @property
+    def label(self) -> str:
+        encoder = f"MLP {self.query_hidden}" if self.query_hidden else "linear"
+        return f"{self.name} ({self.bits} b, {encoder}" + (f", rerank {self.rerank})" if self.rerank > 1 else ")")
+
+
+def encoder_specs(names: list[str], custom: EncoderSpec) -> list[EncoderSpec]:
+    """The named specs: ``default`` reads ``DashKVConfig()``, ``shipped`` the shipped SmolLM2 encoders' config."""
+    from .models import shipped_encoders
+
+    specs = []
+    for name in names:
+        if name == "default":
+            config = DashKVConfig()
+        elif name == "shipped":
+            config = HashEncoders.from_pretrained(str(shipped_encoders("smollm2-135m"))).config
+        elif name == "custom":
+            specs.append(custom)
+            continue
+        else:
+            raise ValueError(f"unknown encoder config {name!r}: use default, shipped or custom.")
+        specs.append(EncoderSpec(name, config.bits, config.query_hidden, config.rerank))
+    return specs
 
 
 @dataclass
@@ -45,6 +94,7 @@ class BenchCase:
     dtype: str
     context: int
     budget: int | float
+    encoders: EncoderSpec = field(default_factory=EncoderSpec)
 
 
 @dataclass
@@ -53,12 +103,15 @@ class BenchResult:
     dtype: str
     context: int
     budget: int | float
+    encoders: EncoderSpec
     exact_rows: int
     sdpa_ms: float
     hf_default_ms: float
     dashkv_ms: float
     sdpa_iqr_ms: float
     dashkv_iqr_ms: float
+    parts_ms: dict[str, float]  # update, encode, select, kernel
+    step_ms: dict[str, float] | None = None  # full, hf_default, dashkv, full_attention (None: not timed)
 
     @property
     def speedup(self) -> float:
@@ -67,6 +120,14 @@ class BenchResult:
     @property
     def speedup_vs_default(self) -> float:
         return self.hf_default_ms / self.dashkv_ms
+
+    @property
+    def step_speedup(self) -> float:
+        return self.step_ms["full"] / self.step_ms["dashkv"]
+
+    @property
+    def step_bound(self) -> float:
+        return self.step_ms["full"] / (self.step_ms["full"] - self.step_ms["full_attention"])
 
 
 class _Attention(torch.nn.Module):
@@ -79,27 +140,40 @@ class _Attention(torch.nn.Module):
         self.layer_idx = layer_idx
 
 
-def _timed(fn) -> float:
+def _timed(fn, device: str = "cpu") -> float:
+    """Wall ms of ``fn()``; on a GPU, from an idle device to the end of the work it queued."""
+    if device != "cpu":
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     fn()
+    if device != "cpu":
+        torch.cuda.synchronize(device)
     return (time.perf_counter() - start) * 1e3
 
 
-def run_case(case: BenchCase, bits: int = 32, query_hidden: int = 0, repeats: int = 15, seed: int = 0,
-             rerank: int = 1) -> BenchResult:
-    """Time one decode step of one layer three ways (interleaved, ``repeats`` times) and return medians."""
-    shape = SHAPES[case.shape]
-    heads, kv_heads, head_dim = shape["num_heads"], shape["num_kv_heads"], shape["head_dim"]
-    dtype, n = DTYPES[case.dtype], case.context
-    model_config = LlamaConfig(
-        num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
-        hidden_size=heads * head_dim,
+def _model_config(shape: str) -> LlamaConfig:
+    s = SHAPES[shape]
+    return LlamaConfig(
+        num_hidden_layers=2, num_attention_heads=s["num_heads"], num_key_value_heads=s["num_kv_heads"],
+        head_dim=s["head_dim"], hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
     )
-    config = DashKVConfig(bits=bits, budget=case.budget, query_hidden=query_hidden, dense_layers=(0,), rerank=rerank)
-    encoders = HashEncoders.random(model_config, config, seed=seed)
+
+
+def run_case(case: BenchCase, repeats: int = 15, seed: int = 0, whole_step: bool = False,
+             device: str = "cpu") -> BenchResult:
+    """Time one decode step of one layer (interleaved, ``repeats`` times) and return medians: the attention call
+    three ways and its parts; with ``whole_step``, also a whole decoder layer three ways. On ``device="cuda"``
+    the compiled parts are the Triton kernels (``triton_kernels``), else numba's (``kernels``)."""
+    model_config = _model_config(case.shape)
+    heads, kv_heads = model_config.num_attention_heads, model_config.num_key_value_heads
+    head_dim, dtype, n = model_config.head_dim, DTYPES[case.dtype], case.context
+    spec = case.encoders
+    config = DashKVConfig(bits=spec.bits, budget=case.budget, query_hidden=spec.query_hidden, dense_layers=(0,),
+                          rerank=spec.rerank)
+    encoders = HashEncoders.random(model_config, config, seed=seed).to(device)
     g = torch.Generator().manual_seed(seed)
-    keys = torch.randn(1, kv_heads, n, head_dim, generator=g).to(dtype)
-    values = torch.randn(1, kv_heads, n, head_dim, generator=g).to(dtype)
+    keys = torch.randn(1, kv_heads, n, head_dim, generator=g).to(device, dtype)
+    values = torch.randn(1, kv_heads, n, head_dim, generator=g).to(device, dtype)
     module = _Attention(heads, kv_heads)
     scale = head_dim**-0.5
 
@@ -109,7 +183,7 @@ def run_case(case: BenchCase, bits: int = 32, query_hidden: int = 0, repeats: in
     default.update(keys, values)
 
     def new_token():
-        return tuple(torch.randn(1, h, 1, head_dim, generator=g).to(dtype) for h in (heads, kv_heads, kv_heads))
+        return tuple(torch.randn(1, h, 1, head_dim, generator=g).to(device, dtype) for h in (heads, kv_heads, kv_heads))
 
     def sdpa_step(q):
         folded = q.reshape(1, kv_heads, heads // kv_heads, head_dim)
@@ -130,27 +204,125 @@ def run_case(case: BenchCase, bits: int = 32, query_hidden: int = 0, repeats: in
         dash.crop(-1)
         return out
 
+    first = torch.zeros(1, dtype=torch.long, device=device)
+    budget = config.budget_tokens(n + 1)  # the step attends N cached tokens and the new one
+    compiled = kernels if device == "cpu" else triton_kernels
+    sinks, recent, reduce = config.sink_tokens, config.recent_tokens, config.group_reduce
+
+    def select(codes):
+        if device == "cpu":
+            return kernels.nearest_codes(codes, dash.key_codes, first + sinks, n + 1 - recent, budget, reduce)
+        return triton_kernels.select_nearest(codes, dash.key_codes, first, sinks, recent, budget, reduce)
+
+    def timed(fn):
+        return _timed(fn, device)
+
+    def parts(q, k, v):
+        """The DASH-KV step's parts, each timed alone on this step's inputs."""
+        update = timed(lambda: dash.update(k, v))
+        take_pending(dash.keys)  # the update's hand-off to an attention call that is not made here
+        codes = dash.encoders.encode_query(q[:, :, 0])
+        timings = dict(
+            update=update,
+            encode=timed(lambda: dash.encoders.encode_query(q[:, :, 0])),
+            select=timed(lambda: select(codes)),
+            kernel=timed(lambda: compiled.decode_attention(q, codes, dash.keys, dash.values, dash.key_codes, first,
+                                                           sinks, recent, budget, reduce, scale)),
+        )
+        dash.crop(-1)
+        return timings
+
     times = {"sdpa": [], "sdpa-gqa": [], "default": [], "dashkv": []}
+    part_times = {"update": [], "encode": [], "select": [], "kernel": []}
     with torch.inference_mode():
         q, k, v = new_token()
         for step in (dashkv_step, default_step):  # warm-up: buffers grown, kernels compiled
             step(q, k, v)
+        parts(q, k, v)
         for _ in range(repeats):
             q, k, v = new_token()
-            times["sdpa"].append(_timed(lambda: sdpa_step(q)))
-            times["sdpa-gqa"].append(_timed(lambda: sdpa_gqa_step(q)))
-            times["default"].append(_timed(lambda: default_step(q, k, v)))
-            times["dashkv"].append(_timed(lambda: dashkv_step(q, k, v)))
+            times["sdpa"].append(timed(lambda: sdpa_step(q)))
+            times["sdpa-gqa"].append(timed(lambda: sdpa_gqa_step(q)))
+            times["default"].append(timed(lambda: default_step(q, k, v)))
+            times["dashkv"].append(timed(lambda: dashkv_step(q, k, v)))
+            for name, ms in parts(q, k, v).items():
+                part_times[name].append(ms)
     best_sdpa = min(("sdpa", "sdpa-gqa"), key=lambda name: statistics.median(times[name]))
+    step = None
+    if whole_step:
+        step = _whole_step(model_config, dtype, keys, values, encoders, config, repeats, g, best_sdpa == "sdpa-gqa",
+                           device)
+        step["full_attention"] = statistics.median(times[best_sdpa])
     return BenchResult(
-        **asdict(case),
+        shape=case.shape, dtype=case.dtype, context=n, budget=case.budget, encoders=spec,
         exact_rows=config.exact_tokens(n + 1),
         sdpa_ms=statistics.median(times[best_sdpa]),
         hf_default_ms=statistics.median(times["default"]),
         dashkv_ms=statistics.median(times["dashkv"]),
         sdpa_iqr_ms=_iqr(times[best_sdpa]),
         dashkv_iqr_ms=_iqr(times["dashkv"]),
+        parts_ms={name: statistics.median(t) for name, t in part_times.items()},
+        step_ms=step,
     )
+
+
+def _best_full_attention(enable_gqa: bool):
+    """An attention function (transformers' interface) for one decode query: SDPA reading each K/V row once, with
+    the query heads folded onto their KV head or with ``enable_gqa`` (transformers' own SDPA path copies K/V
+    per query head with ``repeat_kv`` on the CPU)."""
+
+    def attend(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        batch, heads, _, dim = query.shape
+        if enable_gqa:
+            out = torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=True)
+        else:
+            folded = query.reshape(batch, key.shape[1], heads // key.shape[1], dim)
+            out = torch.nn.functional.scaled_dot_product_attention(folded, key, value, scale=scaling)
+        return out.reshape(batch, heads, 1, dim).transpose(1, 2), None
+
+    return attend
+
+
+def _whole_step(model_config, dtype, keys, values, encoders, config, repeats, generator, enable_gqa: bool,
+                device: str = "cpu"):
+    """Median ms of one decode step of a Llama decoder layer (layer 1 of 2) over ``keys/values`` of N tokens:
+    ``full`` (non-copying cache, the best SDPA layout), ``hf_default`` (DynamicCache, transformers' SDPA),
+    ``dashkv``."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("dashkv_bench_full", _best_full_attention(enable_gqa))
+    torch.manual_seed(0)
+    model_config._attn_implementation = "dashkv"
+    layer = LlamaDecoderLayer(model_config, layer_idx=1).to(device, dtype).eval()
+    rotary = LlamaRotaryEmbedding(model_config).to(device)
+    n = keys.shape[2]
+    caches = {
+        "full": DashKVCache(model_config, config=replace(config, dense_layers=(0, 1))),
+        "hf_default": DynamicCache(config=model_config),
+        "dashkv": DashKVCache(model_config, encoders, config),
+    }
+    for cache in caches.values():
+        stored = cache.layers[1]
+        (stored.store if isinstance(stored, DashKVLayer) else stored.update)(keys, values)
+    implementation = {"full": "dashkv_bench_full", "hf_default": "sdpa", "dashkv": "dashkv"}
+
+    def step(name, hidden, position):
+        model_config._attn_implementation = implementation[name]
+        layer(hidden, position_embeddings=rotary(hidden, position), position_ids=position, use_cache=True,
+              **with_cache(caches[name]))
+        caches[name].layers[1].crop(-1)
+
+    times = {name: [] for name in caches}
+    position = torch.tensor([[n]], device=device)
+    with torch.inference_mode():
+        hidden = torch.randn(1, 1, model_config.hidden_size, generator=generator).to(device, dtype)
+        for name in caches:  # warm-up
+            step(name, hidden, position)
+        for _ in range(repeats):
+            hidden = torch.randn(1, 1, model_config.hidden_size, generator=generator).to(device, dtype)
+            for name in caches:
+                times[name].append(_timed(lambda: step(name, hidden, position), device))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _iqr(values: list[float]) -> float:
@@ -164,22 +336,45 @@ def budget_label(budget: int | float) -> str:
 
 
 def markdown_table(results: list[BenchResult]) -> str:
-    """Ratio table, one row per case."""
+    """The attention call: one row per case, with its parts (``attend`` is ``kernel - select``)."""
     lines = [
-        "| shape | dtype | N | budget | exact rows | SDPA ms | HF default ms | DASH-KV ms | vs SDPA | vs HF default |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| encoders | shape | dtype | N | budget | exact rows | SDPA ms | HF default ms | DASH-KV ms | vs SDPA "
+        "| vs HF default | update | encode | select | attend |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
+        part = r.parts_ms
         lines.append(
-            f"| {r.shape} | {r.dtype} | {r.context // 1024}k | {budget_label(r.budget)} | {r.exact_rows} | "
-            f"{r.sdpa_ms:.2f} ± {r.sdpa_iqr_ms:.2f} | {r.hf_default_ms:.2f} | {r.dashkv_ms:.2f} ± {r.dashkv_iqr_ms:.2f} | "
-            f"**{r.speedup:.1f}x** | {r.speedup_vs_default:.1f}x |"
+            f"| {r.encoders.label} | {r.shape} | {r.dtype} | {r.context // 1024}k | {budget_label(r.budget)} | "
+            f"{r.exact_rows} | {r.sdpa_ms:.2f} ± {r.sdpa_iqr_ms:.2f} | {r.hf_default_ms:.2f} | "
+            f"{r.dashkv_ms:.2f} ± {r.dashkv_iqr_ms:.2f} | **{r.speedup:.1f}x** | {r.speedup_vs_default:.1f}x | "
+            f"{part['update']:.2f} | {part['encode']:.2f} | {part['select']:.2f} | "
+            f"{part['kernel'] - part['select']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def step_table(results: list[BenchResult]) -> str:
+    """The whole decoder-layer step: one row per case timed with ``whole_step``."""
+    lines = [
+        "| encoders | shape | dtype | N | budget | full step ms | HF default step ms | DASH-KV step ms | vs full "
+        "| bound | query encoder share |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        if r.step_ms is None:
+            continue
+        step = r.step_ms
+        lines.append(
+            f"| {r.encoders.label} | {r.shape} | {r.dtype} | {r.context // 1024}k | {budget_label(r.budget)} | "
+            f"{step['full']:.2f} | {step['hf_default']:.2f} | {step['dashkv']:.2f} | **{r.step_speedup:.2f}x** | "
+            f"{r.step_bound:.2f}x | {r.parts_ms['encode'] / step['dashkv']:.0%} |"
         )
     return "\n".join(lines)
 
 
 def plot(results: list[BenchResult], path: Path) -> None:
-    """Latency vs N, one panel per (shape, dtype); full attention and each DASH-KV budget."""
+    """Attention-call latency vs N, one panel per (shape, dtype); full attention and each DASH-KV setting."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -189,36 +384,41 @@ def plot(results: list[BenchResult], path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (shape, dtype) in zip(axes[0], panels):
         rows = [r for r in results if (r.shape, r.dtype) == (shape, dtype)]
-        budgets = sorted({r.budget for r in rows}, key=str)
-        first = [r for r in rows if r.budget == budgets[0]]
+        settings = sorted({(r.encoders, r.budget) for r in rows}, key=str)
+        first = [r for r in rows if (r.encoders, r.budget) == settings[0]]
         ax.plot([r.context for r in first], [r.sdpa_ms for r in first], "k-o", label="full (best SDPA)")
         ax.plot([r.context for r in first], [r.hf_default_ms for r in first], "k--", label="HF default")
-        for budget in budgets:
-            sel = [r for r in rows if r.budget == budget]
-            ax.plot([r.context for r in sel], [r.dashkv_ms for r in sel], "-o", label=f"DASH-KV {budget_label(budget)}")
+        for spec, budget in settings:
+            sel = [r for r in rows if (r.encoders, r.budget) == (spec, budget)]
+            ax.plot([r.context for r in sel], [r.dashkv_ms for r in sel], "-o",
+                    label=f"DASH-KV {spec.label} {budget_label(budget)}")
         ax.set(xscale="log", yscale="log", xlabel="context N (tokens)", ylabel="ms per decode step (one layer)",
                title=f"{shape}, {dtype}")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def run(cases: list[BenchCase], out_dir: Path, bits: int = 32, query_hidden: int = 0, repeats: int = 15,
-        rerank: int = 1) -> list[BenchResult]:
-    """Run ``cases`` with a progress bar, write ``results.json``, ``results.md`` and ``latency.png`` to ``out_dir``."""
+def run(cases: list[BenchCase], out_dir: Path, repeats: int = 15, whole_step: bool = True,
+        device: str = "cpu") -> list[BenchResult]:
+    """Run ``cases`` with a progress bar; write ``results.json``, ``results.md`` (the attention call and the whole
+    step) and ``latency.png`` to ``out_dir``."""
     from tqdm import tqdm
 
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for case in tqdm(cases, desc="dashkv bench", unit="case"):
-        results.append(run_case(case, bits=bits, query_hidden=query_hidden, repeats=repeats, rerank=rerank))
-    meta = dict(bits=bits, query_hidden=query_hidden, rerank=rerank, repeats=repeats, threads=torch.get_num_threads())
+        results.append(run_case(case, repeats=repeats, whole_step=whole_step, device=device))
+    meta = dict(repeats=repeats, threads=torch.get_num_threads(), torch=torch.__version__, device=device)
+    if device != "cpu":
+        meta["gpu"] = torch.cuda.get_device_name(device)
     (out_dir / "results.json").write_text(
         json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=1)
     )
-    (out_dir / "results.md").write_text(markdown_table(results) + "\n")
+    tables = markdown_table(results) + ("\n\n" + step_table(results) if whole_step else "")
+    (out_dir / "results.md").write_text(tables + "\n")
     plot(results, out_dir / "latency.png")
     return results
 
@@ -311,7 +511,6 @@ def selection_speed(contexts: list[int], budget: float = 1 / 32, bits: int = 32,
     Llama-3-8B shape (8 KV heads, groups of 4 query heads, summed distances), ``budget`` of the context.
     Returns a markdown table of medians in ms.
     """
-    from .. import kernels
     from ..codes import head_distances, nearest, pack_signs
     from ..selection import combine_group
 

@@ -5,13 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import replace
-from importlib import resources
-
-
-def shipped_encoders(model_name: str):
-    """Path of the trained encoders that ship in this package for an embedded model, or ``None``."""
-    path = resources.files("hf_dashkv") / "assets" / "encoders" / model_name
-    return path if (path / "config.json").is_file() else None
 
 
 def _budget(text: str) -> int | float:
@@ -63,7 +56,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .. import DashKVCache, HashEncoders
     from .demo import passkey_prompt, timed_generate
-    from .models import EMBEDDED_MODELS, load_model
+    from .models import EMBEDDED_MODELS, load_model, shipped_encoders
 
     torch.manual_seed(0)
     print(f"loading {args.model} ...", flush=True)
@@ -102,35 +95,43 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .. import DashKVConfig, HashEncoders
-    from .bench import BenchCase, generate_speed, generate_table, markdown_table, run, selection_speed
+    import torch
+
+    from .bench import (BenchCase, EncoderSpec, encoder_specs, generate_speed, generate_table, markdown_table, run,
+                        selection_speed, step_table)
     from .models import load_model
 
+    custom = EncoderSpec("custom", args.bits, args.query_hidden, args.rerank)
+    specs = encoder_specs(args.configs, custom)
     cases = [
-        BenchCase(shape, dtype, context, budget)
+        BenchCase(shape, dtype, context, budget, spec)
+        for spec in specs
         for shape in args.shapes
         for dtype in args.dtypes
         for budget in args.budgets
         for context in args.contexts
     ]
     out_dir = Path(args.out_dir)
-    results = run(cases, out_dir, bits=args.bits, query_hidden=args.query_hidden, repeats=args.repeats,
-                  rerank=args.rerank)
-    print("\nDecode attention, one layer, one step (ms, median ± IQR); ratios > 1: DASH-KV is faster\n")
-    print(markdown_table(results))
-    selection = selection_speed(args.contexts, budget=args.budgets[0], bits=args.bits)
-    print(f"\nChoosing the nearest keys (ms, median)\n\n{selection}")
-    (out_dir / "selection.md").write_text(selection + "\n")
-    if args.generate_contexts:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("dashkv bench --device cuda: no CUDA device here (torch.cuda.is_available() is False).")
+    results = run(cases, out_dir, repeats=args.repeats, whole_step=args.whole_step, device=args.device)
+    print("\nThe attention call, one layer, one step (ms, median ± IQR; parts timed alone); ratios > 1: DASH-KV is "
+          f"faster\n\n{markdown_table(results)}")
+    if args.whole_step:
+        print(f"\nOne whole decoder-layer step (ms, median)\n\n{step_table(results)}")
+    if args.device == "cpu":  # the compiled CPU selection against its PyTorch definition
+        selection = selection_speed(args.contexts, budget=args.budgets[0], bits=specs[0].bits)
+        print(f"\nChoosing the nearest keys (ms, median)\n\n{selection}")
+        (out_dir / "selection.md").write_text(selection + "\n")
+    if args.generate_contexts and args.device == "cpu":
         model, tokenizer = load_model(args.model)
-        lines = []
-        for dense in (tuple(args.dense_layers), ()):
-            config = DashKVConfig(bits=args.bits, budget=args.budgets[0], dense_layers=dense, query_hidden=args.query_hidden)
-            encoders = HashEncoders.random(model.config, config, seed=0)
-            table = generate_table(generate_speed(model, tokenizer, encoders, config, args.generate_contexts))
-            lines.append(f"\nEnd-to-end generate, {args.model}, dense layers {list(dense)}, decode tokens/s\n\n{table}")
-        print("\n".join(lines))
-        (out_dir / "generate.md").write_text("\n".join(lines) + "\n")
+        encoders = _trained_encoders(args.model, args.encoders)
+        config = replace(encoders.config, budget=args.budgets[0])
+        table = generate_table(generate_speed(model, tokenizer, encoders, config, args.generate_contexts))
+        text = (f"End-to-end generate, {args.model} with its trained encoders ({config.bits} bits, dense layers "
+                f"{list(config.dense_layers)}), decode tokens/s\n\n{table}")
+        print("\n" + text)
+        (out_dir / "generate.md").write_text(text + "\n")
     print(f"\nwrote {out_dir}/: results.json, results.md, latency.png, selection.md"
           + (", generate.md" if args.generate_contexts else ""))
     return 0
@@ -139,6 +140,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _trained_encoders(model_name: str, path: str | None):
     """The encoders ``--encoders`` names, or the shipped ones of an embedded model; a clear error otherwise."""
     from .. import HashEncoders
+    from .models import shipped_encoders
 
     source = path or shipped_encoders(model_name)
     if source is None:
@@ -244,18 +246,25 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="decode attention latency and generate tokens/s, full vs DASH-KV")
     bench.add_argument("--shapes", nargs="+", default=["llama3-8b", "smollm2"], choices=["llama3-8b", "smollm2"])
     bench.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
-    bench.add_argument("--contexts", nargs="+", type=_tokens, default=[4096, 16384, 65536, 131072],
+    bench.add_argument("--contexts", nargs="+", type=_tokens, default=[8192, 131072],
                        help="context lengths, e.g. 4k 16k 128k")
-    bench.add_argument("--budgets", nargs="+", type=_budget, default=[1 / 32, 1 / 16, 2048])
-    bench.add_argument("--bits", type=int, default=32)
-    bench.add_argument("--query-hidden", type=int, default=0, help="query encoder MLP width (0: linear)")
-    bench.add_argument("--rerank", type=int, default=1, help="re-ranking factor of the DASH-KV path (1: off)")
+    bench.add_argument("--budgets", nargs="+", type=_budget, default=[1 / 32])
+    bench.add_argument("--configs", nargs="+", default=["default", "shipped"], choices=["default", "shipped", "custom"],
+                       help="encoder settings: DashKVConfig()'s, the shipped SmolLM2 encoders', or --bits/--query-hidden/"
+                            "--rerank")
+    bench.add_argument("--bits", type=int, default=32, help="bits of the custom config")
+    bench.add_argument("--query-hidden", type=int, default=0, help="query MLP width of the custom config (0: linear)")
+    bench.add_argument("--rerank", type=int, default=1, help="re-ranking factor of the custom config (1: off)")
+    bench.add_argument("--whole-step", action=argparse.BooleanOptionalAction, default=True,
+                       help="also time one whole decoder-layer step (projections, MLP block, cache update)")
+    bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                       help="cuda: the Triton kernels against SDPA on the GPU (end-to-end generate runs on cpu only)")
     bench.add_argument("--repeats", type=int, default=15)
     bench.add_argument("--out-dir", default="docs/bench")
     bench.add_argument("--generate-contexts", nargs="*", type=_tokens, default=[8192, 32768],
-                       help="end-to-end generate with --model at these contexts (none: skip)")
+                       help="end-to-end generate with --model and its trained encoders at these contexts (none: skip)")
     bench.add_argument("--model", default="smollm2-135m")
-    bench.add_argument("--dense-layers", type=int, nargs="*", default=[0, 1, -2, -1])
+    bench.add_argument("--encoders", default=None, help="trained encoders for --model (default: the shipped ones)")
     bench.set_defaults(func=cmd_bench)
 
     from .evaluation.runner import METHODS

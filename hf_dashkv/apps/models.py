@@ -8,6 +8,7 @@ safetensors copy under ``$HF_DASHKV_CACHE`` (default ``~/.cache/hf_dashkv``) and
 from __future__ import annotations
 
 import importlib
+from importlib import resources
 import os
 import shutil
 import tempfile
@@ -39,6 +40,12 @@ EMBEDDED_MODELS = {
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"
+
+
+def shipped_encoders(model_name: str):
+    """Path of the trained encoders that ship in this package for an embedded model, or ``None``."""
+    path = resources.files("hf_dashkv") / "assets" / "encoders" / model_name
+    return path if (path / "config.json").is_file() else None
 
 
 def cache_dir() -> Path:
