@@ -102,13 +102,11 @@ def nearest(distances: torch.Tensor, candidates: torch.Tensor, k: int) -> tuple[
 
 
 def _compact(chosen: torch.Tensor, k: int, lead: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions of the ``True`` entries of each row of ``chosen`` ``[R, N]``, padded to width ``k``."""
-    rows = chosen.shape[0]
-    counts = chosen.sum(1)
-    row_idx, pos = chosen.nonzero(as_tuple=True)  # row-major, so positions ascend within a row
-    starts = counts.cumsum(0) - counts
-    slot = torch.arange(pos.numel(), device=pos.device) - starts[row_idx]
-    positions = torch.zeros(rows, k, dtype=torch.long, device=chosen.device)
-    positions[row_idx, slot] = pos
-    valid = torch.arange(k, device=chosen.device) < counts.unsqueeze(1)
-    return positions.reshape(*lead, k), valid.reshape(*lead, k)
+    """Positions of the ``True`` entries of each row of ``chosen`` ``[R, N]`` (at most ``k``), ascending, padded to
+    width ``k``. A scatter to each entry's rank, not ``nonzero``: no data-dependent shape, so no read-back."""
+    rows, n = chosen.shape
+    slot = torch.where(chosen, chosen.cumsum(1) - 1, k)  # the rest go to a spare column, dropped below
+    positions = torch.zeros(rows, k + 1, dtype=torch.long, device=chosen.device)
+    positions.scatter_(1, slot, torch.arange(n, device=chosen.device).expand(rows, n))
+    valid = torch.arange(k, device=chosen.device) < chosen.sum(1, keepdim=True)
+    return positions[:, :k].reshape(*lead, k), valid.reshape(*lead, k)

@@ -40,16 +40,18 @@ class Selection:
         return counts.scatter_add_(-1, self.rows, self.valid.to(torch.int32)) > 0
 
 
-def first_valid(valid: torch.Tensor | None, batch: int, device) -> tuple[torch.Tensor, bool]:
-    """First non-padding position of each sequence ``[B]``, and whether padding is left padding only.
-
-    Sinks start at the first real token. Left padding (the valid keys of each row are a suffix, what batched
-    ``generate`` produces) is the case the compiled kernel handles; other masks take the general path.
-    """
+def first_position(valid: torch.Tensor | None, batch: int, device) -> torch.Tensor:
+    """First non-padding position of each sequence ``[B]`` (0 without a mask): sinks start at the first real token.
+    Stays on the device."""
     if valid is None:
-        return torch.zeros(batch, dtype=torch.long, device=device), True
-    first = valid.int().argmax(-1)
-    return first, bool((valid.sum(-1) == valid.shape[-1] - first).all())
+        return torch.zeros(batch, dtype=torch.long, device=device)
+    return valid.int().argmax(-1)
+
+
+def left_padded(valid: torch.Tensor | None, first: torch.Tensor) -> bool:
+    """Whether padding is left padding only (the valid keys of each row are a suffix, what batched ``generate``
+    produces), the case the compiled CPU kernel handles. Reads a bool back from the device."""
+    return valid is None or bool((valid.sum(-1) == valid.shape[-1] - first).all())
 
 
 def candidates(
@@ -58,7 +60,7 @@ def candidates(
     """bool ``[B, P, N]``: the keys the budget may choose from, after the sinks and before the recent window.
 
     Args:
-        config: sinks and recent window; first: ``[B]`` from :func:`first_valid`;
+        config: sinks and recent window; first: ``[B]`` from :func:`first_position`;
         ends: ``[P]``, each query's context length (position + 1); n: cached tokens; valid: bool ``[B, N]`` or ``None``.
     """
     keys = torch.arange(n, device=first.device)
@@ -79,7 +81,7 @@ def combine_group(scores: torch.Tensor, reduce: str) -> torch.Tensor:
 def select(
     scores: torch.Tensor,
     config: DashKVConfig,
-    ends: torch.Tensor,
+    ends: torch.Tensor | int,
     valid: torch.Tensor | None = None,
 ) -> Selection:
     """The rows each query attends to exactly: the definition of DASH-KV's selection.
@@ -88,7 +90,8 @@ def select(
         scores: ``[B, Hkv, P, N]``, one per KV head (:func:`combine_group`), lower is nearer; integer scores
             break ties towards the later position.
         config: sinks, recent window and budget (``budget_tokens`` of each query's context).
-        ends: ``[P]``, each query's context length: a decode step over ``N`` cached tokens is ``ends = [N]``.
+        ends: ``[P]``, each query's context length; an int for one query (a decode step over ``N`` cached tokens:
+            ``N``), which reads nothing back from the device.
         valid: bool ``[B, N]``, ``False`` at padding, or ``None`` when every key is visible.
 
     Returns:
@@ -97,12 +100,14 @@ def select(
     """
     batch, kv_heads, length, n = scores.shape
     device = scores.device
-    first, _ = first_valid(valid, batch, device)
-    ends = ends.to(device)
+    first = first_position(valid, batch, device)
+    if isinstance(ends, int):
+        budgets, ends = [config.budget_tokens(ends)], torch.full((1,), ends, device=device)
+    else:
+        budgets, ends = [config.budget_tokens(int(end)) for end in ends.tolist()], ends.to(device)
     fixed, fixed_ok = fixed_rows(config.sink_tokens, config.recent_tokens, first, ends, n, valid)
 
     allowed = candidates(config, first, ends, n, valid).unsqueeze(1).expand(-1, kv_heads, -1, -1)
-    budgets = [config.budget_tokens(int(end)) for end in ends.tolist()]
     width = max(budgets)
     near_rows = torch.zeros(batch, kv_heads, length, width, dtype=torch.long, device=device)
     near_ok = torch.zeros(batch, kv_heads, length, width, dtype=torch.bool, device=device)
@@ -125,7 +130,7 @@ def fixed_rows(
     """The rows each query attends whatever the scores, its sinks then its recent window: ``(rows, ok)``, each
     ``[B, P, sinks + recent]``; not ok: a sink inside the recent window, padding, a position before 0.
 
-    Args: first ``[B]`` (:func:`first_valid`); ends ``[P]``, each query's context length; valid as in :func:`select`.
+    Args: first ``[B]`` (:func:`first_position`); ends ``[P]``, each query's context length; valid as in :func:`select`.
     """
     device = first.device
     batch, length = first.shape[0], ends.shape[0]
@@ -141,5 +146,5 @@ def fixed_rows(
 
 def select_step(scores: torch.Tensor, config: DashKVConfig, valid: torch.Tensor | None = None) -> Selection:
     """:func:`select` for one decode step over the whole cache: ``scores [B, Hkv, N]`` -> ``[B, Hkv, M]``."""
-    chosen = select(scores.unsqueeze(2), config, torch.tensor([scores.shape[-1]], device=scores.device), valid)
+    chosen = select(scores.unsqueeze(2), config, scores.shape[-1], valid)
     return Selection(chosen.rows.squeeze(2), chosen.valid.squeeze(2))

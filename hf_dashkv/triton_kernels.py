@@ -55,20 +55,23 @@ def decode_attention(
     budget: int,
     reduce: str,
     scale: float,
+    seen: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One decode step of a hashed layer: ``selection.select`` then ``exact.attend_rows``, as Triton kernels.
 
     Args and returns as ``kernels.decode_attention`` (the CPU kernel): query ``[B, Hq, 1, D]``, query_codes
     ``[B, Hkv, G, nbytes]``, key/value ``[B, Hkv, N, D]`` and key_codes ``[B, Hkv, N, nbytes]`` (views of the cache's
-    buffers), first ``[B]`` (left padding); -> ``(out [B, 1, Hq, D], rows [B, Hkv, M], valid [B, Hkv, M])``.
+    buffers), first ``[B]``; -> ``(out [B, 1, Hq, D], rows [B, Hkv, M], valid [B, Hkv, M])``. ``seen``: bool
+    ``[B, N]``, ``False`` at padding anywhere (``None``: left padding before ``first``).
     """
     from .selection import fixed_rows
 
     kv_heads, n = key.shape[1], key.shape[2]
-    near_rows, near_valid = select_nearest(query_codes, key_codes, first, sinks, recent, budget, reduce)
+    if seen is None:
+        seen = torch.arange(n, device=key.device) >= first.view(-1, 1)
+    near_rows, near_valid = select_nearest(query_codes, key_codes, first, sinks, recent, budget, reduce, seen)
     ends = torch.full((1,), n, dtype=torch.long, device=key.device)
-    seen = torch.arange(n, device=key.device) >= first.to(key.device).view(-1, 1)  # left padding
-    rows, ok = fixed_rows(sinks, recent, first.to(key.device), ends, n, seen)  # [B, P = 1, S + R]
+    rows, ok = fixed_rows(sinks, recent, first, ends, n, seen)  # [B, P = 1, S + R]
     rows = torch.cat([rows.expand(-1, kv_heads, -1), near_rows], dim=-1)
     valid = torch.cat([ok.expand(-1, kv_heads, -1), near_valid], dim=-1)
     return attend_rows(query, key, value, rows, valid, scale), rows, valid
@@ -76,10 +79,11 @@ def decode_attention(
 
 def select_nearest(
     query_codes: torch.Tensor, key_codes: torch.Tensor, first: torch.Tensor, sinks: int, recent: int, budget: int,
-    reduce: str,
+    reduce: str, seen: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``budget`` nearest candidates of each (batch, KV head): ``codes.nearest`` of the combined distances over
-    positions ``first + sinks <= p < N - recent``; ``(rows [B, Hkv, budget] ascending, valid)``."""
+    positions ``first + sinks <= p < N - recent`` (and ``seen``, bool ``[B, N]``, where given);
+    ``(rows [B, Hkv, budget] ascending, valid)``."""
     batch, kv_heads, group, nbytes = query_codes.shape
     n = key_codes.shape[2]
     device = key_codes.device
@@ -89,8 +93,9 @@ def select_nearest(
     lo = (first.to(device=device, dtype=torch.int32) + sinks).contiguous()
     hi = n - recent
     block = 128
+    seen = (torch.ones(batch, n, dtype=torch.int8, device=device) if seen is None else seen.to(torch.int8)).contiguous()
     _distances_kernel[(batch * kv_heads, triton.cdiv(n, block))](
-        query_codes, key_codes, distances, lo, hi, n, kv_heads, *query_codes.stride(), *key_codes.stride(),
+        query_codes, key_codes, distances, lo, seen, hi, n, kv_heads, *query_codes.stride(), *key_codes.stride(),
         GROUP=group, NBYTES=nbytes, SUM=reduce == "sum", NOT_CANDIDATE=max_distance + 1, BLOCK=block,
     )
     rows = torch.zeros(batch, kv_heads, max(budget, 1), dtype=torch.int64, device=device)
@@ -132,7 +137,7 @@ if triton is not None:
         return (x * 0x01010101) >> 24
 
     @triton.jit
-    def _distances_kernel(q_ptr, k_ptr, out_ptr, lo_ptr, hi, n, kv_heads,
+    def _distances_kernel(q_ptr, k_ptr, out_ptr, lo_ptr, seen_ptr, hi, n, kv_heads,
                           sqb, sqh, sqg, sqc, skb, skh, skn, skc,
                           GROUP: tl.constexpr, NBYTES: tl.constexpr, SUM: tl.constexpr,
                           NOT_CANDIDATE: tl.constexpr, BLOCK: tl.constexpr):
@@ -149,7 +154,8 @@ if triton is not None:
                 distance += _popcount(q ^ k)
             combined = combined + distance if SUM else tl.minimum(combined, distance)
         lo = tl.load(lo_ptr + b)
-        candidate = inside & (pos >= lo) & (pos < hi)
+        seen = tl.load(seen_ptr + b * n + pos, mask=inside, other=0) != 0
+        candidate = inside & seen & (pos >= lo) & (pos < hi)
         tl.store(out_ptr + pid * n + pos, tl.where(candidate, combined, NOT_CANDIDATE), mask=inside)
 
     @triton.jit

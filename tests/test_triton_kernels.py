@@ -60,6 +60,49 @@ def test_the_triton_step_selects_and_attends_as_the_definition(name):
     torch.testing.assert_close(out.float(), expected.float(), atol=tolerance, rtol=tolerance)
 
 
+def test_padding_anywhere_is_masked_as_the_definition_masks_it():
+    # not left padding (a hole mid-sequence): the CPU kernel leaves this to PyTorch; the Triton path takes it
+    query, key, value, query_codes, key_codes, first = case_inputs(2, 2, 2, 60, 32, (0, 4), torch.float32)
+    seen = torch.ones(2, 60, dtype=torch.bool, device=DEVICE)
+    seen[1, :4] = False
+    seen[0, 20:31] = False
+    seen[1, 57] = False  # inside the recent window
+    config = DashKVConfig(bits=32, budget=10, sink_tokens=3, recent_tokens=6, query_hidden=0)
+    out, rows, valid = triton_kernels.decode_attention(query, query_codes, key, value, key_codes, first, 3, 6, 10,
+                                                       "sum", 0.25, seen)
+    reference = select_step(combine_group(head_distances(query_codes, key_codes), "sum"), config, seen)
+    assert torch.equal(valid, reference.valid)
+    assert torch.equal(rows[valid], reference.rows[reference.valid])
+    torch.testing.assert_close(out, attend_rows(query, key, value, reference, 0.25))
+
+
+@pytest.mark.parametrize("path", ["triton", "pytorch definition"])
+def test_a_decode_step_off_the_cpu_reads_nothing_back_from_the_device(path, monkeypatch):
+    # on meta tensors every read-back (bool(t), t.item(), t.tolist(), int(t), nonzero) raises: a hashed layer's
+    # step, from the attention call's DecodeStep to the output and its Selection, runs on them (the Triton kernels
+    # replaced by shape-only stand-ins; they launch with sizes from shapes and keep their counts on the device)
+    from hf_dashkv.selectors import DecodeStep, build_selector
+
+    if path == "triton":
+        monkeypatch.setattr(triton_kernels, "supports_decode", lambda key, value: True)
+        monkeypatch.setattr(triton_kernels, "select_nearest", lambda codes, *a, **k: (
+            torch.empty(*codes.shape[:2], 10, dtype=torch.long, device="meta"),
+            torch.empty(*codes.shape[:2], 10, dtype=torch.bool, device="meta")))
+        monkeypatch.setattr(triton_kernels, "attend_rows", lambda query, *a: torch.empty_like(query).transpose(1, 2))
+    else:
+        monkeypatch.setattr(triton_kernels, "supports_decode", lambda key, value: False)
+    config = DashKVConfig(bits=32, budget=10, sink_tokens=3, recent_tokens=6, query_hidden=8)
+    encoders = HashEncoders.random(tiny_model().config, config)[1].to("meta")
+    query, key, value = torch.empty(2, 4, 1, 16, device="meta"), *torch.empty(2, 2, 2, 60, 16, device="meta")
+    codes = torch.empty(2, 2, 60, 4, dtype=torch.uint8, device="meta")
+    valid = torch.empty(2, 60, dtype=torch.bool, device="meta")
+    step = DecodeStep(query, key, value, codes, valid, 0.25, 1)
+    out, selection = build_selector(config, encoders).decode(step)
+    assert out.shape == (2, 1, 4, 16) and selection.rows.shape == (2, 2, 3 + 6 + 10)
+    with pytest.raises(RuntimeError, match="meta"):  # what the CPU kernel's left-padding check would read back
+        step.left_padded()
+
+
 def test_attention_reads_only_the_valid_rows():
     query, key, value, *_ = case_inputs(1, 2, 2, 30, 32, (0,), torch.float32)
     rows = torch.tensor([[3, 7, 12, 29], [0, 1, 12, 3]], device=DEVICE).view(1, 2, 4)

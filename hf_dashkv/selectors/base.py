@@ -10,7 +10,7 @@ import torch
 
 from ..config import DashKVConfig
 from ..exact import attend_rows
-from ..selection import Selection, candidates, first_valid, select_step
+from ..selection import Selection, candidates, first_position, left_padded, select_step
 
 
 @dataclass
@@ -57,15 +57,21 @@ class DecodeStep:
 
     @property
     def ends(self) -> torch.Tensor:
-        """``[1]``: one query whose context is the whole cache."""
-        return torch.tensor([self.n], device=self.key.device)
+        """``[1]``: one query whose context is the whole cache (made on the device: no copy, no sync)."""
+        return torch.full((1,), self.n, device=self.key.device)
 
-    def first_valid(self) -> tuple[torch.Tensor, bool]:
-        return first_valid(self.valid, self.key.shape[0], self.key.device)
+    @property
+    def first(self) -> torch.Tensor:
+        """``[B]``, each sequence's first real position (``selection.first_position``)."""
+        return first_position(self.valid, self.key.shape[0], self.key.device)
+
+    def left_padded(self) -> bool:
+        """Whether the padding is left padding only (``selection.left_padded``; reads back from the device)."""
+        return left_padded(self.valid, self.first)
 
     def candidates(self, config: DashKVConfig) -> torch.Tensor:
         """bool ``[B, N]``: the keys this step's budget chooses from (``selection.candidates``)."""
-        return candidates(config, self.first_valid()[0], self.ends, self.n, self.valid)[:, 0]
+        return candidates(config, self.first, self.ends, self.n, self.valid)[:, 0]
 
 
 @dataclass

@@ -53,16 +53,20 @@ class HashSelector(Selector):
         return combine_group(head_distances_many(query_codes, key_codes), self.config.group_reduce)
 
     def decode(self, step: DecodeStep) -> tuple[torch.Tensor, Selection]:
-        """Codes -> selection -> attention as compiled kernels where they run (left padding or none): numba on the
-        CPU, Triton on CUDA; else the PyTorch definition (:meth:`select`, then exact attention)."""
-        first, left_padded = step.first_valid()
-        compiled = next((m for m in (kernels, triton_kernels) if m.supports_decode(step.key, step.value)), None)
-        if not left_padded or compiled is None:
-            return super().decode(step)
+        """Codes -> selection -> attention as compiled kernels where they run: numba on the CPU (left padding or
+        none), Triton on CUDA (any padding; nothing read back from the device); else the PyTorch definition
+        (:meth:`select`, then exact attention)."""
+        if kernels.supports_decode(step.key, step.value) and step.left_padded():
+            return self._compiled(kernels, step)
+        if triton_kernels.supports_decode(step.key, step.value):
+            return self._compiled(triton_kernels, step, seen=step.valid)
+        return super().decode(step)
+
+    def _compiled(self, module, step: DecodeStep, **extra) -> tuple[torch.Tensor, Selection]:
         query_codes = self.encoders.encode_query(step.query[:, :, 0])
         config = self.config
-        out, rows, valid = compiled.decode_attention(
-            step.query, query_codes, step.key, step.value, step.key_codes, first, config.sink_tokens,
-            config.recent_tokens, config.budget_tokens(step.n), config.group_reduce, step.scale,
+        out, rows, valid = module.decode_attention(
+            step.query, query_codes, step.key, step.value, step.key_codes, step.first, config.sink_tokens,
+            config.recent_tokens, config.budget_tokens(step.n), config.group_reduce, step.scale, **extra,
         )
         return out, Selection(rows, valid)

@@ -17,7 +17,7 @@ from .. import kernels
 from ..codes import nearest
 from ..config import DashKVConfig
 from ..exact import gather_rows
-from ..selection import candidates, first_valid
+from ..selection import candidates, first_position
 from .base import DecodeStep, Selector
 from .hash import HashSelector
 
@@ -50,7 +50,7 @@ def rerank_scores(query: torch.Tensor, key: torch.Tensor, distances: torch.Tenso
         valid: bool ``[B, N]`` or ``None``; scale: the attention scaling.
     """
     batch, kv_heads, length, n = distances.shape
-    first = first_valid(valid, batch, distances.device)[0]
+    first = first_position(valid, batch, distances.device)
     allowed = candidates(config, first, ends, n, valid).unsqueeze(1).expand_as(distances)
     out = torch.full(distances.shape, float("inf"), device=distances.device)
     shortlists = [config.rerank * config.budget_tokens(int(end)) for end in ends.tolist()]
@@ -69,14 +69,13 @@ class RerankSelector(Selector):
 
     def scores(self, step: DecodeStep) -> torch.Tensor:
         """On the CPU (left padding or none) the compiled kernel finds the shortlist; else the PyTorch definition."""
-        first, left_padded = step.first_valid()
-        if not (left_padded and kernels.supports(step.key_codes)):
+        if not (kernels.supports(step.key_codes) and step.left_padded()):
             distances = self.inner.scores(step).unsqueeze(2)
             return rerank_scores(step.query, step.key, distances, self.config, step.ends, step.valid,
                                  step.scale)[:, :, 0]
         config = self.config
         query_codes = self.inner.encoders.encode_query(step.query[:, :, 0])
-        rows, ok = kernels.nearest_codes(query_codes, step.key_codes, first + config.sink_tokens,
+        rows, ok = kernels.nearest_codes(query_codes, step.key_codes, step.first + config.sink_tokens,
                                          step.n - config.recent_tokens, config.rerank * config.budget_tokens(step.n),
                                          config.group_reduce)
         return shortlist_scores(step.query, step.key, rows.unsqueeze(2), ok.unsqueeze(2), step.scale, step.n)[:, :, 0]
