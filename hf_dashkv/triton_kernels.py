@@ -22,6 +22,8 @@ import os
 
 import torch
 
+from .selection import fixed_rows
+
 try:
     import triton
     import triton.language as tl
@@ -64,8 +66,6 @@ def decode_attention(
     buffers), first ``[B]``; -> ``(out [B, 1, Hq, D], rows [B, Hkv, M], valid [B, Hkv, M])``. ``seen``: bool
     ``[B, N]``, ``False`` at padding anywhere (``None``: left padding before ``first``).
     """
-    from .selection import fixed_rows
-
     kv_heads, n = key.shape[1], key.shape[2]
     if seen is None:
         seen = torch.arange(n, device=key.device) >= first.view(-1, 1)
