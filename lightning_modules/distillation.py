@@ -34,6 +34,7 @@ import math
 from dataclasses import asdict
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 import torch
 from torch import nn
 
@@ -72,6 +73,10 @@ class DashKVDistillation(L.LightningModule):
         lora_rank: 0 (default) trains the encoders alone; ``> 0`` adds a peft LoRA of this rank on ``lora_targets``
             (the attention projections), trained jointly (design.md §1). lora_alpha: its scaling numerator.
         lora_weight: weight of the logit KL (full-attention frozen model || adapted model under "dashkv-train").
+        shard_frozen_model: under a multi-process strategy (DDP), shard the frozen model's weights over the processes
+            (FSDP2 ``fully_shard``, each decoder layer gathered for its forward and freed after), so that each GPU
+            holds 1/world of them: for models that do not fit replicated. The encoders stay replicated (DDP syncs
+            them; they are small). Not with a LoRA.
     """
 
     def __init__(
@@ -98,6 +103,7 @@ class DashKVDistillation(L.LightningModule):
         lora_alpha: int = 16,
         lora_targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"],
         lora_weight: float = 1.0,
+        shard_frozen_model: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -109,6 +115,9 @@ class DashKVDistillation(L.LightningModule):
             raise ValueError(f"DashKVDistillation.lora_rank={lora_rank!r}: must be an int >= 0 (0: no LoRA).")
         if teacher_top is not None and (not isinstance(teacher_top, int) or teacher_top < 1):
             raise ValueError(f"DashKVDistillation.teacher_top={teacher_top!r}: an int >= 1, or null for every key.")
+        if shard_frozen_model and lora_rank:
+            raise ValueError("DashKVDistillation: shard_frozen_model with a LoRA is not supported (the adapter lives in "
+                             "the frozen model and DDP would sync it too): set lora_rank: 0 or shard_frozen_model: false.")
         if not 0.0 < late_fraction <= 1.0:
             raise ValueError(f"DashKVDistillation.late_fraction={late_fraction!r}: must lie in (0, 1].")
         base, self.tokenizer = load_model(model, attn_implementation=TRAIN_IMPLEMENTATION)
@@ -135,6 +144,25 @@ class DashKVDistillation(L.LightningModule):
             )
         self.__dict__["base"] = base  # not a submodule: frozen, never saved in checkpoints, never wrapped by DDP
 
+    def configure_model(self) -> None:
+        """``shard_frozen_model``: shard the frozen model over the processes, once the process group exists (Lightning
+        calls this after setting it up, before DDP wraps the module; the frozen model is not a submodule)."""
+        if not self.hparams.shard_frozen_model or self.trainer.world_size == 1 or getattr(self, "_sharded", False):
+            return
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(self.trainer.strategy.root_device.type, (self.trainer.world_size,))
+        for module in list(self.base.modules()):
+            if type(module).__name__.endswith("DecoderLayer"):
+                fully_shard(module, mesh=mesh)
+        fully_shard(self.base, mesh=mesh)  # embeddings, final norm, head
+        self._sharded = True
+        local = sum(p.to_local().numel() for p in self.base.parameters())
+        total = sum(p.numel() for p in self.base.parameters())
+        rank_zero_info(f"frozen model sharded over {self.trainer.world_size} processes: {local:,} of {total:,} "
+                       "parameters held here")
+
     @property
     def beta(self) -> float:
         """The relaxation sharpness for the current step, annealed geometrically over ``max_steps``."""
@@ -149,7 +177,8 @@ class DashKVDistillation(L.LightningModule):
         With a LoRA the adapter is on: at inference the adapted model hashes its own keys and queries, and the
         selection has to cover the adapted model's attention, so that is what the encoders learn to rank.
         """
-        self.base.to(input_ids.device)
+        if not getattr(self, "_sharded", False):  # a sharded model lives on its processes' devices already
+            self.base.to(input_ids.device)
         captured = capture_attention(self.base, input_ids, max(self.hashed_layers))
         return {layer: (captured[layer][0][:, :, positions], captured[layer][1], captured[layer][3])
                 for layer in self.hashed_layers}

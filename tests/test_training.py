@@ -309,6 +309,28 @@ def test_ddp_hard_killed_between_checkpoints_resumes_to_the_uninterrupted_weight
         assert torch.equal(straight[name], after[name]), name
 
 
+def test_sharding_the_frozen_model_over_two_processes_changes_no_encoder_weight(tiny_dir, tmp_path):
+    runs = {}
+    for name, extra in (("replicated", []), ("sharded", ["--model.init_args.shard_frozen_model", "true"])):
+        (tmp_path / name).mkdir()
+        done = subprocess.run(ddp_fit_command(tiny_dir, 4, *extra), cwd=tmp_path / name, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[name] = (done.stdout + done.stderr, HashEncoders.from_pretrained(tmp_path / name / "runs" / "smollm2" /
+                                                                           "encoders").state_dict())
+    total = sum(p.numel() for p in LlamaForCausalLM.from_pretrained(tiny_dir / "model").parameters())
+    assert f"frozen model sharded over 2 processes: {total // 2:,} of {total:,} parameters held here" in runs["sharded"][0]
+    assert "sharded" not in runs["replicated"][0]
+    replicated, sharded = runs["replicated"][1], runs["sharded"][1]
+    for name in replicated:  # the shards gather back to the very same weights: bit-equal training
+        assert torch.equal(replicated[name], sharded[name]), name
+
+
+def test_sharding_with_a_lora_is_refused(tiny_dir):
+    with pytest.raises(ValueError, match="shard_frozen_model with a LoRA"):
+        tiny_module(tiny_dir, lora_rank=4, shard_frozen_model=True)
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
 def test_every_recipe_parses(recipe):
     done = subprocess.run(["lightning", "fit", "--config", str(recipe), "--print_config"], capture_output=True,
