@@ -216,14 +216,18 @@ class DashKVDistillation(L.LightningModule):
         return candidates(self.config, first, positions + 1, length)[0]
 
     @torch.no_grad()
-    def set_input_scales(self, captured: dict[int, tuple]) -> None:
-        """Each encoder's ``input_scale``: the mean norm of its head's queries and keys (keys after the sinks),
-        averaged over ranks so that every rank trains the same encoders."""
+    def set_input_scales(self, blocks: list[dict[int, tuple]]) -> None:
+        """Each encoder's ``input_scale``: the mean norm of its head's queries and keys (keys after the sinks), per
+        block of the first step, averaged over its blocks and the ranks: every rank trains the same encoders, and
+        2 processes x batch b start where 1 process x batch 2b does."""
         sinks = self.config.sink_tokens
-        for layer, (query, key, _) in captured.items():
-            scales = torch.cat([key[:, :, sinks:].norm(dim=-1).mean((0, 2)), query.norm(dim=-1).mean((0, 2))])
+        for layer in blocks[0]:
+            scales = torch.stack([
+                torch.cat([key[:, :, sinks:].norm(dim=-1).mean((0, 2)), query.norm(dim=-1).mean((0, 2))])
+                for query, key, _ in (captured[layer] for captured in blocks)
+            ]).mean(0)
             scales = self.trainer.strategy.reduce(scales, reduce_op="mean") if self._trainer is not None else scales
-            kv_heads = key.shape[1]
+            kv_heads = blocks[0][layer][1].shape[1]
             self.encoders[layer].key.input_scale.copy_(scales[:kv_heads])
             self.encoders[layer].query.input_scale.copy_(scales[kv_heads:])
         self.scales_set.fill_(True)
@@ -258,14 +262,16 @@ class DashKVDistillation(L.LightningModule):
         return dict(ce=ce, balance=balance, unsaturated=unsaturated.float().mean())
 
     def training_step(self, batch, batch_idx):
-        generator = torch.Generator().manual_seed(
-            (self.hparams.init_seed * 1_000_003 + self.global_step) * 1_009 + self.global_rank
-        )
         totals = dict(ce=0.0, balance=0.0, unsaturated=0.0)
-        for ids, index in zip(batch["input_ids"], batch["index"].tolist()):
-            captured, stored = self.training_block(ids.view(1, -1), index)
-            if not bool(self.scales_set):
-                self.set_input_scales(captured)
+        indices = batch["index"].tolist()
+        blocks = [self.training_block(ids.view(1, -1), index) for ids, index in zip(batch["input_ids"], indices)]
+        if not bool(self.scales_set):
+            self.set_input_scales([captured for captured, _ in blocks])
+        for ids, index, (captured, stored) in zip(batch["input_ids"], indices, blocks):
+            # drawn per block and step, not per rank: the same blocks give the same draws however they are split
+            generator = torch.Generator().manual_seed(
+                (self.hparams.init_seed * 1_000_003 + self.global_step) * 1_000_033 + index
+            )
             pick = torch.randperm(len(stored), generator=generator)[: self.hparams.query_positions].sort().values
             positions = stored[pick].to(ids.device)
             offset = int(torch.randint(0, self.hparams.rope_shift + 1, (), generator=generator))
