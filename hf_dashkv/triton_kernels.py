@@ -175,7 +175,8 @@ if triton is not None:
         below = tl.sum(tl.where(bins < threshold, histogram, 0), 0)
         ties = tl.sum(tl.where(bins == threshold, histogram, 0), 0)
         skip = ties - (budget - below)  # ties go to later tokens: the first `skip` ties are left out
-        taken, ties_seen = 0, 0
+        taken = tl.full([], 0, tl.int32)  # loop-carried: typed from the start, as the compiler wants
+        ties_seen = tl.full([], 0, tl.int32)
         for start in range(0, n, BLOCK):
             pos = start + tl.arange(0, BLOCK)
             d = tl.load(base + pos, mask=pos < n, other=NOT_CANDIDATE)

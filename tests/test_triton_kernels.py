@@ -3,6 +3,8 @@ Triton's interpreter on CPU tensors (``tests/conftest.py`` sets ``TRITON_INTERPR
 defined). Their speed needs a GPU (``dashkv bench --device cuda``).
 """
 
+import os
+
 import pytest
 import torch
 
@@ -139,3 +141,48 @@ def test_without_triton_or_a_gpu_the_path_is_not_offered(monkeypatch):
     assert not triton_kernels.supports_decode(key.to(torch.int32), key.to(torch.int32))
     monkeypatch.setattr(triton_kernels, "triton", None)
     assert not triton_kernels.supports_decode(key, key)
+
+
+def compile_for_sm90() -> list[str]:
+    """Compile each kernel ahead of time for an H100/H200-class GPU (sm_90) with Triton's own compiler, no GPU
+    needed; run in a process where ``TRITON_INTERPRET=0`` (the interpreter skips compilation)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    def compile_(kernel, arguments: dict, constants: dict) -> str:
+        signature = {**arguments, **{name: "constexpr" for name in constants}}
+        compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32))
+        return f"{kernel.__name__}: {len(compiled.asm['cubin'])} bytes"
+
+    strides = lambda *names: {name: "i32" for name in names}  # noqa: E731
+    done = [
+        compile_(triton_kernels._distances_kernel,
+                 {"q_ptr": "*u8", "k_ptr": "*u8", "out_ptr": "*i32", "lo_ptr": "*i32", "seen_ptr": "*i8",
+                  **strides("hi", "n", "kv_heads", "sqb", "sqh", "sqg", "sqc", "skb", "skh", "skn", "skc")},
+                 {"GROUP": 4, "NBYTES": 16, "SUM": True, "NOT_CANDIDATE": 513, "BLOCK": 128}),
+        compile_(triton_kernels._select_kernel,
+                 {"dist_ptr": "*i32", "rows_ptr": "*i64", "count_ptr": "*i32", **strides("n", "budget")},
+                 {"BINS": 1024, "NOT_CANDIDATE": 513, "BLOCK": 128}),
+    ]
+    for dtype in ("*bf16", "*fp16", "*fp32"):
+        done.append(compile_(
+            triton_kernels._attend_kernel,
+            {"q_ptr": dtype, "k_ptr": dtype, "v_ptr": dtype, "rows_ptr": "*i64", "valid_ptr": "*i8",
+             "out_ptr": "*fp32", "scale": "fp32",
+             **strides("slots", "kv_heads", "group", "head_dim", "sqb", "sqh", "sqg", "sqd", "skb", "skh", "skn",
+                       "skd", "svb", "svh", "svn", "svd")},
+            {"GROUP_P2": 4, "D_P2": 128, "BLOCK_M": 32}))
+    return done
+
+
+def test_the_kernels_compile_for_an_h100_class_gpu_without_one():
+    # the interpreter checks what the kernels compute, not that Triton's compiler accepts them: compile them too
+    import subprocess
+    import sys
+
+    code = "from tests.test_triton_kernels import compile_for_sm90; print(*compile_for_sm90(), sep='\\n')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("bytes") == 5, done.stdout
