@@ -6,7 +6,7 @@ from transformers import DynamicCache, Gemma3ForCausalLM, Gemma3TextConfig
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from hf_dashkv import DashKVCache, DashKVConfig, DashKVLayer, HashEncoders, with_cache
-from tests.tiny import AllSelections, SelectionLog, use_pytorch_definition
+from tests.tiny import SelectionLog, assert_same_run, logged_generate, use_pytorch_definition
 
 # MQA, head_dim 32, its own query scaling (query_pre_attn_scalar) and q/k norms; window 16 < the 60-token prompt
 CONFIG = dict(
@@ -65,17 +65,12 @@ def test_small_budget_hybrid_generation_equals_the_pytorch_definition(monkeypatc
     encoders = HashEncoders.random(dash.config, small)
 
     def run():
-        cache = DashKVCache(dash.config, encoders, small)
-        with cache.observing(AllSelections()) as log:
-            out = dash.generate(**inputs(), **with_cache(cache), output_scores=True, return_dict_in_generate=True)
-        return out, log.steps
+        return logged_generate(dash, DashKVCache(dash.config, encoders, small), {}, **inputs())
 
-    (out, steps) = run()
+    fused = run()
     use_pytorch_definition(monkeypatch)
-    (ref, ref_steps) = run()
-    assert steps == ref_steps and {layer for layer, _, _ in steps} == {2, 5}
-    assert torch.equal(out.sequences, ref.sequences)
-    torch.testing.assert_close(torch.stack(out.scores), torch.stack(ref.scores), atol=1e-4, rtol=1e-4)
+    assert_same_run(fused, run())
+    assert {layer for layer, _, _ in fused[1]} == {2, 5}
 
 
 @pytest.mark.slow

@@ -65,9 +65,9 @@ def test_baselines_need_no_encoders_and_are_exact_with_a_covering_budget(selecto
 
     small = DashKVConfig(selector=selector, budget=4, sink_tokens=2, recent_tokens=4, dense_layers=(0,))
     cache = DashKVCache(dash.config, config=small)
-    log = assert_decodes_as_replayed(dash, cache, dict(input_ids=ids), max_new_tokens=8, do_sample=False)
+    steps = assert_decodes_as_replayed(dash, cache, dict(input_ids=ids), max_new_tokens=8, do_sample=False)
     assert cache.added_bytes_per_token() == 0
-    assert {len(rows[0][0]) for _, _, rows in log.steps} == {2 + 4 + (0 if selector == "streaming" else 4)}
+    assert {len(rows[0][0]) for _, _, rows in steps} == {2 + 4 + (0 if selector == "streaming" else 4)}
 
 
 def test_rerank_picks_the_budget_by_exact_scores_among_what_the_codes_shortlist():
@@ -100,9 +100,9 @@ def test_generation_runs_with_reranking():
                           rerank=2)
     cache = DashKVCache(dash.config, HashEncoders.random(dash.config, config), config)
     ids = torch.randint(3, 97, (1, 40), generator=torch.Generator().manual_seed(0))
-    log = assert_decodes_as_replayed(dash, cache, dict(input_ids=ids), max_new_tokens=4, do_sample=False)
-    assert {layer for layer, _, _ in log.steps} == {1, 2, 3}
-    assert {len(rows[0][0]) for _, _, rows in log.steps} == {2 + 4 + 4}
+    steps = assert_decodes_as_replayed(dash, cache, dict(input_ids=ids), max_new_tokens=4, do_sample=False)
+    assert {layer for layer, _, _ in steps} == {1, 2, 3}
+    assert {len(rows[0][0]) for _, _, rows in steps} == {2 + 4 + 4}
 
 
 def test_the_compiled_shortlist_gives_the_same_rerank_as_the_pytorch_definition(monkeypatch):

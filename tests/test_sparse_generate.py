@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders, with_cache
-from tests.tiny import AllSelections, tiny_model, use_pytorch_definition
+from tests.tiny import AllSelections, assert_same_run, logged_generate, tiny_model, use_pytorch_definition
 
 SMALL = DashKVConfig(bits=32, budget=4, sink_tokens=2, recent_tokens=4, query_hidden=8, dense_layers=(0,))
 
@@ -22,23 +22,11 @@ def prompt(batch=2, length=48, pad=(0, 7), repeat=False, seed=1):
 
 
 def generate(model, inputs, cache, **kwargs):
-    torch.manual_seed(7)
-    with cache.observing(AllSelections()) as log:
-        out = model.generate(**inputs, **with_cache(cache), max_new_tokens=8, pad_token_id=0, output_scores=True,
-                             return_dict_in_generate=True, **kwargs)
-    return out, log.steps
+    return logged_generate(model, cache, inputs, max_new_tokens=8, **kwargs)
 
 
 def fresh_cache(model, config=SMALL):
     return DashKVCache(model.config, HashEncoders.random(model.config, config, seed=0), config)
-
-
-def assert_same_run(fused, reference):
-    (out, steps), (ref_out, ref_steps) = fused, reference
-    assert steps == ref_steps
-    assert any(sum(len(r) for r in rows[0]) < 2 * n for _, n, rows in steps)  # rows were dropped: it was sparse
-    assert torch.equal(out.sequences, ref_out.sequences)
-    torch.testing.assert_close(torch.stack(out.scores), torch.stack(ref_out.scores), atol=1e-4, rtol=1e-4)
 
 
 GENERATIONS = {

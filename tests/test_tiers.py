@@ -12,7 +12,7 @@ from hf_dashkv.selection import Selection
 from hf_dashkv.selectors import DecodeStep, HashSelector, Tier2Selector, build_selector
 from hf_dashkv.selectors.tiers import tier2_features, tier2_logits
 from tests.test_generate import prompt
-from tests.tiny import CONFIGS, decode_and_replay, tiny_model
+from tests.tiny import CONFIGS, assert_same_generation, decode_and_replay, tiny_model
 
 SMALL = DashKVConfig(bits=32, budget=4, sink_tokens=2, recent_tokens=4, query_hidden=0, dense_layers=(0,))
 
@@ -142,11 +142,10 @@ def test_greedy_generation_with_each_learned_term_attends_what_it_selected(flags
                                  do_sample=False)
 
     # the replay attends tier 1's rows exactly: what decoding with tier 1 alone gives
-    run, replayed, log = decode(tier2_bias=-1e4 if config.tier2_budget else 0.0)
+    run, replayed, logged = decode(tier2_bias=-1e4 if config.tier2_budget else 0.0)
     assert len(steps) == 3 * 4  # the PyTorch path, not the fused kernel
-    assert {len(rows[1][0]) for _, _, rows in log.steps} == {2 + 4 + 4}  # the padded row has 7 fewer candidates
-    assert torch.equal(run.sequences, replayed.sequences)
-    torch.testing.assert_close(torch.stack(run.scores), torch.stack(replayed.scores), atol=1e-4, rtol=1e-4)
+    assert {len(rows[1][0]) for _, _, rows in logged} == {2 + 4 + 4}  # the padded row has 7 fewer candidates
+    assert_same_generation(run, replayed)
     if config.tier2_budget:  # with logits that count, tier 2's rows take attention the tier-1 replay does not have
         run, replayed, _ = decode(tier2_bias=0.0)
         assert (torch.stack(run.scores) - torch.stack(replayed.scores)).abs().max() > 1e-2

@@ -98,9 +98,9 @@ def sparse_generation_setup(batch: int = 2, prompt: int = 60, seed: int = 0):
 
 
 @contextlib.contextmanager
-def replaying(model, selections: AllSelections):
+def replaying(model, steps: list):
     """Within the block, ``model`` (loaded with a plain attention) decodes each hashed layer's step as SDPA over all
-    its keys, masked to the rows that ``selections`` logged for that step (and to the padding mask): the definition
+    its keys, masked to the rows logged for that step (``AllSelections.steps``) (and to the padding mask): the definition
     of sparse attention, independent of the selection and the kernels that made the rows. Prompt forwards, and
     layers without logged rows, run plain SDPA. A step that does not line up with the log fails the test."""
     from transformers import AttentionInterface
@@ -108,7 +108,7 @@ def replaying(model, selections: AllSelections):
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     queues = {}
-    for layer, length, rows in selections.steps:
+    for layer, length, rows in steps:
         queues.setdefault(layer, []).append((length, rows))
 
     def replay(module, query, key, value, attention_mask, **kwargs):
@@ -137,28 +137,51 @@ def replaying(model, selections: AllSelections):
     assert not any(queues.values()), "the reference run made fewer decode steps than the logged one"
 
 
-def decode_and_replay(model, cache, inputs: dict, **generate_kwargs):
-    """``(run, replayed, log)``: ``generate`` with ``cache`` logging every selection (``log``), then again with a
-    plain cache under ``replaying`` (both with scores, the same sampling seed)."""
-    from transformers import DynamicCache
-
+def generate_scored(model, cache, inputs: dict, **generate_kwargs):
+    """``model.generate`` with ``cache``, scores returned, sampling seeded (7): two calls are comparable."""
     from hf_dashkv import with_cache
 
-    kwargs = dict(pad_token_id=0, output_scores=True, return_dict_in_generate=True, **generate_kwargs)
     torch.manual_seed(7)
+    return model.generate(**inputs, **with_cache(cache), **{"pad_token_id": 0, **generate_kwargs},
+                          output_scores=True, return_dict_in_generate=True)
+
+
+def logged_generate(model, cache, inputs: dict, **generate_kwargs) -> tuple:
+    """``(output, steps)``: :func:`generate_scored` with ``cache``, and every selection it made (``AllSelections``)."""
     with cache.observing(AllSelections()) as log:
-        run = model.generate(**inputs, **with_cache(cache), **kwargs)
-    torch.manual_seed(7)
-    with replaying(model, log):
-        replayed = model.generate(**inputs, **with_cache(DynamicCache(config=model.config)), **kwargs)
-    return run, replayed, log
+        out = generate_scored(model, cache, inputs, **generate_kwargs)
+    return out, log.steps
 
 
-def assert_decodes_as_replayed(model, cache, inputs: dict, **generate_kwargs) -> AllSelections:
-    """``decode_and_replay``: the same tokens and scores (1e-4), and some step dropped rows (so the check covered
-    sparse decoding). Returns the log."""
-    run, replayed, log = decode_and_replay(model, cache, inputs, **generate_kwargs)
-    assert any(sum(len(r) for r in rows[0]) < len(rows[0]) * n for _, n, rows in log.steps), "nothing was dropped"
-    assert torch.equal(run.sequences, replayed.sequences)
-    torch.testing.assert_close(torch.stack(run.scores), torch.stack(replayed.scores), atol=1e-4, rtol=1e-4)
-    return log
+def assert_same_generation(run, reference) -> None:
+    """Two :func:`generate_scored` outputs: the same tokens, scores within 1e-4."""
+    assert torch.equal(run.sequences, reference.sequences)
+    torch.testing.assert_close(torch.stack(run.scores), torch.stack(reference.scores), atol=1e-4, rtol=1e-4)
+
+
+def assert_same_run(run, reference) -> None:
+    """Two :func:`logged_generate` results: the same selections, some of which dropped rows (so the comparison
+    covered sparse decoding), and the same generation."""
+    (out, steps), (ref_out, ref_steps) = run, reference
+    assert steps == ref_steps
+    assert any(sum(len(r) for r in rows[0]) < len(rows[0]) * n for _, n, rows in steps), "nothing was dropped"
+    assert_same_generation(out, ref_out)
+
+
+def decode_and_replay(model, cache, inputs: dict, **generate_kwargs):
+    """``(run, replayed, steps)``: :func:`logged_generate` with ``cache``, then again with a plain cache under
+    ``replaying`` its steps."""
+    from transformers import DynamicCache
+
+    run, steps = logged_generate(model, cache, inputs, **generate_kwargs)
+    with replaying(model, steps):
+        replayed = generate_scored(model, DynamicCache(config=model.config), inputs, **generate_kwargs)
+    return run, replayed, steps
+
+
+def assert_decodes_as_replayed(model, cache, inputs: dict, **generate_kwargs) -> list:
+    """``decode_and_replay``: the same tokens and scores, and some step dropped rows. Returns the logged steps."""
+    run, replayed, steps = decode_and_replay(model, cache, inputs, **generate_kwargs)
+    assert any(sum(len(r) for r in rows[0]) < len(rows[0]) * n for _, n, rows in steps), "nothing was dropped"
+    assert_same_generation(run, replayed)
+    return steps
