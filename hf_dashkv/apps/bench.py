@@ -185,12 +185,7 @@ def run_case(case: BenchCase, repeats: int = 15, seed: int = 0, whole_step: bool
     def new_token():
         return tuple(torch.randn(1, h, 1, head_dim, generator=g).to(device, dtype) for h in (heads, kv_heads, kv_heads))
 
-    def sdpa_step(q):
-        folded = q.reshape(1, kv_heads, heads // kv_heads, head_dim)
-        return torch.nn.functional.scaled_dot_product_attention(folded, keys, values, scale=scale)
-
-    def sdpa_gqa_step(q):
-        return torch.nn.functional.scaled_dot_product_attention(q, keys, values, scale=scale, enable_gqa=True)
+    full_attention = {"sdpa": _best_full_attention(enable_gqa=False), "sdpa-gqa": _best_full_attention(enable_gqa=True)}
 
     def default_step(q, k, v):
         k_all, v_all = default.update(k, v)
@@ -241,8 +236,8 @@ def run_case(case: BenchCase, repeats: int = 15, seed: int = 0, whole_step: bool
         parts(q, k, v)
         for _ in range(repeats):
             q, k, v = new_token()
-            times["sdpa"].append(timed(lambda: sdpa_step(q)))
-            times["sdpa-gqa"].append(timed(lambda: sdpa_gqa_step(q)))
+            for name, attend in full_attention.items():
+                times[name].append(timed(lambda: attend(module, q, keys, values, None, scaling=scale)))
             times["default"].append(timed(lambda: default_step(q, k, v)))
             times["dashkv"].append(timed(lambda: dashkv_step(q, k, v)))
             for name, ms in parts(q, k, v).items():
