@@ -147,7 +147,7 @@ class DashKVDistillation(L.LightningModule):
     def configure_model(self) -> None:
         """``shard_frozen_model``: shard the frozen model over the processes, once the process group exists (Lightning
         calls this after setting it up, before DDP wraps the module; the frozen model is not a submodule)."""
-        if not self.hparams.shard_frozen_model or self.trainer.world_size == 1 or getattr(self, "_sharded", False):
+        if not self.hparams.shard_frozen_model or self.trainer.world_size == 1 or self.sharded:
             return
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -157,11 +157,17 @@ class DashKVDistillation(L.LightningModule):
             if type(module).__name__.endswith("DecoderLayer"):
                 fully_shard(module, mesh=mesh)
         fully_shard(self.base, mesh=mesh)  # embeddings, final norm, head
-        self._sharded = True
         local = sum(p.to_local().numel() for p in self.base.parameters())
         total = sum(p.numel() for p in self.base.parameters())
         rank_zero_info(f"frozen model sharded over {self.trainer.world_size} processes: {local:,} of {total:,} "
                        "parameters held here")
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the frozen model is sharded over the processes (:meth:`configure_model`)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        return isinstance(self.base, FSDPModule)
 
     @property
     def beta(self) -> float:
@@ -177,7 +183,7 @@ class DashKVDistillation(L.LightningModule):
         With a LoRA the adapter is on: at inference the adapted model hashes its own keys and queries, and the
         selection has to cover the adapted model's attention, so that is what the encoders learn to rank.
         """
-        if not getattr(self, "_sharded", False):  # a sharded model lives on its processes' devices already
+        if not self.sharded:  # a sharded model lives on its processes' devices already
             self.base.to(input_ids.device)
         captured = capture_attention(self.base, input_ids, max(self.hashed_layers))
         return {layer: (captured[layer][0][:, :, positions], captured[layer][1], captured[layer][3])
