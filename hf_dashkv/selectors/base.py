@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -60,7 +61,7 @@ class DecodeStep:
         """``[1]``: one query whose context is the whole cache (made on the device: no copy, no sync)."""
         return torch.full((1,), self.n, device=self.key.device)
 
-    @property
+    @cached_property
     def first(self) -> torch.Tensor:
         """``[B]``, each sequence's first real position (``selection.first_position``)."""
         return first_position(self.valid, self.key.shape[0], self.key.device)
