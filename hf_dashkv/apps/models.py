@@ -8,11 +8,11 @@ safetensors copy under ``$HF_DASHKV_CACHE`` (default ``~/.cache/hf_dashkv``) and
 from __future__ import annotations
 
 import importlib
-from importlib import resources
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import torch
