@@ -119,11 +119,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
           f"faster\n\n{markdown_table(results)}")
     if args.whole_step:
         print(f"\nOne whole decoder-layer step (ms, median)\n\n{step_table(results)}")
-    if args.device == "cpu":  # the compiled CPU selection against its PyTorch definition
+    written = ["results.json", "results.md", "latency.png"]
+    on_cpu = args.device == "cpu"
+    if on_cpu:  # the compiled CPU selection against its PyTorch definition
         selection = selection_speed(args.contexts, budget=args.budgets[0], bits=specs[0].bits)
         print(f"\nChoosing the nearest keys (ms, median)\n\n{selection}")
         (out_dir / "selection.md").write_text(selection + "\n")
-    if args.generate_contexts and args.device == "cpu":
+        written.append("selection.md")
+    if args.generate_contexts and on_cpu:
         model, tokenizer = load_model(args.model)
         encoders = _trained_encoders(args.model, args.encoders)
         config = replace(encoders.config, budget=args.budgets[0])
@@ -132,8 +135,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 f"{list(config.dense_layers)}), decode tokens/s\n\n{table}")
         print("\n" + text)
         (out_dir / "generate.md").write_text(text + "\n")
-    print(f"\nwrote {out_dir}/: results.json, results.md, latency.png, selection.md"
-          + (", generate.md" if args.generate_contexts else ""))
+        written.append("generate.md")
+    print(f"\nwrote {out_dir}/: {', '.join(written)}")
     return 0
 
 
