@@ -9,7 +9,8 @@ them in ``tests/test_kernels.py``), faster:
 - attention: each selected K/V row is read once, straight from the cache buffer (no gathered copy),
   with software prefetch of the rows ahead, since scattered rows defeat the hardware prefetcher;
 - :func:`decode_attention` does both in one parallel call over (batch, KV head), which saves a thread-pool
-  wake-up and the glue between them.
+  wake-up and the glue between them; with re-ranking (``selectors.rerank``) the codes shortlist, the exact
+  scores of the shortlisted keys cut it to the budget, and attention follows, in the same call.
 
 Why numba: it installs as a wheel (no compiler at install time, unlike a C++ extension), reaches LLVM's
 ``ctpop`` and ``prefetch`` intrinsics, runs ``prange`` loops on all cores, and caches machine code on disk.
@@ -102,6 +103,7 @@ def decode_attention(
     budget: int,
     reduce: str,
     scale: float,
+    shortlist: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One decode step of a hashed layer: ``selection.select`` then ``exact.attend_rows``, fused.
 
@@ -111,6 +113,9 @@ def decode_attention(
         first: int ``[B]``, the first non-padding position of each sequence (left padding only).
         sinks, recent, budget, reduce: as in DashKVConfig (budget in tokens).
         scale: the attention scaling.
+        shortlist: re-ranking (``selectors.rerank``): the codes shortlist this many candidates and the budget
+            are those of most exact attention among them (the group's summed softmax over the shortlist, ties
+            to the later position). ``None``: no re-ranking.
 
     Returns:
         ``(output [B, 1, Hq, D] in the query's dtype, rows [B, Hkv, M], row_valid [B, Hkv, M])``,
@@ -128,7 +133,8 @@ def decode_attention(
         _decode_kernel(
             query.reshape(batch, kv_heads, group, head_dim).float().numpy(), q_codes, k_codes,
             _row_buffer(key), _row_buffer(value), first.to(torch.int64).numpy(), n, sinks, recent, budget,
-            reduce == "sum", max_distance, np.float32(scale), rows, valid, out,
+            budget if shortlist is None else max(shortlist, budget), reduce == "sum", max_distance,
+            np.float32(scale), rows, valid, out,
         )
     output = torch.from_numpy(out).reshape(batch, heads, 1, -1).transpose(1, 2).to(query.dtype)
     return output, torch.from_numpy(rows), torch.from_numpy(valid)
@@ -307,10 +313,54 @@ if numba is not None:
             b, h = r // heads, r % heads
             _select_nearest(q, k, b, h, lo[b], hi, budget, reduce_sum, max_distance, rows_out, valid_out, 0)
 
+    @numba.njit(cache=True, nogil=True, fastmath=True)
+    def _rerank(q, k, b, h, short_rows, count, budget, scale, rows_out, valid_out, offset):
+        """Of the first ``count`` shortlisted rows (ascending), the ``budget`` of most exact attention, into slots
+        ``offset...`` in ascending position: the group's summed softmax over the shortlist, ties to the later."""
+        group, dim = q.shape[2], q.shape[3]
+        if count == 0:
+            return
+        logits = np.empty((group, count), np.float32)
+        for s in range(count):
+            if s + _PREFETCH_ROWS_AHEAD < count:
+                for col in range(0, dim, _CACHE_LINE // k.itemsize):
+                    _prefetch(k, b, h, short_rows[s + _PREFETCH_ROWS_AHEAD], col)
+            row = short_rows[s]
+            for g in range(group):
+                acc = np.float32(0.0)
+                for d in range(dim):
+                    acc += q[b, h, g, d] * _as_float(k[b, h, row, d])
+                logits[g, s] = acc * scale
+        score = np.zeros(count, np.float32)
+        for g in range(group):
+            top = logits[g].max()
+            total = np.float32(0.0)
+            for s in range(count):
+                logits[g, s] = np.exp(logits[g, s] - top)
+                total += logits[g, s]
+            for s in range(count):
+                score[s] += logits[g, s] / total
+        chosen = np.ones(count, np.bool_)
+        if count > budget:
+            # a stable sort of the reversed shortlist by falling score puts the later of equal scores first
+            order = np.argsort(-score[::-1], kind="mergesort")
+            chosen[:] = False
+            for j in range(budget):
+                chosen[count - 1 - order[j]] = True
+        slot = offset
+        for s in range(count):
+            if chosen[s]:
+                rows_out[b, h, slot] = short_rows[s]
+                valid_out[b, h, slot] = True
+                slot += 1
+
     @numba.njit(parallel=True, cache=True, nogil=True)
-    def _decode_kernel(query, q_codes, k_codes, k, v, first, n, sinks, recent, budget, reduce_sum, max_distance,
-                       scale, rows, valid, out):
+    def _decode_kernel(query, q_codes, k_codes, k, v, first, n, sinks, recent, budget, shortlist, reduce_sum,
+                       max_distance, scale, rows, valid, out):
         batch, heads = q_codes.shape[:2]
+        width = shortlist if shortlist > budget else 0  # re-ranking's shortlist, before the exact scores cut it
+        short_rows = np.zeros((batch, heads, width), np.int64)
+        short_valid = np.zeros((batch, heads, width), np.bool_)
         for r in numba.prange(batch * heads):
             b, h = r // heads, r % heads
             # same slots as selection.select: sinks, recent window, then the nearest
@@ -320,6 +370,13 @@ if numba is not None:
             for i in range(recent):
                 rows[b, h, sinks + i] = n - recent + i
                 valid[b, h, sinks + i] = n - recent + i >= first[b]
-            _select_nearest(q_codes, k_codes, b, h, first[b] + sinks, n - recent, budget, reduce_sum, max_distance,
-                            rows, valid, sinks + recent)
+            lo, hi = first[b] + sinks, n - recent
+            if shortlist == budget:
+                _select_nearest(q_codes, k_codes, b, h, lo, hi, budget, reduce_sum, max_distance, rows, valid,
+                                sinks + recent)
+            else:
+                _select_nearest(q_codes, k_codes, b, h, lo, hi, shortlist, reduce_sum, max_distance, short_rows,
+                                short_valid, 0)
+                _rerank(query, k, b, h, short_rows[b, h], short_valid[b, h].sum(), budget, scale, rows, valid,
+                        sinks + recent)
             _attend(query, k, v, b, h, rows, valid, scale, out)

@@ -159,6 +159,16 @@ def test_setups_take_another_base_config(tiny):
     assert [s.config.group_reduce for s in setups(model.config, encoders, ["full", "dashkv"], [8])] == ["sum", "sum"]
 
 
+def test_rerank_applies_to_the_hash_methods_only(tiny):
+    model, _, encoders = tiny
+    runs = setups(model.config, encoders, list(runner.METHODS), [8], rerank=2)
+    assert {s.method: s.config.rerank for s in runs} == {
+        "full": 1, "dashkv": 2, "random": 2, "streaming": 1, "quest": 1, "oracle": 1}
+    from hf_dashkv.apps.cli import build_parser
+
+    assert build_parser().parse_args(["eval", "--rerank", "2"]).rerank == 2
+
+
 def test_a_rerun_with_another_setup_is_refused_and_reports_hold_only_this_run(tiny, samples, tmp_path):
     model, tokenizer, encoders = tiny
     path = tmp_path / "predictions.jsonl"

@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 from hf_dashkv import kernels, with_cache
 from hf_dashkv.codes import head_distances, nearest, pack_signs
-from hf_dashkv.selection import combine_group, select_step
+from hf_dashkv.selection import Selection, combine_group, select_step
 
 
 
@@ -41,6 +41,20 @@ def test_supports_cpu_only():
     assert not kernels.supports(codes.to("meta"))
 
 
+def decode_case(batch, kv_heads, group, n, dim, bits, recent, dtype, seed):
+    """Random inputs of one decode step: query, key, value, query codes, key codes, first positions (left padding
+    that keeps the recent window real) and the valid mask; K/V/codes are views of over-allocated buffers, as the
+    cache hands them over."""
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, kv_heads * group, 1, dim, generator=g).to(dtype)
+    key = torch.randn(batch, kv_heads, n + 5, dim, generator=g).to(dtype)[:, :, :n]
+    value = torch.randn(batch, kv_heads, n + 5, dim, generator=g).to(dtype)[:, :, :n]
+    key_codes = pack_signs(torch.randn(batch, kv_heads, n + 5, bits, generator=g))[:, :, :n]
+    query_codes = pack_signs(torch.randn(batch, kv_heads, group, bits, generator=g))
+    first = torch.randint(0, n - recent + 1, (batch,), generator=g)
+    return query, key, value, query_codes, key_codes, first, torch.arange(n) >= first.unsqueeze(1)
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     batch=st.integers(1, 2), kv_heads=st.integers(1, 3), group=st.sampled_from([1, 2, 4]),
@@ -56,15 +70,8 @@ def test_fused_decode_equals_select_then_attend_rows(
     from hf_dashkv.exact import attend_rows
 
     recent = min(recent, n)
-    g = torch.Generator().manual_seed(seed)
-    query = torch.randn(batch, kv_heads * group, 1, dim, generator=g).to(dtype)
-    # views of over-allocated cache buffers, as the cache hands them over
-    key = torch.randn(batch, kv_heads, n + 5, dim, generator=g).to(dtype)[:, :, :n]
-    value = torch.randn(batch, kv_heads, n + 5, dim, generator=g).to(dtype)[:, :, :n]
-    key_codes = pack_signs(torch.randn(batch, kv_heads, n + 5, bits, generator=g))[:, :, :n]
-    query_codes = pack_signs(torch.randn(batch, kv_heads, group, bits, generator=g))
-    first = torch.randint(0, n - recent + 1, (batch,), generator=g)  # left padding, keeping the recent window real
-    valid = torch.arange(n) >= first.unsqueeze(1)
+    query, key, value, query_codes, key_codes, first, valid = decode_case(batch, kv_heads, group, n, dim, bits, recent,
+                                                                          dtype, seed)
     config = DashKVConfig(bits=bits, budget=budget, sink_tokens=sinks, recent_tokens=recent, group_reduce=reduce)
 
     assert kernels.supports_decode(key, value)
@@ -76,6 +83,45 @@ def test_fused_decode_equals_select_then_attend_rows(
     assert torch.equal(rows[row_valid], ref.rows[ref.valid])
     reference = attend_rows(query.float(), key.float(), value.float(), ref, 0.25)
     assert out.dtype == dtype and out.shape == (batch, 1, kv_heads * group, dim)
+    torch.testing.assert_close(out.float(), reference, atol=1e-2 if dtype == torch.bfloat16 else 1e-5, rtol=1e-2)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    batch=st.integers(1, 2), kv_heads=st.integers(1, 3), group=st.sampled_from([1, 2, 4]),
+    n=st.integers(2, 160), budget=st.integers(1, 24), rerank=st.integers(2, 4), dim=st.sampled_from([8, 64]),
+    sinks=st.integers(0, 4), recent=st.integers(1, 8), reduce=st.sampled_from(["sum", "min"]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16),
+)
+def test_fused_rerank_decode_equals_the_rerank_definition(
+    batch, kv_heads, group, n, budget, rerank, dim, sinks, recent, reduce, dtype, seed
+):
+    from hf_dashkv import DashKVConfig
+    from hf_dashkv.exact import attend_rows
+    from hf_dashkv.selectors.rerank import rerank_scores
+
+    recent = min(recent, n)
+    query, key, value, query_codes, key_codes, first, valid = decode_case(batch, kv_heads, group, n, dim, 32, recent,
+                                                                          dtype, seed)
+    config = DashKVConfig(bits=32, budget=budget, sink_tokens=sinks, recent_tokens=recent, group_reduce=reduce,
+                          rerank=rerank)
+
+    out, rows, row_valid = kernels.decode_attention(
+        query, query_codes, key, value, key_codes, first, sinks, recent, budget, reduce, 0.25,
+        shortlist=rerank * budget,
+    )
+    distances = combine_group(head_distances(query_codes, key_codes), reduce).unsqueeze(2)
+    scores = rerank_scores(query.float(), key.float(), distances, config, torch.tensor([n]), valid, 0.25)[:, :, 0]
+    ref = select_step(scores, config, valid)
+    assert torch.equal(row_valid, ref.valid)
+    mine, theirs = Selection(rows, row_valid).mask(n), ref.mask(n)
+    if not torch.equal(mine, theirs):
+        # only a float tie at the budget's edge may go either way (the kernel sums the softmax in another order)
+        edge = torch.where(theirs & ref.valid.any(-1, keepdim=True), scores, -float("inf")).amax(-1, keepdim=True)
+        differ = mine ^ theirs
+        assert ((scores - edge).abs()[differ] < 1e-5).all()
+        return
+    reference = attend_rows(query.float(), key.float(), value.float(), ref, 0.25)
     torch.testing.assert_close(out.float(), reference, atol=1e-2 if dtype == torch.bfloat16 else 1e-5, rtol=1e-2)
 
 

@@ -105,16 +105,23 @@ def test_generation_runs_with_reranking():
     assert {len(rows[0][0]) for _, _, rows in steps} == {2 + 4 + 4}
 
 
-def test_the_compiled_shortlist_gives_the_same_rerank_as_the_pytorch_definition(monkeypatch):
+@pytest.mark.parametrize("budget", [5, 0.1])
+def test_the_compiled_rerank_gives_the_pytorch_definitions_selection_and_output(monkeypatch, budget):
     from hf_dashkv import kernels
+    from hf_dashkv.selectors import Selector
 
-    config = DashKVConfig(bits=32, budget=5, sink_tokens=2, recent_tokens=4, query_hidden=0, rerank=2)
+    config = DashKVConfig(bits=32, budget=budget, sink_tokens=2, recent_tokens=4, query_hidden=0, rerank=3)
     layer = HashEncoders.random(tiny_model().config, config, seed=2)[1]
     query, key, value = decode_inputs(batch=2, n=80, seed=5)
     valid = torch.arange(80) >= torch.tensor([[0], [7]])  # left padding in the second row
     step = DecodeStep(query, key, value, layer.encode_keys(key), valid, 0.25, layer_idx=1)
-    fast = build_selector(config, layer).select(step)
+    selector = build_selector(config, layer)
+    fast, (out, fused) = selector.select(step), selector.decode(step)  # compiled shortlist; the fused kernel
     monkeypatch.setattr(kernels, "supports", lambda codes: False)
-    reference = build_selector(config, layer).select(step)
-    assert torch.equal(fast.valid, reference.valid)
-    assert torch.equal(fast.rows[fast.valid], reference.rows[reference.valid])
+    reference = selector.select(step)
+    ref_out, _ = Selector.decode(selector, step)  # rerank scores in PyTorch, select, attend_rows
+    for chosen in (fast, fused):
+        assert torch.equal(chosen.valid, reference.valid)
+        assert torch.equal(chosen.rows[chosen.valid], reference.rows[reference.valid])
+    torch.testing.assert_close(out, ref_out)
+

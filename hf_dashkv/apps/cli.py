@@ -176,7 +176,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     base = encoders.config
     if args.group_reduce:
         base = replace(base, group_reduce=args.group_reduce)
-    runs = setups(model.config, encoders, args.methods, args.budgets, base)
+    runs = setups(model.config, encoders, args.methods, args.budgets, base, rerank=args.rerank)
     out_dir = Path(args.out_dir)
     print(f"{len(samples)} samples x {len(runs)} method/budget runs -> {out_dir}/")
     facts = {"suite_seed": args.seed}  # contexts and sample counts may grow: they are part of each sample key
@@ -288,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--longbench-max-length", type=int, default=3500, help="LongBench's prompt truncation length")
     ev.add_argument("--group-reduce", choices=["sum", "min"], default=None,
                     help="how a GQA group's query heads combine distances (default: the encoders' own)")
+    ev.add_argument("--rerank", type=int, default=1,
+                    help="re-ranking factor of the hash methods (dashkv, random): codes shortlist N x budget, exact "
+                         "scores keep the budget (1: off)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--out-dir", default="runs/eval", help="predictions.jsonl (resumable) and the reports")
     ev.set_defaults(func=cmd_eval)

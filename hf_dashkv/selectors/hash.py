@@ -57,12 +57,13 @@ class HashSelector(Selector):
         none), Triton on CUDA (any padding; nothing read back from the device); else the PyTorch definition
         (:meth:`select`, then exact attention)."""
         if kernels.supports_decode(step.key, step.value) and step.left_padded():
-            return self._compiled(kernels, step)
+            return self.compiled_decode(kernels, step)
         if triton_kernels.supports_decode(step.key, step.value):
-            return self._compiled(triton_kernels, step, seen=step.valid)
+            return self.compiled_decode(triton_kernels, step, seen=step.valid)
         return super().decode(step)
 
-    def _compiled(self, module, step: DecodeStep, **extra) -> tuple[torch.Tensor, Selection]:
+    def compiled_decode(self, module, step: DecodeStep, **extra) -> tuple[torch.Tensor, Selection]:
+        """The step by ``module.decode_attention`` (``kernels`` or ``triton_kernels``; ``extra``: its own options)."""
         query_codes = self.encoders.encode_query(step.query[:, :, 0])
         config = self.config
         out, rows, valid = module.decode_attention(

@@ -3,8 +3,9 @@
 A wrapper around the hash selector (HashAttention and HATA keep to one stage; this trades key reads for recall):
 the shortlist is the hash selector's nearest candidates, and each shortlisted key's score becomes minus the
 group's summed softmax of ``q . k * scale`` over the shortlist, the oracle's score restricted to what the codes
-found. It reads ``rerank x budget`` more key rows per KV head and step than plain hashing (no values), and runs
-in PyTorch after the shortlist (which the compiled CPU kernel finds, where it applies).
+found. It reads ``rerank x budget`` more key rows per KV head and step than plain hashing (no values). On the CPU
+the whole step (shortlist, exact scores, attention) is one compiled kernel (``kernels.decode_attention`` with a
+``shortlist``); elsewhere the PyTorch definition below runs.
 """
 
 from __future__ import annotations
@@ -66,6 +67,13 @@ class RerankSelector(Selector):
     """``inner``'s Hamming distances shortlist ``config.rerank x budget`` candidates; exact scores rank them."""
 
     inner: HashSelector  # built with the same config, so the inherited ``covers`` holds for both
+
+    def decode(self, step: DecodeStep):
+        """On the CPU (left padding or none) one compiled kernel; else :meth:`scores`, selection, exact attention."""
+        if kernels.supports_decode(step.key, step.value) and step.left_padded():
+            shortlist = self.config.rerank * self.config.budget_tokens(step.n)
+            return self.inner.compiled_decode(kernels, step, shortlist=shortlist)
+        return super().decode(step)
 
     def scores(self, step: DecodeStep) -> torch.Tensor:
         """On the CPU (left padding or none) the compiled kernel finds the shortlist; else the PyTorch definition."""

@@ -55,10 +55,12 @@ class Setup:
 
 
 def setups(model_config, encoders: HashEncoders, methods: list[str], budgets: list[int | float],
-           base: DashKVConfig | None = None) -> list[Setup]:
+           base: DashKVConfig | None = None, rerank: int = 1) -> list[Setup]:
     """``full`` once, then every other method at every budget, all with ``base``'s layout and windows.
 
     ``base`` defaults to the trained encoders' own config; its ``bits`` and ``query_hidden`` must match theirs.
+    ``rerank`` applies to the hash methods (``dashkv``, ``random``): their codes shortlist ``rerank x budget``
+    keys and exact scores keep the budget (the other selectors have no codes to re-rank).
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -66,7 +68,7 @@ def setups(model_config, encoders: HashEncoders, methods: list[str], budgets: li
     base = base or encoders.config
     random_encoders = HashEncoders.random(model_config, base, seed=0) if "random" in methods else None
     selector = {"dashkv": "hash", "random": "hash", "streaming": "streaming", "quest": "quest", "oracle": "oracle"}
-    out = [Setup("full", "-", None, replace(base, selector="oracle", budget=_COVERING_BUDGET))]
+    out = [Setup("full", "-", None, replace(base, selector="oracle", budget=_COVERING_BUDGET, rerank=1))]
     for budget in budgets:
         for method in methods:
             if method == "full":
@@ -75,7 +77,9 @@ def setups(model_config, encoders: HashEncoders, methods: list[str], budgets: li
             label = "-" if method == "streaming" else budget_label(budget)
             if any(s.method == method and s.budget == label for s in out):
                 continue  # streaming has no budget: once is enough
-            out.append(Setup(method, label, chosen, replace(base, selector=selector[method], budget=budget)))
+            hashed = selector[method] == "hash"
+            config = replace(base, selector=selector[method], budget=budget, rerank=rerank if hashed else 1)
+            out.append(Setup(method, label, chosen, config))
     return out
 
 
