@@ -47,3 +47,26 @@ def test_reranking_a_shortlist_of_every_candidate_is_the_oracle():
         assert table.layer("rerank1000", layer) == table.layer("oracle", layer)
         assert table.layer("rerank2", layer)["R@8"] >= table.layer("trained", layer)["R@8"] - 0.05
     assert "| rerank2 |" in markdown(table)
+
+
+def test_the_recall_job_measures_with_the_group_rule_it_is_given(tmp_path):
+    from dataclasses import replace
+
+    from hf_dashkv.apps.probe import probe_sequences, run
+    from tests.tiny import byte_tokenizer
+
+    model, tokenizer = tiny_model(attn_implementation="sdpa"), byte_tokenizer()
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    text = tmp_path / "text.txt"
+    text.write_text("".join(chr(97 + (i * 7919) % 26) for i in range(2000)))
+    encoders = HashEncoders.random(model.config, CONFIG, seed=1)
+    tables = run(str(tmp_path / "model"), encoders, [str(text)], [200], 1 / 8, 2, 16, tmp_path / "out",
+                 rerank=(), group_reduce="min")
+    assert "group min" in (tmp_path / "out" / "results.md").read_text()
+    loaded = tiny_model()
+    ids = probe_sequences(tokenizer, str(text), 200, 2)
+    for rule in ("min", "sum"):
+        expected = probe(loaded, encoders, ids, replace(CONFIG, group_reduce=rule), 16, methods=("trained",))
+        same = expected.summary("trained") == tables[f"{text}, 0k"].summary("trained")  # 200 tokens: "0k"
+        assert same == (rule == "min")

@@ -197,7 +197,7 @@ def cmd_recall(args: argparse.Namespace) -> int:
     encoders = _trained_encoders(args.model, args.encoders)
     out_dir = Path(args.out_dir)
     tables = run(args.model, encoders, args.text, args.context, args.budget, args.sequences, args.queries, out_dir,
-                 rerank=args.rerank)
+                 rerank=args.rerank, group_reduce=args.group_reduce)
     for name, table in tables.items():
         means = {m: table.summary(m) for m in table.values}
         print(f"{name}: R@8|B " + ", ".join(f"{m} {s['R@8']:.3f}" for m, s in means.items())
@@ -309,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--queries", type=int, default=32, help="last positions of each sequence taken as decode steps")
     rec.add_argument("--rerank", nargs="*", type=int, default=[2, 4],
                      help="also measure the trained codes re-ranked (shortlist R x budget, exact scores pick the budget)")
+    rec.add_argument("--group-reduce", choices=["sum", "min"], default=None,
+                     help="how a GQA group's query heads combine code distances (default: the encoders' own)")
     rec.add_argument("--out-dir", default="runs/recall")
     rec.set_defaults(func=cmd_recall)
 

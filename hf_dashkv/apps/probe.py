@@ -177,8 +177,10 @@ def plot(tables: dict[str, ProbeTable], path: Path) -> None:
 
 
 def run(model_name: str, encoders: HashEncoders, texts, contexts, budget: float, sequences: int, queries: int,
-        out_dir: Path, rerank=()) -> dict[str, ProbeTable]:
-    """The whole ``dashkv recall`` job: ``results.md``, ``results.json`` and ``recall.png`` in ``out_dir``."""
+        out_dir: Path, rerank=(), group_reduce: str | None = None) -> dict[str, ProbeTable]:
+    """The whole ``dashkv recall`` job: ``results.md``, ``results.json`` and ``recall.png`` in ``out_dir``.
+
+    ``group_reduce``: how the hash methods combine a GQA group's distances (default: the encoders' own)."""
     from tqdm import tqdm
 
     from .bench import budget_label
@@ -186,7 +188,7 @@ def run(model_name: str, encoders: HashEncoders, texts, contexts, budget: float,
 
     model, tokenizer = load_model(model_name)
     encoders.check_compatible(model.config, encoders.config)
-    config = replace(encoders.config, budget=budget)
+    config = replace(encoders.config, budget=budget, group_reduce=group_reduce or encoders.config.group_reduce)
     tables = {}
     with tqdm(total=len(texts) * len(contexts) * sequences, desc="recall probe", unit="seq") as bar:
         for text in texts:
@@ -198,7 +200,8 @@ def run(model_name: str, encoders: HashEncoders, texts, contexts, budget: float,
                                                                progress=bar.update)
     out_dir.mkdir(parents=True, exist_ok=True)
     header = (f"# Hash ranking recall: {model_name}, {encoders.config.bits} bits, budget {budget_label(budget)}, "
-              f"{sequences} sequences x last {queries} positions\n\nCandidates only (between {config.sink_tokens} "
+              f"group {config.group_reduce}, {sequences} sequences x last {queries} positions\n\nCandidates only "
+              f"(between {config.sink_tokens} "
               f"sinks and a {config.recent_tokens}-token recent window). R@k|B: share of each query head's true top-k "
               "candidates inside its KV group's selection.\n")
     body = "\n\n".join(f"## {name}\n\n{markdown(table)}" for name, table in tables.items())
