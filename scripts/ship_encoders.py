@@ -12,6 +12,7 @@ hf_dashkv/assets/encoders/<model>/ with a model card. The out-of-domain numbers 
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from hf_dashkv import HashEncoders
@@ -27,6 +28,9 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m", help="the embedded model the encoders are for")
     parser.add_argument("--max-dense", type=int, default=4)
     parser.add_argument("--threshold", type=float, default=0.8, help="only layers below this R@8 go dense")
+    parser.add_argument("--group-reduce", choices=["sum", "min"], default=None,
+                        help="the decode policy users get by default: how a GQA group combines code distances")
+    parser.add_argument("--rerank", type=int, default=None, help="the default re-ranking factor (1: off)")
     args = parser.parse_args()
 
     folder = Path(args.exported)
@@ -43,7 +47,13 @@ def main() -> None:
         notes=(f"dense layers {dense}: the layers with the lowest validation R@8|B (at most {args.max_dense}, below "
                f"{args.threshold}) run full attention"),
     )
-    out = export(with_dense_layers(trained, dense), facts, ASSETS / args.model)
+    policy = {name: value for name, value in (("group_reduce", args.group_reduce), ("rerank", args.rerank))
+              if value is not None}
+    shipped = with_dense_layers(trained, dense)
+    shipped.config = replace(shipped.config, **policy)  # validated: DashKVConfig refuses a bad combination
+    if policy:
+        facts["notes"] += f"; decode policy {policy} (measured with `dashkv eval` / `dashkv recall`, README)"
+    out = export(shipped, facts, ASSETS / args.model)
     print(f"wrote {out}; {facts['notes']}\n\n| layer | trained R@8 | SimHash R@8 |\n|---:|---:|---:|")
     for layer in sorted(recall):
         print(f"| {layer}{' (dense)' if layer in dense else ''} | {recall[layer]['trained']:.3f} | "

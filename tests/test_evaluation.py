@@ -167,6 +167,10 @@ def test_rerank_applies_to_the_hash_methods_only(tiny):
     from hf_dashkv.apps.cli import build_parser
 
     assert build_parser().parse_args(["eval", "--rerank", "2"]).rerank == 2
+    # by default the encoders' own decode policy, which shipped encoders may set
+    own = dataclasses.replace(CONFIG, rerank=3)
+    assert {s.method: s.config.rerank for s in setups(model.config, encoders, ["full", "dashkv", "oracle"], [8], own)} \
+        == {"full": 1, "dashkv": 3, "oracle": 1}
 
 
 def test_a_rerun_with_another_setup_is_refused_and_reports_hold_only_this_run(tiny, samples, tmp_path):

@@ -288,9 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--longbench-max-length", type=int, default=3500, help="LongBench's prompt truncation length")
     ev.add_argument("--group-reduce", choices=["sum", "min"], default=None,
                     help="how a GQA group's query heads combine distances (default: the encoders' own)")
-    ev.add_argument("--rerank", type=int, default=1,
+    ev.add_argument("--rerank", type=int, default=None,
                     help="re-ranking factor of the hash methods (dashkv, random): codes shortlist N x budget, exact "
-                         "scores keep the budget (1: off)")
+                         "scores keep the budget (1: off; default: the encoders' own)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--out-dir", default="runs/eval", help="predictions.jsonl (resumable) and the reports")
     ev.set_defaults(func=cmd_eval)

@@ -55,17 +55,18 @@ class Setup:
 
 
 def setups(model_config, encoders: HashEncoders, methods: list[str], budgets: list[int | float],
-           base: DashKVConfig | None = None, rerank: int = 1) -> list[Setup]:
+           base: DashKVConfig | None = None, rerank: int | None = None) -> list[Setup]:
     """``full`` once, then every other method at every budget, all with ``base``'s layout and windows.
 
     ``base`` defaults to the trained encoders' own config; its ``bits`` and ``query_hidden`` must match theirs.
     ``rerank`` applies to the hash methods (``dashkv``, ``random``): their codes shortlist ``rerank x budget``
-    keys and exact scores keep the budget (the other selectors have no codes to re-rank).
+    keys and exact scores keep the budget (the other selectors have no codes to re-rank); ``None``: ``base``'s.
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {METHODS}.")
     base = base or encoders.config
+    rerank = base.rerank if rerank is None else rerank
     random_encoders = HashEncoders.random(model_config, base, seed=0) if "random" in methods else None
     selector = {"dashkv": "hash", "random": "hash", "streaming": "streaming", "quest": "quest", "oracle": "oracle"}
     out = [Setup("full", "-", None, replace(base, selector="oracle", budget=_COVERING_BUDGET, rerank=1))]
