@@ -49,8 +49,8 @@ def main() -> None:
     )
     policy = {name: value for name, value in (("group_reduce", args.group_reduce), ("rerank", args.rerank))
               if value is not None}
-    shipped = with_dense_layers(trained, dense)
-    shipped.config = replace(shipped.config, **policy)  # validated: DashKVConfig refuses a bad combination
+    trained.config = replace(trained.config, **policy)  # validated: DashKVConfig refuses a bad combination
+    shipped = with_dense_layers(trained, dense)  # a new HashEncoders: its saved config.json carries the policy
     if policy:
         facts["notes"] += f"; decode policy {policy} (measured with `dashkv eval` / `dashkv recall`, README)"
     out = export(shipped, facts, ASSETS / args.model)
