@@ -275,8 +275,9 @@ if numba is not None:
                 slot += 1
 
     @numba.njit(cache=True, nogil=True, fastmath=True)
-    def _attend(q, k, v, b, h, rows, row_valid, scale, out):
-        """Softmax attention of (b, h)'s query group over its selected rows, into ``out[b, h]``."""
+    def _row_softmax(q, k, b, h, rows, row_valid, scale):
+        """Per query head of (b, h)'s group, the softmax of ``q . k * scale`` over the valid rows of ``rows[b, h]``
+        (0 at the others): ``[G, M]``. Each key row is read once, with prefetch ahead."""
         group, dim = q.shape[2], q.shape[3]
         slots = rows.shape[2]
         scores = np.full((group, slots), -np.inf, np.float32)
@@ -297,7 +298,14 @@ if numba is not None:
                 scores[g, m] = w
                 total += w
             scores[g] /= total
-        for m in range(slots):
+        return scores
+
+    @numba.njit(cache=True, nogil=True, fastmath=True)
+    def _attend(q, k, v, b, h, rows, row_valid, scale, out):
+        """Softmax attention of (b, h)'s query group over its selected rows, into ``out[b, h]``."""
+        group, dim = q.shape[2], q.shape[3]
+        scores = _row_softmax(q, k, b, h, rows, row_valid, scale)
+        for m in range(rows.shape[2]):
             _prefetch_row(v, b, h, rows, m)
             if row_valid[b, h, m]:
                 row = rows[b, h, m]
@@ -314,32 +322,18 @@ if numba is not None:
             _select_nearest(q, k, b, h, lo[b], hi, budget, reduce_sum, max_distance, rows_out, valid_out, 0)
 
     @numba.njit(cache=True, nogil=True, fastmath=True)
-    def _rerank(q, k, b, h, short_rows, count, budget, scale, rows_out, valid_out, offset):
-        """Of the first ``count`` shortlisted rows (ascending), the ``budget`` of most exact attention, into slots
-        ``offset...`` in ascending position: the group's summed softmax over the shortlist, ties to the later."""
-        group, dim = q.shape[2], q.shape[3]
+    def _rerank(q, k, b, h, short_rows, short_valid, budget, scale, rows_out, valid_out, offset):
+        """Of (b, h)'s shortlist (``short_rows[b, h]``, valid ones first, ascending), the ``budget`` rows of most exact
+        attention, into slots ``offset...`` in ascending position: the group's summed softmax over the shortlist,
+        ties to the later position."""
+        count = short_valid[b, h].sum()
         if count == 0:
             return
-        logits = np.empty((group, count), np.float32)
-        for s in range(count):
-            if s + _PREFETCH_ROWS_AHEAD < count:
-                for col in range(0, dim, _CACHE_LINE // k.itemsize):
-                    _prefetch(k, b, h, short_rows[s + _PREFETCH_ROWS_AHEAD], col)
-            row = short_rows[s]
-            for g in range(group):
-                acc = np.float32(0.0)
-                for d in range(dim):
-                    acc += q[b, h, g, d] * _as_float(k[b, h, row, d])
-                logits[g, s] = acc * scale
+        probs = _row_softmax(q, k, b, h, short_rows, short_valid, scale)
         score = np.zeros(count, np.float32)
-        for g in range(group):
-            top = logits[g].max()
-            total = np.float32(0.0)
+        for g in range(probs.shape[0]):
             for s in range(count):
-                logits[g, s] = np.exp(logits[g, s] - top)
-                total += logits[g, s]
-            for s in range(count):
-                score[s] += logits[g, s] / total
+                score[s] += probs[g, s]
         chosen = np.ones(count, np.bool_)
         if count > budget:
             # a stable sort of the reversed shortlist by falling score puts the later of equal scores first
@@ -350,7 +344,7 @@ if numba is not None:
         slot = offset
         for s in range(count):
             if chosen[s]:
-                rows_out[b, h, slot] = short_rows[s]
+                rows_out[b, h, slot] = short_rows[b, h, s]
                 valid_out[b, h, slot] = True
                 slot += 1
 
@@ -377,6 +371,5 @@ if numba is not None:
             else:
                 _select_nearest(q_codes, k_codes, b, h, lo, hi, shortlist, reduce_sum, max_distance, short_rows,
                                 short_valid, 0)
-                _rerank(query, k, b, h, short_rows[b, h], short_valid[b, h].sum(), budget, scale, rows, valid,
-                        sinks + recent)
+                _rerank(query, k, b, h, short_rows, short_valid, budget, scale, rows, valid, sinks + recent)
             _attend(query, k, v, b, h, rows, valid, scale, out)
