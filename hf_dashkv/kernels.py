@@ -3,9 +3,9 @@
 They compute exactly the definitions in ``codes.py`` / ``selection.py`` / ``exact.py`` (tested against
 them in ``tests/test_kernels.py``), faster:
 
-- selection: per (batch, KV head), integer distances by hardware popcount over packed words (the inner loop
-  vectorises), a histogram, the threshold read off it, and one pass that writes the chosen positions in
-  ascending order; no per-token float score and no sort;
+- selection: per (batch, KV head), integer distances by hardware popcount over packed words (one vectorised
+  pass over the keys per four query heads), a histogram, the threshold read off it, and one pass that writes
+  the chosen positions in ascending order; no per-token float score and no sort;
 - attention: each selected K/V row is read once, straight from the cache buffer (no gathered copy),
   with software prefetch of the rows ahead, since scattered rows defeat the hardware prefetcher;
 - :func:`decode_attention` does both in one parallel call over (batch, KV head), which saves a thread-pool
@@ -228,25 +228,58 @@ if numba is not None:
                 _prefetch(array, b, h, row, col)
 
     @numba.njit(cache=True, nogil=True, fastmath=True)
-    def _select_nearest(q, k, b, h, lo, hi, budget, reduce_sum, max_distance, rows_out, valid_out, offset):
-        """The ``budget`` positions in ``[lo, hi)`` nearest to (b, h)'s query group, into slots ``offset...``."""
+    def _group_distances(q, k, b, h, lo, hi, reduce_sum, max_distance):
+        """Each candidate's distance to (b, h)'s query group (``selection.combine_group`` of ``codes.head_distances``):
+        int32 ``[hi - lo]``.
+
+        Codes of one or two words (up to 64 and 128 bits): one pass over the keys serves four query heads, each key
+        word loaded once and the heads' query words held in registers; a pass with fewer heads repeats the last one,
+        weighted 0 (sum) or pushed past every distance (min). LLVM vectorises it after unswitching the invariant
+        branches; a pass per head re-read the keys and, at two words, did not vectorise (~10x slower at 128k).
+        Wider codes take a pass per head and word (a third branch in the loop above stops its vectorisation)."""
         group, words = q.shape[2], q.shape[3]
         count = max(hi - lo, 0)
-        keys = k[b, h, lo:hi]
+        keys = k[b, h, lo:lo + count].reshape(count * words)
         dist = np.zeros(count, np.int32) if reduce_sum else np.full(count, max_distance, np.int32)
-        part = np.empty(count, np.int32)
-        for g in range(group):
-            # flat passes over the codes: the inner loops vectorise (vector popcount where the CPU has it)
-            target = dist if reduce_sum else part
-            if not reduce_sum:
+        if words > 2:
+            part = np.empty(count, np.int32)
+            for g in range(group):
                 part[:] = 0
-            for w in range(words):
-                qw = q[b, h, g, w]
+                for w in range(words):
+                    qw = q[b, h, g, w]
+                    for i in range(count):
+                        part[i] += _popcount(qw ^ keys[i * words + w])
                 for i in range(count):
-                    target[i] += _popcount(qw ^ keys[i, w])
-            if not reduce_sum:
-                for i in range(count):
-                    dist[i] = min(dist[i], part[i])
+                    dist[i] = dist[i] + part[i] if reduce_sum else min(dist[i], part[i])
+            return dist
+        two = words == 2
+        for g in range(0, group, 4):
+            h1, h2, h3 = min(g + 1, group - 1), min(g + 2, group - 1), min(g + 3, group - 1)
+            w1, w2, w3 = np.int32(g + 1 < group), np.int32(g + 2 < group), np.int32(g + 3 < group)
+            o1, o2, o3 = (1 - w1) * max_distance, (1 - w2) * max_distance, (1 - w3) * max_distance
+            a0, b0, c0, d0 = q[b, h, g, 0], q[b, h, h1, 0], q[b, h, h2, 0], q[b, h, h3, 0]
+            a1, b1, c1, d1 = q[b, h, g, words - 1], q[b, h, h1, words - 1], q[b, h, h2, words - 1], q[b, h, h3, words - 1]
+            for i in range(count):
+                if two:
+                    k0, k1 = keys[2 * i], keys[2 * i + 1]
+                    x0 = _popcount(a0 ^ k0) + _popcount(a1 ^ k1)
+                    x1 = _popcount(b0 ^ k0) + _popcount(b1 ^ k1)
+                    x2 = _popcount(c0 ^ k0) + _popcount(c1 ^ k1)
+                    x3 = _popcount(d0 ^ k0) + _popcount(d1 ^ k1)
+                else:
+                    k0 = keys[i]
+                    x0, x1, x2, x3 = _popcount(a0 ^ k0), _popcount(b0 ^ k0), _popcount(c0 ^ k0), _popcount(d0 ^ k0)
+                if reduce_sum:
+                    dist[i] += x0 + w1 * x1 + w2 * x2 + w3 * x3
+                else:
+                    dist[i] = min(dist[i], x0, x1 + o1, x2 + o2, x3 + o3)
+        return dist
+
+    @numba.njit(cache=True, nogil=True, fastmath=True)
+    def _select_nearest(q, k, b, h, lo, hi, budget, reduce_sum, max_distance, rows_out, valid_out, offset):
+        """The ``budget`` positions in ``[lo, hi)`` nearest to (b, h)'s query group, into slots ``offset...``."""
+        count = max(hi - lo, 0)
+        dist = _group_distances(q, k, b, h, lo, hi, reduce_sum, max_distance)
         # four interleaved histograms: distances cluster, and one counter would serialise the increments
         hists = np.zeros((4, max_distance + 1), np.int64)
         for i in range(count):

@@ -16,8 +16,8 @@ def test_the_compiled_kernel_is_installed():
 
 @settings(max_examples=60, deadline=None)
 @given(
-    batch=st.integers(1, 3), kv_heads=st.integers(1, 3), group=st.sampled_from([1, 2, 3, 4]),
-    n=st.integers(1, 300), budget=st.integers(1, 64), bits=st.sampled_from([32, 40, 48, 64, 96, 128]),
+    batch=st.integers(1, 3), kv_heads=st.integers(1, 3), group=st.sampled_from([1, 2, 3, 4, 5, 8]),
+    n=st.integers(1, 300), budget=st.integers(1, 64), bits=st.sampled_from([32, 40, 48, 64, 96, 128, 256]),
     reduce=st.sampled_from(["sum", "min"]), seed=st.integers(0, 2**16),
 )
 def test_kernel_selects_exactly_the_reference_set(batch, kv_heads, group, n, budget, bits, reduce, seed):
@@ -57,7 +57,7 @@ def decode_case(batch, kv_heads, group, n, dim, bits, recent, dtype, seed):
 
 @settings(max_examples=40, deadline=None)
 @given(
-    batch=st.integers(1, 2), kv_heads=st.integers(1, 3), group=st.sampled_from([1, 2, 4]),
+    batch=st.integers(1, 2), kv_heads=st.integers(1, 3), group=st.sampled_from([1, 2, 3, 4, 5]),
     n=st.integers(2, 120), budget=st.integers(1, 40), dim=st.sampled_from([8, 64, 72]),
     bits=st.sampled_from([32, 64, 128]), sinks=st.integers(0, 4), recent=st.integers(1, 8),
     reduce=st.sampled_from(["sum", "min"]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
