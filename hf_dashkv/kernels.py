@@ -10,7 +10,8 @@ them in ``tests/test_kernels.py``), faster:
   with software prefetch of the rows ahead, since scattered rows defeat the hardware prefetcher;
 - :func:`decode_attention` does both in one parallel call over (batch, KV head), which saves a thread-pool
   wake-up and the glue between them; with re-ranking (``selectors.rerank``) the codes shortlist, the exact
-  scores of the shortlisted keys cut it to the budget, and attention follows, in the same call.
+  scores of the shortlisted keys cut it to the budget (a partition, no sort), and attention follows, in the same
+  call, reusing those logits (no key row is read twice).
 
 Why numba: it installs as a wheel (no compiler at install time, unlike a C++ extension), reaches LLVM's
 ``ctpop`` and ``prefetch`` intrinsics, runs ``prange`` loops on all cores, and caches machine code on disk.
@@ -308,13 +309,12 @@ if numba is not None:
                 slot += 1
 
     @numba.njit(cache=True, nogil=True, fastmath=True)
-    def _row_softmax(q, k, b, h, rows, row_valid, scale):
-        """Per query head of (b, h)'s group, the softmax of ``q . k * scale`` over the valid rows of ``rows[b, h]``
-        (0 at the others): ``[G, M]``. Each key row is read once, with prefetch ahead."""
+    def _row_logits(q, k, b, h, rows, row_valid, scale, stop):
+        """``q . k * scale`` of each query head of (b, h)'s group with the valid rows among ``rows[b, h, :stop]``
+        (-inf at the others and at slots ``>= stop``): ``[G, M]``. Each key row is read once, with prefetch ahead."""
         group, dim = q.shape[2], q.shape[3]
-        slots = rows.shape[2]
-        scores = np.full((group, slots), -np.inf, np.float32)
-        for m in range(slots):
+        logits = np.full((group, rows.shape[2]), -np.inf, np.float32)
+        for m in range(stop):
             _prefetch_row(k, b, h, rows, m)
             if row_valid[b, h, m]:
                 row = rows[b, h, m]
@@ -322,29 +322,33 @@ if numba is not None:
                     acc = np.float32(0.0)
                     for d in range(dim):
                         acc += q[b, h, g, d] * _as_float(k[b, h, row, d])
-                    scores[g, m] = acc * scale
-        for g in range(group):
-            top = scores[g].max()
-            total = np.float32(0.0)
-            for m in range(slots):
-                w = np.exp(scores[g, m] - top)
-                scores[g, m] = w
-                total += w
-            scores[g] /= total
-        return scores
+                    logits[g, m] = acc * scale
+        return logits
 
     @numba.njit(cache=True, nogil=True, fastmath=True)
-    def _attend(q, k, v, b, h, rows, row_valid, scale, out):
-        """Softmax attention of (b, h)'s query group over its selected rows, into ``out[b, h]``."""
-        group, dim = q.shape[2], q.shape[3]
-        scores = _row_softmax(q, k, b, h, rows, row_valid, scale)
+    def _softmax(logits):
+        """The softmax of each row of ``logits`` ``[G, M]``, in place."""
+        for g in range(logits.shape[0]):
+            top = logits[g].max()
+            total = np.float32(0.0)
+            for m in range(logits.shape[1]):
+                w = np.exp(logits[g, m] - top)
+                logits[g, m] = w
+                total += w
+            logits[g] /= total
+
+    @numba.njit(cache=True, nogil=True, fastmath=True)
+    def _attend(v, b, h, rows, row_valid, logits, out):
+        """Softmax attention of (b, h)'s query group over its selected rows, given their ``logits`` ``[G, M]``
+        (consumed), into ``out[b, h]``."""
+        _softmax(logits)
         for m in range(rows.shape[2]):
             _prefetch_row(v, b, h, rows, m)
             if row_valid[b, h, m]:
                 row = rows[b, h, m]
-                for g in range(group):
-                    w = scores[g, m]
-                    for d in range(dim):
+                for g in range(logits.shape[0]):
+                    w = logits[g, m]
+                    for d in range(v.shape[3]):
                         out[b, h, g, d] += w * _as_float(v[b, h, row, d])
 
     @numba.njit(parallel=True, cache=True, nogil=True)
@@ -355,30 +359,34 @@ if numba is not None:
             _select_nearest(q, k, b, h, lo[b], hi, budget, reduce_sum, max_distance, rows_out, valid_out, 0)
 
     @numba.njit(cache=True, nogil=True, fastmath=True)
-    def _rerank(q, k, b, h, short_rows, short_valid, budget, scale, rows_out, valid_out, offset):
+    def _rerank(q, k, b, h, short_rows, short_valid, budget, scale, rows_out, valid_out, logits_out, offset):
         """Of (b, h)'s shortlist (``short_rows[b, h]``, valid ones first, ascending), the ``budget`` rows of most exact
-        attention, into slots ``offset...`` in ascending position: the group's summed softmax over the shortlist,
-        ties to the later position."""
+        attention, into slots ``offset...`` in ascending position, with their logits into ``logits_out`` (attention
+        then reads no key row twice): the group's summed softmax over the shortlist, ties to the later position."""
         count = short_valid[b, h].sum()
         if count == 0:
             return
-        probs = _row_softmax(q, k, b, h, short_rows, short_valid, scale)
+        logits = _row_logits(q, k, b, h, short_rows, short_valid, scale, count)
+        probs = logits.copy()
+        _softmax(probs)
         score = np.zeros(count, np.float32)
         for g in range(probs.shape[0]):
             for s in range(count):
                 score[s] += probs[g, s]
-        chosen = np.ones(count, np.bool_)
-        if count > budget:
-            # a stable sort of the reversed shortlist by falling score puts the later of equal scores first
-            order = np.argsort(-score[::-1], kind="mergesort")
-            chosen[:] = False
-            for j in range(budget):
-                chosen[count - 1 - order[j]] = True
+        # the budget-th largest score is the cut: all above it, and of those equal to it the latest
+        cut = np.partition(score, count - budget)[count - budget] if count > budget else np.float32(-1)
+        ties = budget - (score > cut).sum()
+        chosen = score > cut
+        for s in range(count - 1, -1, -1):
+            if ties > 0 and score[s] == cut:
+                chosen[s] = True
+                ties -= 1
         slot = offset
         for s in range(count):
             if chosen[s]:
                 rows_out[b, h, slot] = short_rows[b, h, s]
                 valid_out[b, h, slot] = True
+                logits_out[:, slot] = logits[:, s]
                 slot += 1
 
     @numba.njit(parallel=True, cache=True, nogil=True)
@@ -401,8 +409,10 @@ if numba is not None:
             if shortlist == budget:
                 _select_nearest(q_codes, k_codes, b, h, lo, hi, budget, reduce_sum, max_distance, rows, valid,
                                 sinks + recent)
+                logits = _row_logits(query, k, b, h, rows, valid, scale, rows.shape[2])
             else:
                 _select_nearest(q_codes, k_codes, b, h, lo, hi, shortlist, reduce_sum, max_distance, short_rows,
                                 short_valid, 0)
-                _rerank(query, k, b, h, short_rows, short_valid, budget, scale, rows, valid, sinks + recent)
-            _attend(query, k, v, b, h, rows, valid, scale, out)
+                logits = _row_logits(query, k, b, h, rows, valid, scale, sinks + recent)
+                _rerank(query, k, b, h, short_rows, short_valid, budget, scale, rows, valid, logits, sinks + recent)
+            _attend(v, b, h, rows, valid, logits, out)
