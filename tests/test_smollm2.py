@@ -73,6 +73,8 @@ def test_dashkv_generate_command(capsys):
     assert main(["generate", "--context-tokens", "600", "--max-new-tokens", "6"]) == 0
     out = capsys.readouterr().out
     assert f"trained encoders from {shipped_encoders('smollm2-135m')}" in out
+    shipped = HashEncoders.from_pretrained(str(shipped_encoders("smollm2-135m"))).config
+    assert f"group_reduce {shipped.group_reduce!r}, rerank {shipped.rerank}" in out  # the policy users get, said
     assert "full attention" in out and "DASH-KV / full decode speed" in out
 
 

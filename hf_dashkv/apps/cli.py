@@ -75,7 +75,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(f"DASH-KV: {label}")
     print(
         f"DASH-KV: {config.bits} bits, budget {config.budget} (= {config.budget_tokens(prompt.num_tokens)} tokens) + "
-        f"{config.sink_tokens} sinks + {config.recent_tokens} recent, dense layers {list(config.dense_layers)}"
+        f"{config.sink_tokens} sinks + {config.recent_tokens} recent, dense layers {list(config.dense_layers)}, "
+        f"group_reduce {config.group_reduce!r}, rerank {config.rerank}"
     )
     # a fresh install compiles the kernels on first use: do that on a short prompt, outside the timed runs
     timed_generate(model, tokenizer, prompt.text[:2000], DashKVCache(model.config, encoders, config), 2)
