@@ -258,8 +258,9 @@ if numba is not None:
             h1, h2, h3 = min(g + 1, group - 1), min(g + 2, group - 1), min(g + 3, group - 1)
             w1, w2, w3 = np.int32(g + 1 < group), np.int32(g + 2 < group), np.int32(g + 3 < group)
             o1, o2, o3 = (1 - w1) * max_distance, (1 - w2) * max_distance, (1 - w3) * max_distance
+            last = words - 1
             a0, b0, c0, d0 = q[b, h, g, 0], q[b, h, h1, 0], q[b, h, h2, 0], q[b, h, h3, 0]
-            a1, b1, c1, d1 = q[b, h, g, words - 1], q[b, h, h1, words - 1], q[b, h, h2, words - 1], q[b, h, h3, words - 1]
+            a1, b1, c1, d1 = q[b, h, g, last], q[b, h, h1, last], q[b, h, h2, last], q[b, h, h3, last]
             for i in range(count):
                 if two:
                     k0, k1 = keys[2 * i], keys[2 * i + 1]
