@@ -8,16 +8,20 @@ machine. Times are medians of --repeats, each repetition running every variant o
     python scripts/kernel_ab.py --base HEAD~1
 """
 
-import argparse
-import importlib.util
 import os
-import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP, which reads it once
+
+import argparse  # noqa: E402
+import importlib.util  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from hf_dashkv import kernels  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,10 +58,6 @@ def main() -> None:
     parser.add_argument("--rerank", type=int, default=2, help="also time re-ranking with this factor (1: skip)")
     parser.add_argument("--repeats", type=int, default=25)
     args = parser.parse_args()
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    sys.path.insert(0, str(ROOT))
-    from hf_dashkv import kernels
-
     versions = {"base": load_kernels(args.base), "tree": kernels}
     batch, kv_heads, group, dim, sinks, recent = 1, 8, 4, 128, 4, 64
     generator = torch.Generator().manual_seed(0)
