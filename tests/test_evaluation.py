@@ -9,8 +9,8 @@ import pytest
 from hf_dashkv import DashKVConfig, HashEncoders
 from hf_dashkv.apps.evaluation import runner
 from hf_dashkv.apps.evaluation.longbench import load_longbench
-from hf_dashkv.apps.evaluation.report import failed_samples, summarize, write_report
-from hf_dashkv.apps.evaluation.runner import METHODS, Evaluator, evaluate, read_records, setups
+from hf_dashkv.apps.evaluation.report import failed_samples, markdown, summarize, token_agreement, write_report
+from hf_dashkv.apps.evaluation.runner import METHODS, Evaluator, evaluate, prompt_digest, read_records, setups
 
 from .tiny import byte_tokenizer, tiny_model
 
@@ -58,13 +58,17 @@ def test_longbench_fixture_end_to_end(tiny, samples, tmp_path):
     evaluator = make_evaluator(tiny)
     records = evaluate(evaluator, samples, tmp_path / "predictions.jsonl")
     assert len(records) == len(samples) * len(evaluator.setups)
+    full_steps = {r["key"]: r["steps"] for r in records if r["method"] == "full"}
     for record in records:
         assert record["error"] is None and 0.0 <= record["score"] <= 1.0
         assert record["prompt_tokens"] > CONFIG.exact_tokens(300) // 2  # long enough that selection drops keys
+        steps = full_steps[record["key"]]
+        assert record["steps"] == steps > 0  # every method is compared along full's answer, token by token
         if record["method"] == "full":
             assert record["kl"] == 0.0 and record["agreement"] == 1.0 and record["recall"] == {}
         else:
             assert record["kl"] >= 0.0 and 0.0 <= record["agreement"] <= 1.0
+            assert (record["agreement"] * steps) == pytest.approx(round(record["agreement"] * steps))
             assert set(record["recall"]) == {"1", "2", "3"}  # the hashed layers; layer 0 is dense
     oracle = [r for r in records if r["method"] == "oracle"]
     streaming = [r for r in records if r["method"] == "streaming"]
@@ -106,6 +110,18 @@ def test_resume_skips_finished_samples_and_redoes_only_missing_runs(tiny, sample
     assert len(records) == 2 * 3 and len(read_records(path)) == 2 * 3
 
 
+def test_a_changed_prompt_under_the_same_key_is_run_again(tiny, samples, tmp_path):
+    path = tmp_path / "predictions.jsonl"
+    evaluator = make_evaluator(tiny, methods=["full", "streaming"])
+    first = evaluate(evaluator, samples[:1], path)
+    changed = dataclasses.replace(samples[0], prompt=samples[0].prompt[:-40] + samples[0].prompt[-20:])
+    assert changed.key == samples[0].key and prompt_digest(changed) != prompt_digest(samples[0])
+    records = evaluate(evaluator, [changed], path)
+    assert len(read_records(path)) == 2 * 2  # run again, appended
+    assert {r["prompt_sha"] for r in records} == {prompt_digest(changed)} != {r["prompt_sha"] for r in first}
+    assert evaluate(evaluator, [changed], path) == records  # and now finished
+
+
 def test_a_failing_sample_is_recorded_and_the_run_goes_on(tiny, samples, tmp_path, monkeypatch):
     original = Evaluator.run_sample
 
@@ -142,6 +158,27 @@ def test_summary_ratios_and_perplexity_by_hand():
     assert by[("qa", "dashkv")]["recall"] == pytest.approx(0.8)
     assert by[("perplexity", "dashkv")]["perplexity"] == pytest.approx(2.718281828**2.5, rel=1e-6)
     assert by[("perplexity", "full")]["ratio_to_full"] is None
+
+
+def test_agreement_pooled_over_tokens_by_hand():
+    def record(key, agreement, steps, task="qa"):
+        return dict(task=task, context_tokens=4096, sample_id=key, key=key, method="dashkv", budget="1/32", score=None,
+                    kl=0.1, agreement=agreement, steps=steps, nll=None, recall={}, error=None)
+
+    # a one-token answer missed and a 9-token answer matched: 0.5 per prompt, 0.9 per token
+    records = [record("a", 0.0, 1), record("b", 1.0, 9), record("c", None, 0)]
+    assert token_agreement(records) == (pytest.approx(0.9), 10)
+    (row,) = summarize(records)
+    assert row["agreement"] == pytest.approx(0.5) and row["token_agreement"] == pytest.approx(0.9)
+    assert row["steps"] == 10
+    other = summarize([record("d", 0.5, 10, task="summary")])
+    assert token_agreement([row, *other], "token_agreement") == (pytest.approx(0.7), 20)
+    text = markdown([row, *other])
+    assert "| 0.500 | 0.700 |" in text  # task mean (0.5 + 0.5) / 2 against pooled (9 + 5) / 20
+    # predictions written before steps were recorded: no pooled number rather than a partial one
+    legacy = {k: v for k, v in record("e", 1.0, 3).items() if k != "steps"}
+    assert token_agreement([records[1], legacy]) == (None, 0)
+    assert summarize([legacy])[0]["token_agreement"] is None
 
 
 def test_runner_methods_match_the_cli_choices():

@@ -33,6 +33,15 @@ def test_every_task_fits_its_length_and_is_deterministic(tokenizer, suite):
     assert other[0].prompt != suite[[s.task for s in suite].index("needle_single")].prompt
 
 
+def test_more_samples_keep_the_prompts_of_fewer(tokenizer):
+    # resuming with a larger --samples reuses the smaller run's records, so its prompts must come out unchanged
+    # (at 4096 tokens hotpotqa draws filler paragraphs: shared with the sampling, they shifted with the count)
+    fewer, more = (build_suite(tokenizer, [4096], samples=n, seed=0) for n in (2, 3))
+    for task in TASKS:
+        assert [(s.key, s.prompt) for s in more if s.task == task][:2] == [
+            (s.key, s.prompt) for s in fewer if s.task == task], task
+
+
 def test_the_answer_is_in_the_context(suite):
     for sample in suite:
         if sample.task in ("squad_qa", "hotpotqa", "needle_single", "needle_multikey", "needle_multivalue",

@@ -11,7 +11,7 @@ from statistics import mean
 from .runner import METHODS
 
 FIELDS = ("task", "context_tokens", "method", "budget", "samples", "score", "ratio_to_full", "kl", "agreement",
-          "nll", "perplexity", "recall")
+          "steps", "token_agreement", "nll", "perplexity", "recall")
 
 
 def _mean(values) -> float | None:
@@ -19,10 +19,25 @@ def _mean(values) -> float | None:
     return mean(values) if values else None
 
 
+def token_agreement(items: list[dict], key: str = "agreement") -> tuple[float | None, int]:
+    """Greedy agreement pooled over compared tokens, and their count: ``items`` are records (``key="agreement"``,
+    a mean over the record's ``steps``) or summary rows (``key="token_agreement"``). ``(None, 0)`` if no token was
+    compared or an item lacks ``steps`` (predictions written before it was recorded).
+
+    A mean over prompts weighs a one-token answer as much as a 60-token summary; pooled, each decode step counts once.
+    """
+    compared = [item for item in items if item.get("agreement") is not None]
+    if not compared or any(item.get("steps") is None or item.get(key) is None for item in compared):
+        return None, 0
+    steps = sum(item["steps"] for item in compared)
+    return (sum(item[key] * item["steps"] for item in compared) / steps if steps else None), steps
+
+
 def summarize(records: list[dict]) -> list[dict]:
     """One row per (task, context, method, budget): means over samples, and the score's ratio to ``full``.
 
-    ``recall`` is the mean over hashed layers and samples; ``perplexity`` is ``exp`` of the mean continuation NLL.
+    ``recall`` is the mean over hashed layers and samples; ``perplexity`` is ``exp`` of the mean continuation NLL;
+    ``agreement`` is the mean over samples, ``token_agreement`` the same pooled over the ``steps`` compared tokens.
     """
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for record in records:
@@ -32,10 +47,12 @@ def summarize(records: list[dict]) -> list[dict]:
     rows = []
     for (task, context, method, budget), group in sorted(groups.items(), key=lambda item: _order(item[0])):
         nll = _mean(r["nll"] for r in group)
+        pooled, steps = token_agreement(group)
+        steps = steps if pooled is not None else None
         rows.append(dict(
             task=task, context_tokens=context, method=method, budget=budget, samples=len(group),
             score=_mean(r["score"] for r in group), kl=_mean(r["kl"] for r in group),
-            agreement=_mean(r["agreement"] for r in group), nll=nll,
+            agreement=_mean(r["agreement"] for r in group), steps=steps, token_agreement=pooled, nll=nll,
             perplexity=math.exp(nll) if nll is not None else None,
             recall=_mean(v for r in group for v in r["recall"].values()),
         ))
@@ -109,8 +126,8 @@ def markdown(rows: list[dict], failed: list[str] = ()) -> str:
             averages.append(_fmt(score) if method == "full" else f"{_fmt(score)} ({_fmt(ratio, 2)})")
         lines.append(f"| {context} | **mean** | | " + " | ".join(averages) + " |")
 
-    lines += ["", "| tokens | method | budget | recall | next-token KL | greedy agreement | gold NLL "
-              "| perplexity (Δ full) |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| tokens | method | budget | recall | next-token KL | greedy agreement (task mean) "
+              "| greedy agreement (per token) | gold NLL | perplexity (Δ full) |", "|---" * 9 + "|"]
     for context in sorted({r["context_tokens"] for r in rows}):
         ppl = {(r["method"], r["budget"]): r["perplexity"]
                for r in rows if r["task"] == "perplexity" and r["context_tokens"] == context}
@@ -121,9 +138,10 @@ def markdown(rows: list[dict], failed: list[str] = ()) -> str:
             value = ppl.get((method, budget))
             delta = f"{_fmt(value, 2)} ({value - full_ppl:+.2f})" if value is not None and full_ppl else "–"
             recall = _mean(r["recall"] for r in group) if method != "full" else 1.0
+            pooled = token_agreement(group, "token_agreement")[0]
             lines.append(
                 f"| {context} | {method} | {budget} | {_fmt(recall)} | {_fmt(_mean(r['kl'] for r in group), 4)} | "
-                f"{_fmt(_mean(r['agreement'] for r in group))} | {_fmt(gold)} | {delta} |"
+                f"{_fmt(_mean(r['agreement'] for r in group))} | {_fmt(pooled)} | {_fmt(gold)} | {delta} |"
             )
     if failed:
         lines += ["", f"{len(failed)} sample(s) failed ({', '.join(failed)}); the errors are in the predictions file."]

@@ -11,7 +11,7 @@ through the same cache and attention path and differ only in their selector (``h
 Per prompt and method (design.md §4, against ``full`` on the same prompt):
 - the greedy answer and its task score;
 - teacher-forced along full attention's greedy answer: next-token KL(full || method) and greedy-token agreement at
-  each decode step, and the attention recall of every hashed layer at those steps;
+  each decode step (and how many steps were compared), and the attention recall of every hashed layer at those steps;
 - the negative log-likelihood of the reference continuation (gold answer, or held-out text), one decode step per
   token.
 
@@ -121,7 +121,8 @@ class Evaluator:
             record = dict(_identity(sample), method=setup.method, budget=setup.budget, prompt_tokens=ids.shape[1],
                           answers=sample.answers, error=None)
             if setup.method == "full":
-                tokens, fidelity = reference, {"kl": 0.0, "agreement": 1.0, "recall": {}}
+                tokens, fidelity = reference, {"kl": 0.0, "agreement": 1.0, "steps": max(len(reference) - 1, 0),
+                                               "recall": {}}
             else:
                 fidelity = self._fidelity(base.fork(setup.encoders, setup.config), reference, reference_logprobs)
                 tokens = reference
@@ -164,10 +165,11 @@ class Evaluator:
     def _fidelity(self, cache: DashKVCache, reference: list[int], reference_logprobs: list[torch.Tensor]) -> dict:
         """Teacher-forced along full attention's answer: mean KL(full || method), agreement, recall per layer.
 
-        The first answer token comes from the (shared, exact) prefill, so the comparison starts at the second.
+        The first answer token comes from the (shared, exact) prefill, so the comparison starts at the second;
+        ``steps`` is how many tokens were compared (what pooling the agreement over tokens weighs by).
         """
         if len(reference) < 2:
-            return {"kl": None, "agreement": None, "recall": {}}
+            return {"kl": None, "agreement": None, "steps": 0, "recall": {}}
         kls, agree = [], []
         with measuring_recall(cache) as meter:
             for position, token in enumerate(reference[:-1]):
@@ -175,7 +177,8 @@ class Evaluator:
                 kls.append(float((theirs.exp() * (theirs - mine)).sum()))
                 agree.append(int(mine.argmax()) == reference[position + 1])
             recall = {str(layer): round(value, 5) for layer, value in meter.per_layer().items()}
-        return {"kl": sum(kls) / len(kls), "agreement": sum(agree) / len(agree), "recall": recall}
+        return {"kl": sum(kls) / len(kls), "agreement": sum(agree) / len(agree), "steps": len(agree),
+                "recall": recall}
 
     def _nll(self, cache: DashKVCache, first: torch.Tensor, target: list[int]) -> float:
         """Mean negative log-likelihood of ``target`` after the prompt, one decode step per token."""
@@ -196,15 +199,28 @@ class Evaluator:
 
 def _identity(sample: Sample) -> dict:
     """The fields every record of ``sample`` starts with (what the report groups by, and resume keys on)."""
-    return dict(task=sample.task, context_tokens=sample.context_tokens, sample_id=sample.sample_id, key=sample.key)
+    return dict(task=sample.task, context_tokens=sample.context_tokens, sample_id=sample.sample_id, key=sample.key,
+                prompt_sha=prompt_digest(sample))
 
 
-def completed(path: Path) -> dict[str, set[tuple[str, str]]]:
-    """``{sample key: {(method, budget), ...}}`` of the error-free records in the predictions file ``path``."""
+def prompt_digest(sample: Sample) -> str:
+    """A digest of the prompt, so that a record is never taken for another prompt under the same key."""
+    return hashlib.sha256(sample.prompt.encode()).hexdigest()[:16]
+
+
+def stale(record: dict, digests: dict[str, str]) -> bool:
+    """Whether ``record`` was made for another prompt than the one its key names now (``digests``: key -> digest
+    of this run's samples). Records written before digests were kept cannot tell, and count as current."""
+    return "prompt_sha" in record and record["key"] in digests and record["prompt_sha"] != digests[record["key"]]
+
+
+def completed(path: Path, digests: dict[str, str] | None = None) -> dict[str, set[tuple[str, str]]]:
+    """``{sample key: {(method, budget), ...}}`` of the error-free records in the predictions file ``path``, not
+    counting :func:`stale` ones."""
     done: dict[str, set[tuple[str, str]]] = {}
     if path.exists():
         for record in read_records(path):
-            if record.get("error") is None:
+            if record.get("error") is None and not stale(record, digests or {}):
                 done.setdefault(record["key"], set()).add((record["method"], record["budget"]))
     return done
 
@@ -253,7 +269,8 @@ def claim_out_dir(predictions: Path, identity: dict) -> None:
     else:
         old = None
     if old is not None:
-        clashes = [name for name in sorted(set(old) | set(identity)) if name != "setups" and old.get(name) != identity.get(name)]
+        clashes = [name for name in sorted(set(old) | set(identity))
+                   if name != "setups" and old.get(name) != identity.get(name)]
         clashes += [label for label, value in identity["setups"].items() if old["setups"].get(label, value) != value]
         if clashes:
             raise ValueError(
@@ -269,15 +286,17 @@ def evaluate(evaluator: Evaluator, samples: list[Sample], predictions: Path, fac
     """Run ``samples`` not yet finished in ``predictions`` (JSONL, appended to), with a progress bar.
 
     ``facts``: what else defines the run beside the model, methods, configs and encoders (e.g. the suite's seed);
-    a folder holding another setup's records is refused (:func:`claim_out_dir`). Returns the records of this run's
-    methods and budgets in the file afterwards (earlier, interrupted runs of the same setup included).
+    a folder holding another setup's records is refused (:func:`claim_out_dir`). A sample counts as finished only
+    with records of its current prompt (:func:`stale`). Returns the records of this run's methods and budgets in the
+    file afterwards (earlier, interrupted runs of the same setup included; stale ones left out).
     """
     from tqdm import tqdm
 
     predictions.parent.mkdir(parents=True, exist_ok=True)
     claim_out_dir(predictions, run_identity(evaluator, facts))
     wanted = {(s.method, s.budget) for s in evaluator.setups}
-    have = completed(predictions)
+    digests = {s.key: prompt_digest(s) for s in samples}
+    have = completed(predictions, digests)
     todo = [s for s in samples if not wanted <= have.get(s.key, set())]
     if len(todo) < len(samples):
         print(f"resuming: {len(samples) - len(todo)} of {len(samples)} samples already finished in {predictions}")
@@ -296,5 +315,6 @@ def evaluate(evaluator: Evaluator, samples: list[Sample], predictions: Path, fac
             for record in records:
                 handle.write(json.dumps(record) + "\n")
             handle.flush()
-    return [r for r in read_records(predictions) if (r["method"], r["budget"]) in wanted or r["method"] == "*"]
+    return [r for r in read_records(predictions)
+            if ((r["method"], r["budget"]) in wanted or r["method"] == "*") and not stale(r, digests)]
 

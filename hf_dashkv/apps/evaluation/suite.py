@@ -57,6 +57,15 @@ def _rng(task: str, seed: int) -> random.Random:
     return random.Random(zlib.crc32(task.encode()) * 1000 + seed)
 
 
+def _first(items: list, samples: int, rng: random.Random) -> list:
+    """``samples`` of ``items`` in a seeded order that does not depend on ``samples``, so that asking for more
+    prompts keeps those of a smaller run, unchanged (resume keys on them); each sample then draws the rest of its
+    prompt from its own generator (``_rng(task/sample_id)``), not from one shared with the others."""
+    order = list(items)
+    rng.shuffle(order)
+    return order[:samples]
+
+
 def _window(pieces: list[str], gold: int, room: int, depth: float, count: Callable[[str], int]) -> tuple[int, int]:
     """Indices ``[start, end)`` of consecutive ``pieces`` that fit ``room`` tokens, piece ``gold`` near ``depth``."""
     sizes = [count(p) + 1 for p in pieces]
@@ -125,7 +134,8 @@ def hotpotqa(tokenizer, context_tokens: int, samples: int, seed: int = 0) -> lis
     questions = [q for q in hotpotqa_questions("eval") if q["answer"].lower() not in ("yes", "no")]
     pool = hotpotqa_paragraphs("eval")
     out = []
-    for question in rng.sample(questions, samples):
+    for question in _first(questions, samples, rng):
+        own_rng = _rng(f"hotpotqa/{question['_id']}", seed)
         supporting = sorted({t for t, _ in question["supporting_facts"]})
         own = {title: "".join(sentences) for title, sentences in question["context"]}
         gold = [f"{t}\n{p}" for t, p in own.items() if t in supporting]
@@ -134,7 +144,7 @@ def hotpotqa(tokenizer, context_tokens: int, samples: int, seed: int = 0) -> lis
         room = context_tokens - count(tail) - sum(count(p) + 8 for p in gold + distractors)
         others = [f"{t}\n{p}" for t, p in pool.items() if t not in own]
         # the question's own distractors first, then other evaluation-side paragraphs; dropped from the end
-        filler = distractors + (_take(others, room, count, rng) if room > 0 else [])
+        filler = distractors + (_take(others, room, count, own_rng) if room > 0 else [])
         while True:  # the passage headers and joins add a few tokens per passage: drop filler until it fits
             passages = gold + filler
             _rng(question["_id"], seed).shuffle(passages)
@@ -250,7 +260,7 @@ def code_completion(tokenizer, context_tokens: int, samples: int, seed: int = 0)
     head, tail = "Please complete the code given below. \n", "Next line of code:\n"
     files = [p for p in stdlib_files("eval") if count(p.read_text(encoding="utf-8")) > context_tokens * 1.2]
     out = []
-    for path in rng.sample(files, min(samples, len(files))):
+    for path in _first(files, samples, rng):
         lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
         targets = [i for i, line in enumerate(lines)
                    if len(line.strip()) >= 20 and not line.strip().startswith(("#", '"', "'"))]
@@ -260,7 +270,7 @@ def code_completion(tokenizer, context_tokens: int, samples: int, seed: int = 0)
             if i in targets and before_tokens > context_tokens:
                 candidates.append(i)
             before_tokens += count(line)
-        line = rng.choice(candidates)
+        line = _rng(f"code_completion/{path.name}", seed).choice(candidates)
         code = count.tail("".join(lines[:line]), context_tokens - count(head + tail) - 8)
         answer = lines[line].strip()
         out.append(Sample(
