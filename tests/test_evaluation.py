@@ -165,19 +165,20 @@ def test_agreement_pooled_over_tokens_by_hand():
         return dict(task=task, context_tokens=4096, sample_id=key, key=key, method="dashkv", budget="1/32", score=None,
                     kl=0.1, agreement=agreement, steps=steps, nll=None, recall={}, error=None)
 
-    # a one-token answer missed and a 9-token answer matched: 0.5 per prompt, 0.9 per token
-    records = [record("a", 0.0, 1), record("b", 1.0, 9), record("c", None, 0)]
+    # a one-token answer missed and a 9-token answer matched: 0.9 per token; a prompt with nothing compared (full
+    # attention's record of a prompt without an answer says 1.0) weighs nothing per token
+    records = [record("a", 0.0, 1), record("b", 1.0, 9), record("c", None, 0), record("d", 1.0, 0)]
     assert token_agreement(records) == (pytest.approx(0.9), 10)
     (row,) = summarize(records)
-    assert row["agreement"] == pytest.approx(0.5) and row["token_agreement"] == pytest.approx(0.9)
+    assert row["agreement"] == pytest.approx(2 / 3) and row["token_agreement"] == pytest.approx(0.9)
     assert row["steps"] == 10
-    other = summarize([record("d", 0.5, 10, task="summary")])
+    other = summarize([record("e", 0.5, 10, task="summary")])
     assert token_agreement([row, *other], "token_agreement") == (pytest.approx(0.7), 20)
     text = markdown([row, *other])
-    assert "| 0.500 | 0.700 |" in text  # task mean (0.5 + 0.5) / 2 against pooled (9 + 5) / 20
+    assert "| 0.583 | 0.700 |" in text  # task mean (2/3 + 1/2) / 2 against pooled (9 + 5) / 20
     # predictions written before steps were recorded: no pooled number rather than a partial one
-    legacy = {k: v for k, v in record("e", 1.0, 3).items() if k != "steps"}
-    assert token_agreement([records[1], legacy]) == (None, 0)
+    legacy = {k: v for k, v in record("f", 1.0, 3).items() if k != "steps"}
+    assert token_agreement([records[1], legacy]) == (None, None)
     assert summarize([legacy])[0]["token_agreement"] is None
 
 

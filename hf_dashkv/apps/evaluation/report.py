@@ -19,16 +19,17 @@ def _mean(values) -> float | None:
     return mean(values) if values else None
 
 
-def token_agreement(items: list[dict], key: str = "agreement") -> tuple[float | None, int]:
+def token_agreement(items: list[dict], key: str = "agreement") -> tuple[float | None, int | None]:
     """Greedy agreement pooled over compared tokens, and their count: ``items`` are records (``key="agreement"``,
-    a mean over the record's ``steps``) or summary rows (``key="token_agreement"``). ``(None, 0)`` if no token was
-    compared or an item lacks ``steps`` (predictions written before it was recorded).
+    a mean over the record's ``steps``) or summary rows (``key="token_agreement"``); items that compared no token
+    (``steps`` 0: full attention's record of a prompt with no answer) weigh nothing. ``(None, 0)`` if no token was
+    compared; ``(None, None)`` if an item lacks ``steps`` (predictions written before it was recorded).
 
     A mean over prompts weighs a one-token answer as much as a 60-token summary; pooled, each decode step counts once.
     """
-    compared = [item for item in items if item.get("agreement") is not None]
-    if not compared or any(item.get("steps") is None or item.get(key) is None for item in compared):
-        return None, 0
+    if any(item.get("agreement") is not None and item.get("steps") is None for item in items):
+        return None, None
+    compared = [item for item in items if item.get("agreement") is not None and item["steps"]]
     steps = sum(item["steps"] for item in compared)
     return (sum(item[key] * item["steps"] for item in compared) / steps if steps else None), steps
 
@@ -48,7 +49,6 @@ def summarize(records: list[dict]) -> list[dict]:
     for (task, context, method, budget), group in sorted(groups.items(), key=lambda item: _order(item[0])):
         nll = _mean(r["nll"] for r in group)
         pooled, steps = token_agreement(group)
-        steps = steps if pooled is not None else None
         rows.append(dict(
             task=task, context_tokens=context, method=method, budget=budget, samples=len(group),
             score=_mean(r["score"] for r in group), kl=_mean(r["kl"] for r in group),
