@@ -9,7 +9,9 @@ import pytest
 from hf_dashkv import DashKVConfig, HashEncoders
 from hf_dashkv.apps.evaluation import runner
 from hf_dashkv.apps.evaluation.longbench import load_longbench
-from hf_dashkv.apps.evaluation.report import failed_samples, markdown, summarize, token_agreement, write_report
+from hf_dashkv.apps.evaluation.report import (
+    agreement_interval, failed_samples, markdown, summarize, token_agreement, write_report,
+)
 from hf_dashkv.apps.evaluation.runner import METHODS, Evaluator, evaluate, prompt_digest, read_records, setups
 
 from .tiny import byte_tokenizer, tiny_model
@@ -180,6 +182,13 @@ def test_agreement_pooled_over_tokens_by_hand():
     legacy = {k: v for k, v in record("f", 1.0, 3).items() if k != "steps"}
     assert token_agreement([records[1], legacy]) == (None, None)
     assert summarize([legacy])[0]["token_agreement"] is None
+    # the bootstrap over prompts: no spread where every prompt agrees alike, a spread around the pooled value else
+    assert agreement_interval([record(str(i), 1.0, 5) for i in range(8)]) == (1.0, 1.0)
+    spread = [record(str(i), i % 2, 5) for i in range(40)]
+    low, high = agreement_interval(spread)
+    assert low < token_agreement(spread)[0] == 0.5 < high and high - low < 0.4
+    assert agreement_interval([legacy]) is None
+    assert "| 0.500 (" in markdown(summarize(spread), intervals={(4096, "dashkv", "1/32"): (low, high)})
 
 
 def test_runner_methods_match_the_cli_choices():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import random
 from collections import defaultdict
 from pathlib import Path
 from statistics import mean
@@ -32,6 +33,19 @@ def token_agreement(items: list[dict], key: str = "agreement") -> tuple[float | 
     compared = [item for item in items if item.get("agreement") is not None and item["steps"]]
     steps = sum(item["steps"] for item in compared)
     return (sum(item[key] * item["steps"] for item in compared) / steps if steps else None), steps
+
+
+def agreement_interval(records: list[dict], level: float = 0.9, resamples: int = 2000,
+                       seed: int = 0) -> tuple[float, float] | None:
+    """A bootstrap interval of :func:`token_agreement` over prompts (``records`` resampled with replacement): how
+    far the pooled agreement of this many prompts may move with other prompts. ``None`` if it has no number."""
+    if token_agreement(records)[0] is None:
+        return None
+    compared = [r for r in records if r.get("agreement") is not None and r["steps"]]
+    rng = random.Random(seed)
+    values = sorted(token_agreement(rng.choices(compared, k=len(compared)))[0] for _ in range(resamples))
+    tail = int(resamples * (1 - level) / 2)
+    return values[tail], values[resamples - 1 - tail]
 
 
 def summarize(records: list[dict]) -> list[dict]:
@@ -98,8 +112,10 @@ def _fmt(value, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def markdown(rows: list[dict], failed: list[str] = ()) -> str:
-    """Task scores per method (ratio to full in brackets), then fidelity per method, as markdown tables."""
+def markdown(rows: list[dict], failed: list[str] = (), intervals: dict | None = None) -> str:
+    """Task scores per method (ratio to full in brackets), then fidelity per method, as markdown tables;
+    ``intervals``: ``{(context, method, budget): (low, high)}`` of the per-token agreement
+    (:func:`agreement_interval`), shown beside it."""
     pairs = columns(rows)
     scored = [r for r in rows if r["score"] is not None]
     tasks = sorted({(r["context_tokens"], r["task"]) for r in scored})
@@ -127,7 +143,7 @@ def markdown(rows: list[dict], failed: list[str] = ()) -> str:
         lines.append(f"| {context} | **mean** | | " + " | ".join(averages) + " |")
 
     lines += ["", "| tokens | method | budget | recall | next-token KL | greedy agreement (task mean) "
-              "| greedy agreement (per token) | gold NLL | perplexity (Δ full) |", "|---" * 9 + "|"]
+              "| greedy agreement (per token, 90% interval) | gold NLL | perplexity (Δ full) |", "|---" * 9 + "|"]
     for context in sorted({r["context_tokens"] for r in rows}):
         ppl = {(r["method"], r["budget"]): r["perplexity"]
                for r in rows if r["task"] == "perplexity" and r["context_tokens"] == context}
@@ -138,10 +154,13 @@ def markdown(rows: list[dict], failed: list[str] = ()) -> str:
             value = ppl.get((method, budget))
             delta = f"{_fmt(value, 2)} ({value - full_ppl:+.2f})" if value is not None and full_ppl else "–"
             recall = _mean(r["recall"] for r in group) if method != "full" else 1.0
-            pooled = token_agreement(group, "token_agreement")[0]
+            pooled = _fmt(token_agreement(group, "token_agreement")[0])
+            interval = (intervals or {}).get((context, method, budget))
+            if interval and method != "full":
+                pooled += f" ({interval[0]:.3f}-{interval[1]:.3f})"
             lines.append(
                 f"| {context} | {method} | {budget} | {_fmt(recall)} | {_fmt(_mean(r['kl'] for r in group), 4)} | "
-                f"{_fmt(_mean(r['agreement'] for r in group))} | {_fmt(pooled)} | {_fmt(gold)} | {delta} |"
+                f"{_fmt(_mean(r['agreement'] for r in group))} | {pooled} | {_fmt(gold)} | {delta} |"
             )
     if failed:
         lines += ["", f"{len(failed)} sample(s) failed ({', '.join(failed)}); the errors are in the predictions file."]
@@ -201,7 +220,12 @@ def plot(rows: list[dict], records: list[dict], path: Path) -> None:
 def write_report(records: list[dict], out_dir: Path) -> str:
     """``results.md``, ``results.csv`` and ``results.png`` in ``out_dir``; returns the markdown."""
     rows = summarize(records)
-    text = markdown(rows, failed_samples(records))
+    groups = defaultdict(list)
+    for record in records:
+        if record.get("error") is None:
+            groups[(record["context_tokens"], record["method"], record["budget"])].append(record)
+    intervals = {key: agreement_interval(group) for key, group in groups.items()}
+    text = markdown(rows, failed_samples(records), intervals)
     (out_dir / "results.md").write_text(text + "\n", encoding="utf-8")
     write_csv(rows, out_dir / "results.csv")
     plot(rows, records, out_dir / "results.png")
