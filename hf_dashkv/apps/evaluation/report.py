@@ -30,9 +30,14 @@ def token_agreement(items: list[dict], key: str = "agreement") -> tuple[float | 
     """
     if any(item.get("agreement") is not None and item.get("steps") is None for item in items):
         return None, None
-    compared = [item for item in items if item.get("agreement") is not None and item["steps"]]
+    compared = _compared(items)
     steps = sum(item["steps"] for item in compared)
     return (sum(item[key] * item["steps"] for item in compared) / steps if steps else None), steps
+
+
+def _compared(items: list[dict]) -> list[dict]:
+    """The records (or rows) that compared at least one token; call after checking that all carry ``steps``."""
+    return [item for item in items if item.get("agreement") is not None and item["steps"]]
 
 
 def agreement_interval(records: list[dict], level: float = 0.9, resamples: int = 2000,
@@ -41,7 +46,7 @@ def agreement_interval(records: list[dict], level: float = 0.9, resamples: int =
     far the pooled agreement of this many prompts may move with other prompts. ``None`` if it has no number."""
     if token_agreement(records)[0] is None:
         return None
-    compared = [r for r in records if r.get("agreement") is not None and r["steps"]]
+    compared = _compared(records)
     rng = random.Random(seed)
     values = sorted(token_agreement(rng.choices(compared, k=len(compared)))[0] for _ in range(resamples))
     tail = int(resamples * (1 - level) / 2)

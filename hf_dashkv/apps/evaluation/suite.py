@@ -60,7 +60,7 @@ def _rng(task: str, seed: int) -> random.Random:
 def _first(items: list, samples: int, rng: random.Random) -> list:
     """``samples`` of ``items`` in a seeded order that does not depend on ``samples``, so that asking for more
     prompts keeps those of a smaller run, unchanged (resume keys on them); each sample then draws the rest of its
-    prompt from its own generator (``_rng(task/sample_id)``), not from one shared with the others."""
+    prompt from its own generator (``_rng("<task>/<item>")``), not from one shared with the others."""
     order = list(items)
     rng.shuffle(order)
     return order[:samples]
