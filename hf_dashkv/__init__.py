@@ -13,9 +13,10 @@ from .attention import dashkv_attention_forward
 from .cache import DashKVCache, DashKVLayer
 from .compat import with_cache
 from .capture import TRAIN_IMPLEMENTATION, train_attention_forward
-from .config import DashKVConfig
+from .config import EncoderConfig
 from .encoders import HashEncoders
 from .layout import ModelLayout
+from .policy import DecodePolicy
 
 ATTN_IMPLEMENTATION = "dashkv"
 
@@ -27,7 +28,7 @@ for _name, _forward in ((ATTN_IMPLEMENTATION, dashkv_attention_forward),
     AttentionMaskInterface.register(_name, sdpa_mask)
 
 __all__ = [
-    "ATTN_IMPLEMENTATION", "TRAIN_IMPLEMENTATION", "DashKVCache", "DashKVConfig", "DashKVLayer", "HashEncoders",
-    "ModelLayout", "with_cache",
+    "ATTN_IMPLEMENTATION", "TRAIN_IMPLEMENTATION", "DashKVCache", "DashKVLayer", "DecodePolicy", "EncoderConfig",
+    "HashEncoders", "ModelLayout", "with_cache",
 ]
 __version__ = "0.1.0"

@@ -1,12 +1,12 @@
-"""The "dashkv" attention function: find the layer's cache, let its selector pick the rows, attend to them.
+"""The "dashkv" attention function: take the layer ``cache.update`` handed on, let it attend to what it selects.
 
 Registered with transformers on ``import hf_dashkv`` (with the sdpa mask, so padding is honoured), so that
 ``from_pretrained(..., attn_implementation="dashkv")`` uses it. One decode step reads in one direction:
-``cache.update`` has stored and hashed the new key and left the layer for this call (the one hand-off,
-``cache.take_pending``) -> the layer's selector (``hf_dashkv.selectors``) scores the cached tokens and
-``hf_dashkv.selection.select`` picks the rows -> exact attention over those rows (``hf_dashkv.exact``; on the CPU
-the hash selector runs the whole step as one compiled kernel). Everything else (prefill, dense layers, sliding
-layers, another cache or none, a budget that covers the context) is plain SDPA, so it is exact by construction.
+``cache.update`` has stored and hashed the new key and handed the layer on (``hf_dashkv.handoff``) -> the layer's
+selector makes a plan (``hf_dashkv.selectors``, ``hf_dashkv.plans``) -> the layer's backend runs it: codes,
+selection, exact attention over the chosen rows (``hf_dashkv.backends``). Everything else (prefill, dense layers,
+sliding layers, another cache or none, a budget that covers the context) is plain SDPA, so it is exact by
+construction.
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ from __future__ import annotations
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .cache import take_pending
+from . import handoff
 from .layout import SUPPORTED_LAYOUTS
-from .selectors import DecodeStep
 
 
 def dashkv_attention_forward(
@@ -36,19 +35,13 @@ def dashkv_attention_forward(
             f"This model's attention adds terms to the logits ({', '.join(extra)}) that DASH-KV's selection would "
             f"silently drop. Supported: {SUPPORTED_LAYOUTS}. Load the model with another attn_implementation."
         )
-    layer = take_pending(key)
-    if layer is None or query.shape[2] != 1 or layer.selector.covers(key.shape[2]):
+    layer = handoff.take(key, kwargs)
+    if layer is None or query.shape[2] != 1 or layer.covers(key.shape[2]):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    step = DecodeStep(
-        query, key, value, layer.key_codes, key_validity(attention_mask, key),
-        scaling if scaling is not None else query.shape[-1] ** -0.5, module.layer_idx, layer.record,
-    )
-    out, selection = layer.selector.decode(step)
-    for observe in layer.record.observers:
-        observe(step, selection)
-    return out, None
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return layer.attend(query, key_validity(attention_mask, key), scale, module.layer_idx), None
 
 
 EXTRA_LOGIT_TERMS = ("s_aux", "sinks", "position_bias", "alibi", "softcap")

@@ -4,28 +4,30 @@ Layers follow transformers' ``cache_utils`` pattern: ``DashKVCache`` holds one l
 Full-attention layers are :class:`DashKVLayer` (hashed, or dense for the "sandwich" layers); sliding-window
 layers are transformers' own ``DynamicSlidingWindowLayer``, exact and bounded as usual.
 
-The attention function is not given the cache, so a sparse layer's ``update`` leaves a hand-off for the
-attention call that immediately follows it in the same attention module (:func:`take_pending`). That
-thread-local hand-off is the only state outside a cache object; it is matched by tensor identity, so attention
-that receives other keys (another cache, no cache) finds nothing and stays exact. What one decode step passes
-from layer to layer (temporal calibration, recall measurement) lives on the cache (``DashKVCache.record``).
+A decode step reads one way: ``update`` stores (and hashes) the new keys and hands the layer to the attention call
+that follows (``hf_dashkv.handoff``); the attention function calls :meth:`DashKVLayer.attend`, where the layer's
+selector makes a plan and the layer's backend, chosen once at its first store, runs it. What one decode step
+passes from layer to layer (temporal calibration, recall measurement) lives on the cache (``DashKVCache.record``).
 """
 
 from __future__ import annotations
 
 import copy
-import threading
 from contextlib import contextmanager
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
 
-from .config import DashKVConfig
+from . import handoff
+from .backends import Backend, choose_backend
 from .encoders import HashEncoders, LayerEncoders
 from .layout import ModelLayout
-from .selectors import DecodeRecord, build_selector, needs_encoders
+from .policy import DecodePolicy
+from .selection import first_position, left_padded
+from .selectors import DenseSelector, Selector, hash_selector
+from .selectors.calibrated import remember_selection
+from .step import DecodeRecord, DecodeStep
 
-_pending = threading.local()
 _MIN_GROWTH = 64  # tokens
 _GROWTH = 64  # buffers grow by 1/64 of the length: ~1.6% spare memory, ~64 rows copied per token on average
 _KEY_NORM_TOLERANCE = 1.5  # x; SmolLM2 and Gemma with their own encoders stay below it on text and random tokens
@@ -34,15 +36,6 @@ UNREAD_CACHE = (
     "key codes are computed for nothing. Load the model with attn_implementation='dashkv' (after `import "
     "hf_dashkv`), or call model.set_attn_implementation('dashkv')."
 )
-
-
-def take_pending(keys: torch.Tensor) -> "DashKVLayer | None":
-    """The sparse layer whose ``update`` just returned ``keys``, if any; consumes the hand-off."""
-    layer = getattr(_pending, "layer", None)
-    if layer is None or layer.keys is not keys:
-        return None
-    _pending.layer = None
-    return layer
 
 
 class DashKVLayer(CacheLayerMixin):
@@ -55,8 +48,9 @@ class DashKVLayer(CacheLayerMixin):
 
     Args:
         encoders: the layer's hash encoders (its keys are then hashed as they are stored), or ``None``.
-        config: the decode policy its selector follows.
-        sparse: whether decode steps select rows (``False``: a dense layer, always full attention).
+        policy: the decode policy its selector follows.
+        selector: what decode steps select (``None``: a dense layer, always full attention).
+        backend: how its plans run: ``"auto"`` or a name of ``backends.BACKENDS``; chosen at the first store.
         record: the cache's per-step record, shared by its layers (a fresh one by default).
     """
 
@@ -65,18 +59,25 @@ class DashKVLayer(CacheLayerMixin):
     is_compileable = False
 
     def __init__(
-        self, encoders: LayerEncoders | None, config: DashKVConfig, sparse: bool = True,
-        record: DecodeRecord | None = None,
+        self, encoders: LayerEncoders | None, policy: DecodePolicy, selector: Selector | None = None,
+        backend: str = "auto", record: DecodeRecord | None = None,
     ):
         super().__init__()
         self.encoders = encoders
-        self.config = config
-        self.sparse = sparse
-        self.selector = build_selector(config, encoders) if sparse else None
+        self.policy = policy
+        self.selector = selector
+        self.requested_backend = backend
+        self.backend: Backend | None = None
         self.record = record if record is not None else DecodeRecord()
         self.length = 0
         self.key_codes: torch.Tensor | None = None
         self._buffers: dict[str, torch.Tensor] = {}
+        self._left_padded: bool | None = None  # checked once per prompt (_padding)
+
+    @property
+    def sparse(self) -> bool:
+        """Whether decode steps select rows (``False``: a dense layer)."""
+        return self.selector is not None
 
     @property
     def hashed(self) -> bool:
@@ -92,22 +93,54 @@ class DashKVLayer(CacheLayerMixin):
         if self.hashed:
             # one model split over devices: each layer's encoders live with that layer's K/V
             self.encoders.to(self.device)
-            self._buffers["key_codes"] = torch.empty(
-                batch, heads, 0, self.config.code_bytes, dtype=torch.uint8, device=self.device
-            )
+            code_bytes = self.encoders.key.weight.shape[-1] // 8
+            self._buffers["key_codes"] = torch.empty(batch, heads, 0, code_bytes, dtype=torch.uint8, device=self.device)
+        if self.sparse:  # the one backend choice of this layer
+            self.backend = choose_backend(self.requested_backend, self.selector.plan_type(self.policy), self.device,
+                                          self.dtype)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Store new K/V ``[B, Hkv, T, D]`` (hashing the keys) and return all K/V so far, ``[B, Hkv, N, D]``;
-        a sparse layer leaves itself for the attention call that follows (:func:`take_pending`)."""
+        a sparse layer hands itself to the attention call that follows (``hf_dashkv.handoff``)."""
         self.store(key_states, value_states)
         if self.sparse:
-            waiting = getattr(_pending, "layer", None)
-            if waiting is not None and waiting.record is self.record:
+            if self.record.pending is not None:
                 # a sparse layer of this cache stored keys and no "dashkv" attention call took them
                 self.record.warn_once(UNREAD_CACHE)
-            _pending.layer = self
+            self.record.pending = self
+            handoff.leave(self, kwargs)
         return self.keys, self.values
+
+    def covers(self, n: int) -> bool:
+        """Whether a step over ``n`` cached tokens attends to all of them (a dense layer, or a covering budget)."""
+        return not self.sparse or self.selector.covers(self.policy, n)
+
+    def attend(self, query: torch.Tensor, valid: torch.Tensor | None, scale: float, layer_idx: int) -> torch.Tensor:
+        """One decode step over this layer's cache: the selector's plan, run by the layer's backend.
+
+        Args:
+            query: ``[B, Hq, 1, D]``; valid: bool ``[B, N]``, ``False`` at padding, or ``None``; scale: the attention
+                scaling; layer_idx: the model layer.
+
+        Returns:
+            ``[B, 1, Hq, D]``; every observer on the cache's record sees the step and its selection.
+        """
+        padding = self._padding(valid) if self.backend.left_padding_only else None  # a read-back: CPU only
+        step = DecodeStep(query, self.keys, self.values, self.key_codes, valid, scale, layer_idx, self.record,
+                          padding)
+        out, selection = self.backend.run(self.selector.plan(step, self.policy), step)
+        for observe in self.record.observers:
+            observe(step, selection)
+        return out
+
+    def _padding(self, valid: torch.Tensor | None) -> bool:
+        """Whether the padding is left padding only, read once per prompt (later tokens come unpadded)."""
+        if valid is None:
+            return True
+        if self._left_padded is None:
+            self._left_padded = left_padded(valid, first_position(valid, valid.shape[0], valid.device))
+        return self._left_padded
 
     def store(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Append K/V ``[B, Hkv, T, D]`` (hashing the keys) outside a forward pass: no attention call follows."""
@@ -115,6 +148,8 @@ class DashKVLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
             if self.hashed:
                 self._check_key_norms(key_states)
+        if key_states.shape[-2] > 1:
+            self._left_padded = None  # a new prompt (or chunk of one): its padding is read at the next step
         new = {"keys": key_states, "values": value_states}
         if self.hashed:
             new["key_codes"] = self.encoders.encode_keys(key_states)
@@ -138,7 +173,7 @@ class DashKVLayer(CacheLayerMixin):
                 f"The keys of this model's hashed layers are not those the encoders were trained on (mean key norm "
                 f"per head {seen.tolist()} here, {trained.tolist()} in training; off by x{float(off):.1f}): the "
                 "encoders are probably for another model and will select poorly. Use encoders trained for this "
-                "model (lightning fit --config recipes/...), or HashEncoders.random(model.config, config)."
+                "model (lightning fit --config recipes/...), or HashEncoders.random(model.config)."
             )
 
     def _reserve(self, needed: int) -> None:
@@ -176,6 +211,7 @@ class DashKVLayer(CacheLayerMixin):
         self._buffers = {}
         self.keys = self.values = self.key_codes = None
         self.length = 0
+        self._left_padded = None
         self.is_initialized = False
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -188,6 +224,7 @@ class DashKVLayer(CacheLayerMixin):
             return
         self.length = max(0, self.length + tokens_to_remove)
         self._refresh_views()
+        self._left_padded = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: row ``b`` takes row ``beam_idx[b]``'s tokens, in place (no new buffer at each step)."""
@@ -214,54 +251,75 @@ class DashKVCache(Cache):
 
     Use it with a model loaded with ``attn_implementation="dashkv"`` (importing ``hf_dashkv`` registers it)::
 
-        cache = DashKVCache(model.config, encoders=HashEncoders.from_pretrained(path))
+        cache = DashKVCache(model.config, HashEncoders.from_pretrained(path))  # the encoders' recommended policy
         model.generate(**inputs, cache=cache)  # past_key_values=cache before transformers 5.24
 
     Args:
         model_config: the model's transformers config.
         encoders: hash encoders for this model (``HashEncoders.random`` for the untrained baseline); not needed
-            (and unused) when ``config.selector`` is a baseline that does not hash.
-        config: budgets and dense layers; defaults to the encoders' own config. Its ``bits`` and
-            ``query_hidden`` must match the encoders'; it may make more layers dense than they cover.
+            (and unused) with a baseline ``selector``.
+        policy: the decode policy; default: the encoders' recommended one (``encoders.policy``), else
+            ``DecodePolicy()``. Layers the encoders have no weights for run dense whatever the policy says.
+        selector: a baseline instead of DASH-KV hashing (``hf_dashkv.selectors``: ``OracleSelector()``,
+            ``QuestSelector(page_size=16)``, ``StreamingSelector()``, ``DenseSelector()``); ``None``: hashing.
+        backend: how decode steps run: ``"auto"`` (per layer, at its first store: numba on the CPU, Triton on
+            CUDA, else the PyTorch definition), or ``"numba"``, ``"triton"``, ``"torch"`` (refused with the reason
+            where it cannot run).
     """
 
-    def __init__(self, model_config, encoders: HashEncoders | None = None, config: DashKVConfig | None = None):
-        if config is None:
+    def __init__(self, model_config, encoders: HashEncoders | None = None, policy: DecodePolicy | None = None,
+                 selector: Selector | None = None, backend: str = "auto"):
+        hashing = selector is None
+        if policy is None:
+            policy = encoders.policy if encoders is not None and encoders.policy is not None else DecodePolicy()
+        if not isinstance(policy, DecodePolicy):
+            raise TypeError(f"DashKVCache(policy=...) takes a DecodePolicy, not {type(policy).__name__}.")
+        layout = ModelLayout.from_model_config(model_config, policy.dense_layers)
+        if hashing:
             if encoders is None:
-                raise ValueError("DashKVCache needs encoders (HashEncoders.from_pretrained or .random) or a config.")
-            config = encoders.config
-        layout = ModelLayout.from_model_config(model_config, config)
-        hashing = needs_encoders(config)
-        if layout.hashed_layers and hashing and encoders is None:
-            raise ValueError(
-                f"DashKVCache: layers {list(layout.hashed_layers)} are hashed but no encoders were given; pass "
-                "encoders=HashEncoders.from_pretrained(...) (trained) or HashEncoders.random(model.config, config)."
-            )
-        if encoders is not None and hashing:
-            encoders.check_compatible(model_config, config)
+                raise ValueError(
+                    "DashKVCache hashes keys, so it needs encoders: pass HashEncoders.from_pretrained(...) (trained) "
+                    "or HashEncoders.random(model.config) (SimHash), or a baseline selector=... (hf_dashkv.selectors)."
+                )
+            encoders.check_compatible(model_config)
+            layout = layout.hashing_only(encoders.layout.hashed_layers)
+            encoders.check_fitted(policy, layout.hashed_layers)
+        else:
+            selector.check(policy)
+            if isinstance(selector, DenseSelector):
+                layout = layout.hashing_only(())
         self.record = DecodeRecord()
+        if hashing and policy.temporal_calibration:
+            self.record.observers.append(remember_selection)
         sliding_kwargs = get_layer_types_and_kwargs(model_config.get_text_config(decoder=True))[1]
         layers: list = []
         for idx, layer_type in enumerate(layout.layer_types):
             if layer_type == "sliding_attention":
                 layers.append(DynamicSlidingWindowLayer(**sliding_kwargs[idx]))
+            elif idx not in layout.hashed_layers:
+                layers.append(DashKVLayer(None, policy, None, backend, self.record))
+            elif hashing:
+                layers.append(DashKVLayer(encoders[idx], policy, hash_selector(policy, encoders[idx]), backend,
+                                          self.record))
             else:
-                sparse = idx in layout.hashed_layers
-                layer_encoders = encoders[idx] if sparse and hashing else None
-                layers.append(DashKVLayer(layer_encoders, config, sparse=sparse, record=self.record))
+                layers.append(DashKVLayer(None, policy, selector, backend, self.record))
         super().__init__(layers=layers)
         self.model_config = model_config
-        self.config = config
+        self.policy = policy
+        self.selector = selector
+        self.backend = backend
         self.layout = layout
         self.encoders = encoders if hashing else None
 
-    def fork(self, encoders: HashEncoders | None = None, config: DashKVConfig | None = None) -> "DashKVCache":
-        """A new cache holding this cache's tokens under other encoders and/or config; its keys are hashed anew.
+    def fork(self, encoders: HashEncoders | None = None, policy: DecodePolicy | None = None,
+             selector: Selector | None = None) -> "DashKVCache":
+        """A new cache holding this cache's tokens under other encoders, policy and/or selector; its keys are hashed
+        anew.
 
         Prefill is exact whatever the method, so several methods can decode from one prefill (``dashkv eval``).
-        Arguments as for :class:`DashKVCache`; this cache is left as it is.
+        Arguments as for :class:`DashKVCache` (the backend choice is this cache's); this cache is left as it is.
         """
-        fork = DashKVCache(self.model_config, encoders, config)
+        fork = DashKVCache(self.model_config, encoders, policy, selector, self.backend)
         for index, (mine, theirs) in enumerate(zip(self.layers, fork.layers)):
             if not isinstance(theirs, DashKVLayer):
                 fork.layers[index] = copy.deepcopy(mine)
@@ -272,7 +330,7 @@ class DashKVCache(Cache):
     @contextmanager
     def observing(self, observer):
         """Within the block, ``observer(step, selection)`` sees every selection this cache's layers make
-        (``selectors.DecodeStep``, ``selection.Selection``): how recall is measured, and how tests look inside."""
+        (``step.DecodeStep``, ``selection.Selection``): how recall is measured, and how tests look inside."""
         self.record.observers.append(observer)
         try:
             yield observer
@@ -283,4 +341,4 @@ class DashKVCache(Cache):
         """Bytes DASH-KV stores per cached token beyond plain K/V: the packed key codes of every hashed layer."""
         if self.encoders is None:
             return 0
-        return len(self.layout.hashed_layers) * self.layout.num_kv_heads * self.config.code_bytes
+        return len(self.layout.hashed_layers) * self.layout.num_kv_heads * self.encoders.config.code_bytes

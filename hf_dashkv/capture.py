@@ -5,9 +5,9 @@ the attention function; no module state) to
 
 - record the post-RoPE queries, keys and values of layers ``0..until`` (``dashkv_capture=Capture(until)``) and end
   the pass after the last one needed, or
-- attend as a DASH-KV decode step would in the hashed layers of ``dashkv_sparse=HashEncoders`` (each position
-  attends exactly to what a decode step with the context up to it selects: :func:`selection_mask`), so that a
-  joint LoRA can learn under sparse attention.
+- attend as a DASH-KV decode step would in the hashed layers of ``dashkv_sparse=(HashEncoders, DecodePolicy)``
+  (each position attends exactly to what a decode step with the context up to it selects: :func:`selection_mask`),
+  so that a joint LoRA can learn under sparse attention.
 
 Registered, with its mask, on ``import hf_dashkv``.
 """
@@ -17,10 +17,10 @@ from __future__ import annotations
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .config import DashKVConfig
 from .encoders import HashEncoders, LayerEncoders
+from .policy import DecodePolicy
 from .selection import select
-from .selectors import HashSelector
+from .selectors.hash import HashSelector, position_distances
 
 TRAIN_IMPLEMENTATION = "dashkv-train"
 # float32 elements of one query-key agreement block: bounds selection memory to ~64 MB at any sequence length
@@ -64,13 +64,13 @@ def capture_attention(model, input_ids: torch.Tensor, last_layer: int) -> dict[i
 
 
 @torch.no_grad()
-def selection_mask(encoders: LayerEncoders, config: DashKVConfig, query: torch.Tensor, key: torch.Tensor,
+def selection_mask(encoders: LayerEncoders, policy: DecodePolicy, query: torch.Tensor, key: torch.Tensor,
                    positions: torch.Tensor | None = None) -> torch.Tensor:
     """The keys each query position attends to under DASH-KV: what a decode step with the context up to it selects
     (``selection.select`` over the hash selector's distances). Sequences are taken as unpadded.
 
     Args:
-        encoders: the layer's hash encoders; config: the decode policy.
+        encoders: the layer's hash encoders; policy: the decode policy.
         query: post-RoPE ``[B, Hq, T, D]``, at ``positions`` (``[T]``; default: the last ``T`` of ``key``'s ``N``).
         key: post-RoPE ``[B, Hkv, N, D]``.
 
@@ -79,7 +79,6 @@ def selection_mask(encoders: LayerEncoders, config: DashKVConfig, query: torch.T
     """
     batch, kv_heads, n, _ = key.shape
     length, group = query.shape[2], query.shape[1] // kv_heads
-    selector = HashSelector(config, encoders)
     key_codes = encoders.encode_keys(key)
     if positions is None:
         positions = torch.arange(n - length, n, device=key.device)
@@ -87,22 +86,22 @@ def selection_mask(encoders: LayerEncoders, config: DashKVConfig, query: torch.T
     keep = torch.zeros(batch, kv_heads, length, n, dtype=torch.bool, device=key.device)
     rows = max(1, _SELECTION_ELEMENTS // (batch * kv_heads * group * n))
     for start in range(0, length, rows):
-        scores = selector.position_scores(query[:, :, start:start + rows], key_codes)
-        keep[:, :, start:start + rows] = select(scores, config, ends[start:start + rows]).mask(n)
+        scores = position_distances(encoders, query[:, :, start:start + rows], key_codes, policy.group_reduce)
+        keep[:, :, start:start + rows] = select(scores, policy, ends[start:start + rows]).mask(n)
     return keep
 
 
 def train_attention_forward(module, query, key, value, attention_mask, dashkv_capture: Capture | None = None,
-                            dashkv_sparse: HashEncoders | None = None, **kwargs):
+                            dashkv_sparse: tuple[HashEncoders, DecodePolicy] | None = None, **kwargs):
     """The "dashkv-train" attention (see the module docstring); otherwise as transformers' SDPA attention."""
     scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5  # the model's own (e.g. Gemma's query scalar)
     if dashkv_capture is not None:
         dashkv_capture(module, query, key, value, scaling)
-    encoders = dashkv_sparse
+    encoders, policy = dashkv_sparse if dashkv_sparse is not None else (None, None)
     if encoders is not None and module.layer_idx in encoders.layout.hashed_layers and not (
-        encoders.config.exact_tokens(key.shape[2]) >= key.shape[2]  # a covering budget is exact, as at inference
+        HashSelector(encoders[module.layer_idx]).covers(policy, key.shape[2])  # a covering budget is exact
     ):
-        keep = selection_mask(encoders[module.layer_idx], encoders.config, query, key)
+        keep = selection_mask(encoders[module.layer_idx], policy, query, key)
         keep = keep.repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # query head h reads KV head h // G
         attention_mask = keep if attention_mask is None else keep & attention_mask  # padding (sdpa_mask: bool)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)

@@ -8,21 +8,28 @@ layer starting at zero. Untrained encoders (``HashEncoders.random``) then give t
 projection of its KV head's keys, i.e. SimHash, which is the baseline, and training starts from it.
 
 Each layer also holds the paper's optional terms, fitted after training (``lightning_modules.calibration``) and
-used when ``DashKVConfig`` turns them on: the tier-2 logit (``hf_dashkv.selectors.tiers``) and the spatial / temporal
-calibration discounts (``hf_dashkv.selectors.calibrated``).
+used when the ``DecodePolicy`` turns them on: the tier-2 logit (``hf_dashkv.selectors.tiers``) and the spatial /
+temporal calibration discounts (``hf_dashkv.selectors.calibrated``).
+
+A folder of encoders holds ``config.json`` (the layout and the :class:`~hf_dashkv.config.EncoderConfig`: what training
+fixed), ``model.safetensors`` and, optionally, ``decode_policy.json``: the policy its authors recommend, read into
+``HashEncoders.policy``.
 """
 
+import json
 import math
 from pathlib import Path
 
 import safetensors.torch
 import torch
 from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError
 from torch import nn
 
 from .codes import pack_signs
-from .config import DashKVConfig
+from .config import EncoderConfig
 from .layout import ModelLayout
+from .policy import POLICY_NAME, DecodePolicy
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -129,7 +136,7 @@ class CalibrationWeights(FittedTerms):
 class LayerEncoders(nn.Module):
     """The key and query encoders of one model layer, the packed codes they produce, and its fitted terms."""
 
-    def __init__(self, layout: ModelLayout, config: DashKVConfig):
+    def __init__(self, layout: ModelLayout, config: EncoderConfig):
         super().__init__()
         self.group_size = layout.group_size
         self.key = KeyEncoder(layout.num_kv_heads, layout.head_dim, config.bits)
@@ -155,32 +162,37 @@ class LayerEncoders(nn.Module):
 class HashEncoders(nn.Module, PyTorchModelHubMixin, library_name="hf_dashkv", tags=["dash-kv", "kv-cache"]):
     """All of a model's hash encoders: one :class:`LayerEncoders` per hashed layer.
 
-    ``layout`` records the model they belong to and ``config`` (``dashkv_config`` at construction) the DashKVConfig they were made with; both are
-    saved in ``config.json`` beside ``model.safetensors`` by ``save_pretrained`` / ``push_to_hub`` and restored by
+    ``layout`` records the model they belong to (and which layers have encoders), ``config`` the
+    :class:`EncoderConfig` they were trained with (``encoder_config`` at construction); both are saved in
+    ``config.json`` beside ``model.safetensors`` by ``save_pretrained`` / ``push_to_hub`` and restored by
     ``from_pretrained``, which loads safetensors only and strictly (only buffers newer than a checkpoint may be
-    absent from it: see :class:`NeutralBuffers`).
+    absent from it: see :class:`NeutralBuffers`). ``policy``, the recommended :class:`DecodePolicy` (or ``None``),
+    travels in a file of its own, ``decode_policy.json``.
     """
 
-    def __init__(self, layout: ModelLayout, dashkv_config: DashKVConfig):
+    def __init__(self, layout: ModelLayout, encoder_config: EncoderConfig):
         # not named `config`: the Hub mixin would then save that dataclass alone and drop `layout`
         super().__init__()
         self.layout = layout
-        self.config = dashkv_config
-        self.layers = nn.ModuleDict({str(i): LayerEncoders(layout, dashkv_config) for i in layout.hashed_layers})
+        self.config = encoder_config
+        self.policy: DecodePolicy | None = None
+        self.layers = nn.ModuleDict({str(i): LayerEncoders(layout, encoder_config) for i in layout.hashed_layers})
 
     def __getitem__(self, layer_idx: int) -> LayerEncoders:
         return self.layers[str(layer_idx)]
 
     @classmethod
-    def random(cls, model_config, config: DashKVConfig, seed: int = 0) -> "HashEncoders":
+    def random(cls, model_config, config: EncoderConfig = EncoderConfig(), dense_layers: tuple[int, ...] = (),
+               seed: int = 0) -> "HashEncoders":
         """Untrained encoders: Gaussian random projections shared by keys and queries (SimHash).
 
         Args:
             model_config: the transformers config of the model the encoders are for.
-            config: bits, query width and dense layers.
+            config: bits and query width.
+            dense_layers: full-attention layers that get no encoders (they always run dense).
             seed: seeds the projections, so the same call gives the same encoders.
         """
-        layout = ModelLayout.from_model_config(model_config, config)
+        layout = ModelLayout.from_model_config(model_config, dense_layers)
         encoders = cls(layout, config)
         generator = torch.Generator().manual_seed(seed)
         for layer in encoders.layers.values():
@@ -195,28 +207,30 @@ class HashEncoders(nn.Module, PyTorchModelHubMixin, library_name="hf_dashkv", ta
                     weight.data.copy_(torch.randn(weight.shape, generator=generator) / math.sqrt(fan_in))
         return encoders
 
-    def check_compatible(self, model_config, config: DashKVConfig) -> None:
-        """Raise ``ValueError`` naming every mismatch between these encoders and a model + config, or a tier-2
-        budget for layers whose tier-2 terms were never fitted."""
-        layout = ModelLayout.from_model_config(model_config, config)
+    def check_compatible(self, model_config) -> None:
+        """Raise ``ValueError`` naming every mismatch between these encoders and a model."""
+        layout = ModelLayout.from_model_config(model_config)
         problems = layout.mismatches(self.layout)
-        if config.bits != self.config.bits:
-            problems.append(f"bits: config has {config.bits}, encoders have {self.config.bits}")
-        if config.query_hidden != self.config.query_hidden:
-            problems.append(f"query_hidden: config has {config.query_hidden}, encoders have {self.config.query_hidden}")
         if problems:
             raise ValueError(
-                f"These hash encoders do not fit this model/config ({layout.model_type}, {layout.num_layers} layers): "
+                f"These hash encoders do not fit this model ({layout.model_type}, {layout.num_layers} layers): "
                 + "; ".join(problems)
-                + ". Use encoders trained for this model, or HashEncoders.random(model.config, config)."
+                + ". Use encoders trained for this model, or HashEncoders.random(model.config, ...)."
             )
-        unfitted = [i for i in layout.hashed_layers if not self[i].tier2.fitted]
-        if config.tier2_budget and unfitted:
+
+    def check_fitted(self, policy: DecodePolicy, layers: tuple[int, ...]) -> None:
+        """Raise ``ValueError`` if ``policy`` turns on tier 2 for ``layers`` whose tier-2 terms were never fitted."""
+        unfitted = [i for i in layers if not self[i].tier2.fitted]
+        if policy.tier2_budget and unfitted:
             raise ValueError(
-                f"DashKVConfig.tier2_budget={config.tier2_budget!r}, but the tier-2 logit terms of layers {unfitted} "
-                "were never fitted. Fit them (lightning_modules.calibration.fit_tiers, or scripts/fit_tiers.py), "
-                "or set tier2_budget=0."
+                f"DecodePolicy.tier2_budget={policy.tier2_budget!r}, but the tier-2 logit terms of layers {unfitted} "
+                "were never fitted. Fit them (`dashkv fit-terms`), or set tier2_budget=0."
             )
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        super()._save_pretrained(save_directory)
+        if self.policy is not None:
+            self.policy.save(save_directory)
 
     @classmethod
     def _from_pretrained(
@@ -233,26 +247,37 @@ class HashEncoders(nn.Module, PyTorchModelHubMixin, library_name="hf_dashkv", ta
         **model_kwargs,
     ) -> "HashEncoders":
         # Overrides the mixin so that nothing is ever unpickled and a wrong checkpoint never loads silently.
-        if "layout" not in model_kwargs or "dashkv_config" not in model_kwargs:
-            raise ValueError(
-                f"{model_id} has no usable config.json (layout and config): it was not written by "
-                "HashEncoders.save_pretrained."
-            )
+        def fetch(filename: str, required: bool = True) -> Path | None:
+            if Path(model_id).is_dir():
+                path = Path(model_id) / filename
+                if required and not path.is_file():
+                    raise FileNotFoundError(f"{path} not found: hf_dashkv loads encoders from safetensors only.")
+                return path if path.is_file() else None
+            try:
+                return Path(hf_hub_download(
+                    repo_id=model_id, filename=filename, revision=revision, cache_dir=cache_dir,
+                    force_download=force_download, token=token, local_files_only=local_files_only,
+                ))
+            except EntryNotFoundError:
+                if required:
+                    raise
+                return None
+
+        recommended = fetch(POLICY_NAME, required=False)
+        policy = DecodePolicy.load(recommended) if recommended is not None else None
+        if "encoder_config" not in model_kwargs:
+            # written before the split: one `dashkv_config` held the encoders' shape and the decode policy
+            legacy = json.loads(fetch("config.json").read_text()).get("dashkv_config")
+            if legacy is None or "layout" not in model_kwargs:
+                raise ValueError(
+                    f"{model_id} has no usable config.json (layout and encoder_config): it was not written by "
+                    "HashEncoders.save_pretrained."
+                )
+            model_kwargs["encoder_config"], legacy_policy = split_legacy_config(legacy, str(model_id))
+            policy = policy or legacy_policy
         encoders = cls(**model_kwargs)
-        if Path(model_id).is_dir():
-            weights = Path(model_id) / WEIGHTS_NAME
-            if not weights.is_file():
-                raise FileNotFoundError(f"{weights} not found: hf_dashkv loads encoders from safetensors only.")
-        else:
-            weights = hf_hub_download(
-                repo_id=model_id,
-                filename=WEIGHTS_NAME,
-                revision=revision,
-                cache_dir=cache_dir,
-                force_download=force_download,
-                token=token,
-                local_files_only=local_files_only,
-            )
+        encoders.policy = policy
+        weights = fetch(WEIGHTS_NAME)
         try:
             state = safetensors.torch.load_file(str(weights), device=map_location)
         except Exception as error:  # safetensors raises its own error type, without the path
@@ -287,3 +312,22 @@ class HashEncoders(nn.Module, PyTorchModelHubMixin, library_name="hf_dashkv", ta
             )
         encoders.load_state_dict(state, strict=strict)
         return encoders
+
+
+# the decode-policy fields of the combined config encoders were saved with before the split (and its baseline knobs,
+# which belong to selectors now)
+_LEGACY_SELECTOR_FIELDS = ("selector", "page_size")
+
+
+def split_legacy_config(values: dict, source: str) -> tuple[EncoderConfig, DecodePolicy]:
+    """A pre-split ``dashkv_config`` -> (what training fixed, the decode policy it carried, now a recommendation)."""
+    values = dict(values)
+    if values.get("selector", "hash") != "hash":
+        raise ValueError(
+            f"{source}: its config.json names selector {values['selector']!r}, but encoders are for hashing; "
+            "baselines are selectors now (hf_dashkv.selectors), not part of encoders."
+        )
+    for name in _LEGACY_SELECTOR_FIELDS:
+        values.pop(name, None)
+    shape = {name: values.pop(name) for name in ("bits", "query_hidden") if name in values}
+    return EncoderConfig(**shape), DecodePolicy.from_dict(values, source=f"{source} (config.json dashkv_config)")

@@ -1,7 +1,7 @@
 """Compiled CPU kernels for the decode step: Hamming scoring, nearest-k selection and sparse attention.
 
-They compute exactly the definitions in ``codes.py`` / ``selection.py`` / ``exact.py`` (tested against
-them in ``tests/test_kernels.py``), faster:
+They compute exactly the definitions in ``codes.py`` / ``selection.py`` / ``plans.py`` / ``exact.py`` (tested
+against them in ``tests/hf_dashkv/test_kernels.py``), faster; ``backends.NumbaBackend`` runs them:
 
 - selection: per (batch, KV head), integer distances by hardware popcount over packed words (one vectorised
   pass over the keys per four query heads), a histogram, the threshold read off it, and one pass that writes
@@ -15,8 +15,8 @@ them in ``tests/test_kernels.py``), faster:
 
 Why numba: it installs as a wheel (no compiler at install time, unlike a C++ extension), reaches LLVM's
 ``ctpop`` and ``prefetch`` intrinsics, runs ``prange`` loops on all cores, and caches machine code on disk.
-Where numba is missing, the tensors are not on the CPU, or the dtype is not fp32/bf16, the PyTorch
-definitions run instead.
+Where numba is missing, the tensors are not on the CPU, or the dtype is not fp32/bf16, the layer's backend is
+another one (chosen once, ``backends.choose_backend``).
 
 Threads and processes: numba's thread pool is process-wide, and its threading layer decides what survives.
 GNU OpenMP (numba's pick when TBB is missing) aborts a process forked after the pool started ("fork() called
@@ -35,6 +35,8 @@ import threading
 import numpy as np
 import torch
 
+from .selection import fixed_rows
+
 try:
     import numba
     from llvmlite import ir
@@ -49,19 +51,9 @@ else:
 
 _LAUNCH = threading.Lock()  # one parallel launch at a time (module docstring)
 
-_PREFETCH_ROWS_AHEAD = 8  # measured best of 2/4/8/16 for random 512-byte rows on the 2-core CI machine
+_PREFETCH_ROWS_AHEAD = 8  # the best of 2/4/8/16 for random 512-byte rows (scripts/kernel_ab.py)
 _CACHE_LINE = 64
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16)  # bf16 travels as its bits (uint16) and is widened in-kernel
-
-
-def supports(key_codes: torch.Tensor) -> bool:
-    """Whether :func:`nearest_codes` can run on these codes (CPU, numba installed)."""
-    return numba is not None and key_codes.device.type == "cpu"
-
-
-def supports_decode(key: torch.Tensor, value: torch.Tensor) -> bool:
-    """Whether :func:`decode_attention` can run on these K/V (CPU, numba, fp32 or bf16)."""
-    return supports(key) and key.dtype in _FLOAT_DTYPES and value.dtype == key.dtype
+FLOAT_DTYPES = (torch.float32, torch.bfloat16)  # bf16 travels as its bits (uint16) and is widened in-kernel
 
 
 def nearest_codes(
@@ -112,7 +104,7 @@ def decode_attention(
         query: ``[B, Hq, 1, D]``; query_codes: ``[B, Hkv, G, nbytes]``.
         key, value: ``[B, Hkv, N, D]``, key_codes: ``[B, Hkv, N, nbytes]`` (views of the cache's buffers).
         first: int ``[B]``, the first non-padding position of each sequence (left padding only).
-        sinks, recent, budget, reduce: as in DashKVConfig (budget in tokens).
+        sinks, recent, budget, reduce: the plan's slots and group rule (budget in tokens).
         scale: the attention scaling.
         shortlist: re-ranking (``selectors.rerank``): the codes shortlist this many candidates and the budget
             are those of most exact attention among them (the group's summed softmax over the shortlist, ties
@@ -128,6 +120,8 @@ def decode_attention(
     slots = sinks + recent + budget
     rows = np.zeros((batch, kv_heads, slots), dtype=np.int64)
     valid = np.zeros((batch, kv_heads, slots), dtype=np.bool_)
+    fixed, fixed_ok = fixed_rows(sinks, recent, first, torch.full((1,), n), n)  # [B, 1, S + R]: the one layout
+    rows[:, :, : sinks + recent], valid[:, :, : sinks + recent] = fixed.numpy(), fixed_ok.numpy()
     out = np.zeros((batch, kv_heads, group, value.shape[-1]), dtype=np.float32)
     q_codes, k_codes, max_distance = _code_arrays(query_codes, key_codes, reduce)
     with _LAUNCH:
@@ -399,13 +393,7 @@ if numba is not None:
         short_valid = np.zeros((batch, heads, width), np.bool_)
         for r in numba.prange(batch * heads):
             b, h = r // heads, r % heads
-            # same slots as selection.select: sinks, recent window, then the nearest
-            for i in range(sinks):
-                rows[b, h, i] = min(first[b] + i, n - 1)
-                valid[b, h, i] = rows[b, h, i] < n - recent
-            for i in range(recent):
-                rows[b, h, sinks + i] = n - recent + i
-                valid[b, h, sinks + i] = n - recent + i >= first[b]
+            # slots 0 .. sinks + recent came filled (selection.fixed_rows); the nearest candidates follow
             lo, hi = first[b] + sinks, n - recent
             if shortlist == budget:
                 _select_nearest(q_codes, k_codes, b, h, lo, hi, budget, reduce_sum, max_distance, rows, valid,

@@ -1,17 +1,15 @@
 """ModelLayout: which layers of a model DASH-KV hashes, and the attention shapes it must match.
 
-This module owns one decision: given a transformers config and a DashKVConfig, which layers are
+This module owns one decision: given a transformers config and the dense layers asked for, which layers are
 sliding-window (left exact and bounded, as transformers does), which are dense full attention (the
 "sandwich"), and which are hashed. The cache and the encoders both build on it, so they agree.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from transformers.cache_utils import get_layer_types_and_kwargs
-
-from .config import DashKVConfig
 
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 # attention with extra logit terms that selection would silently drop; the attention function also refuses
@@ -50,12 +48,18 @@ class ModelLayout:
         return self.num_heads // self.num_kv_heads
 
     @property
+    def dense_layers(self) -> tuple[int, ...]:
+        """The full-attention layers that are not hashed."""
+        return tuple(i for i, t in enumerate(self.layer_types) if t == "full_attention" and i not in self.hashed_layers)
+
+    @property
     def sliding_layers(self) -> tuple[int, ...]:
         return tuple(i for i, t in enumerate(self.layer_types) if t == "sliding_attention")
 
     @classmethod
-    def from_model_config(cls, model_config, config: DashKVConfig) -> "ModelLayout":
-        """Read the layout of ``model_config`` (a transformers ``PretrainedConfig``) and place ``config.dense_layers``.
+    def from_model_config(cls, model_config, dense_layers: tuple[int, ...] = ()) -> "ModelLayout":
+        """Read the layout of ``model_config`` (a transformers ``PretrainedConfig``) and place ``dense_layers``
+        (model layer indices, negative ones counting from the end).
 
         Raises ``ValueError`` for a model whose attention DASH-KV does not support, and for dense layers that are
         out of range or name a sliding-window layer.
@@ -93,12 +97,18 @@ class ModelLayout:
                 f"DASH-KV does not support model type {model_type!r}: {num_heads} query heads do not split evenly "
                 f"over {num_kv_heads} KV heads. Supported: {SUPPORTED_LAYOUTS}."
             )
-        dense = config.resolve_dense_layers(num_layers)
+        bad = [i for i in dense_layers if not -num_layers <= i < num_layers]
+        if bad:
+            raise ValueError(
+                f"dense_layers has {bad}, outside this model's {num_layers} layers; use indices in "
+                f"[0, {num_layers - 1}] (or negative ones counting from the end)."
+            )
+        dense = sorted({int(i) % num_layers for i in dense_layers})
         sliding = [i for i in dense if layer_types[i] == "sliding_attention"]
         if sliding:
             all_sliding = [i for i, t in enumerate(layer_types) if t == "sliding_attention"]
             raise ValueError(
-                f"DashKVConfig.dense_layers names sliding-window layers {sliding}: those always stay exact and "
+                f"dense_layers names sliding-window layers {sliding}: those always stay exact and "
                 f"bounded, DASH-KV only runs on full-attention layers. This model's sliding layers are {all_sliding}; "
                 "remove them from dense_layers."
             )
@@ -130,10 +140,8 @@ class ModelLayout:
             mine, theirs = getattr(self, name), getattr(other, name)
             if mine != theirs:
                 out.append(f"{name}: model has {mine}, encoders have {theirs}")
-        missing = sorted(set(self.hashed_layers) - set(other.hashed_layers))
-        if missing:
-            out.append(
-                f"layers {missing} are hashed by this config but the encoders have no weights for them "
-                "(add them to dense_layers, or train encoders for them)"
-            )
         return out
+
+    def hashing_only(self, layers: tuple[int, ...]) -> "ModelLayout":
+        """This layout with only ``layers`` (those that have encoders) hashed; the other full layers go dense."""
+        return replace(self, hashed_layers=tuple(i for i in self.hashed_layers if i in set(layers)))

@@ -7,8 +7,9 @@ share one selection per KV head (:func:`combine_group`), so each selected row is
 
 A query at position ``p`` sees ``p + 1`` tokens (its context): the sinks are the first ``sink_tokens`` real
 tokens (after any left padding), the recent window the last ``recent_tokens`` (``p`` itself included), and the
-candidates everything between them; ``DashKVConfig.budget_tokens(p + 1)`` of the candidates are chosen by score.
-The compiled CPU kernel (``kernels.decode_attention``) is the fast path of the same rule and is tested equal to it.
+candidates everything between them; ``DecodePolicy.budget_tokens(p + 1)`` of the candidates are chosen by score.
+The slots of a selection are laid out once, here (:func:`fixed_rows`, then the chosen candidates); the compiled
+backends (``hf_dashkv.backends``) fill the same slots and are tested equal to this definition.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .codes import nearest
-from .config import DashKVConfig
+from .policy import DecodePolicy
 
 
 @dataclass(frozen=True)
@@ -55,17 +56,17 @@ def left_padded(valid: torch.Tensor | None, first: torch.Tensor) -> bool:
 
 
 def candidates(
-    config: DashKVConfig, first: torch.Tensor, ends: torch.Tensor, n: int, valid: torch.Tensor | None = None
+    sinks: int, recent: int, first: torch.Tensor, ends: torch.Tensor, n: int, valid: torch.Tensor | None = None
 ) -> torch.Tensor:
     """bool ``[B, P, N]``: the keys the budget may choose from, after the sinks and before the recent window.
 
     Args:
-        config: sinks and recent window; first: ``[B]`` from :func:`first_position`;
+        sinks, recent: the policy's sink and recent-window tokens; first: ``[B]`` from :func:`first_position`;
         ends: ``[P]``, each query's context length (position + 1); n: cached tokens; valid: bool ``[B, N]`` or ``None``.
     """
     keys = torch.arange(n, device=first.device)
-    after_sinks = keys >= (first + config.sink_tokens).view(-1, 1, 1)  # [B, 1, N]
-    before_recent = keys < (ends - config.recent_tokens).view(1, -1, 1)  # [1, P, N]
+    after_sinks = keys >= (first + sinks).view(-1, 1, 1)  # [B, 1, N]
+    before_recent = keys < (ends - recent).view(1, -1, 1)  # [1, P, N]
     out = after_sinks & before_recent
     return out if valid is None else out & valid.unsqueeze(1)
 
@@ -80,38 +81,45 @@ def combine_group(scores: torch.Tensor, reduce: str) -> torch.Tensor:
 
 def select(
     scores: torch.Tensor,
-    config: DashKVConfig,
-    ends: torch.Tensor | int,
+    policy: DecodePolicy,
+    ends: torch.Tensor,
     valid: torch.Tensor | None = None,
 ) -> Selection:
-    """The rows each query attends to exactly: the definition of DASH-KV's selection.
+    """The rows each query position attends to exactly: the definition of DASH-KV's selection.
 
     Args:
         scores: ``[B, Hkv, P, N]``, one per KV head (:func:`combine_group`), lower is nearer; integer scores
             break ties towards the later position.
-        config: sinks, recent window and budget (``budget_tokens`` of each query's context).
-        ends: ``[P]``, each query's context length; an int for one query (a decode step over ``N`` cached tokens:
-            ``N``), which reads nothing back from the device.
+        policy: sinks, recent window and budget (``budget_tokens`` of each query's context).
+        ends: ``[P]``, each query's context length.
         valid: bool ``[B, N]``, ``False`` at padding, or ``None`` when every key is visible.
 
     Returns:
         A :class:`Selection` of ``[B, Hkv, P, sinks + recent + max budget]``; queries with a smaller budget have
         their extra slots unused.
     """
+    budgets = [policy.budget_tokens(int(end)) for end in ends.tolist()]
+    return select_rows(scores, policy.sink_tokens, policy.recent_tokens, budgets, ends.to(scores.device), valid)
+
+
+def select_rows(
+    scores: torch.Tensor, sinks: int, recent: int, budgets: list[int], ends: torch.Tensor,
+    valid: torch.Tensor | None = None,
+) -> Selection:
+    """:func:`select` with the budget of each position given in tokens (``budgets``, ``[P]`` ints); reads nothing
+    back from the device."""
     batch, kv_heads, length, n = scores.shape
     device = scores.device
     first = first_position(valid, batch, device)
-    if isinstance(ends, int):
-        budgets, ends = [config.budget_tokens(ends)], torch.full((1,), ends, device=device)
-    else:
-        budgets, ends = [config.budget_tokens(int(end)) for end in ends.tolist()], ends.to(device)
-    fixed, fixed_ok = fixed_rows(config.sink_tokens, config.recent_tokens, first, ends, n, valid)
+    fixed, fixed_ok = fixed_rows(sinks, recent, first, ends, n, valid)
 
-    allowed = candidates(config, first, ends, n, valid).unsqueeze(1).expand(-1, kv_heads, -1, -1)
+    allowed = candidates(sinks, recent, first, ends, n, valid).unsqueeze(1).expand(-1, kv_heads, -1, -1)
     width = max(budgets)
     near_rows = torch.zeros(batch, kv_heads, length, width, dtype=torch.long, device=device)
     near_ok = torch.zeros(batch, kv_heads, length, width, dtype=torch.bool, device=device)
     for budget in sorted(set(budgets)):  # a fractional budget grows with the context
+        if budget == 0:
+            continue
         index = torch.tensor([i for i, b in enumerate(budgets) if b == budget], device=device)
         rows, ok = nearest(scores[:, :, index], allowed[:, :, index], budget)
         near_rows[:, :, index, :budget], near_ok[:, :, index, :budget] = rows, ok
@@ -130,21 +138,29 @@ def fixed_rows(
     """The rows each query attends whatever the scores, its sinks then its recent window: ``(rows, ok)``, each
     ``[B, P, sinks + recent]``; not ok: a sink inside the recent window, padding, a position before 0.
 
-    Args: first ``[B]`` (:func:`first_position`); ends ``[P]``, each query's context length; valid as in :func:`select`.
+    This is the one layout of those slots; every backend fills the slots after them with the chosen candidates.
+
+    Args: first ``[B]`` (:func:`first_position`); ends ``[P]``, each query's context length; valid as in
+    :func:`select` (``None``: the keys from ``first`` on are real, those before it left padding).
     """
     device = first.device
     batch, length = first.shape[0], ends.shape[0]
-    seen = torch.ones(batch, n, dtype=torch.bool, device=device) if valid is None else valid
     sink_rows = (first.view(-1, 1, 1) + torch.arange(sinks, device=device)).expand(-1, length, -1)  # [B, P, S]
-    sink_seen = seen.gather(1, sink_rows.clamp(max=n - 1).flatten(1)).view_as(sink_rows)
-    sink_ok = (sink_rows < (ends - recent).view(1, -1, 1)) & sink_seen
+    sink_ok = sink_rows < (ends - recent).view(1, -1, 1)
     recent_rows = (ends.view(1, -1, 1) - recent + torch.arange(recent, device=device)).expand(batch, -1, -1)
-    recent_ok = (recent_rows >= 0) & seen.gather(1, recent_rows.clamp(min=0).flatten(1)).view_as(recent_rows)
+    if valid is None:
+        recent_ok = recent_rows >= first.view(-1, 1, 1)
+    else:
+        sink_ok = sink_ok & valid.gather(1, sink_rows.clamp(max=n - 1).flatten(1)).view_as(sink_rows)
+        recent_ok = (recent_rows >= 0) & valid.gather(1, recent_rows.clamp(min=0).flatten(1)).view_as(recent_rows)
     rows = torch.cat([sink_rows.clamp(max=n - 1), recent_rows.clamp(min=0)], dim=-1)
     return rows, torch.cat([sink_ok, recent_ok], dim=-1)
 
 
-def select_step(scores: torch.Tensor, config: DashKVConfig, valid: torch.Tensor | None = None) -> Selection:
-    """:func:`select` for one decode step over the whole cache: ``scores [B, Hkv, N]`` -> ``[B, Hkv, M]``."""
-    chosen = select(scores.unsqueeze(2), config, scores.shape[-1], valid)
+def select_step(scores: torch.Tensor, sinks: int, recent: int, budget: int,
+                valid: torch.Tensor | None = None) -> Selection:
+    """:func:`select_rows` for one decode step over the whole cache: ``scores [B, Hkv, N]`` -> ``[B, Hkv, M]``."""
+    n = scores.shape[-1]
+    ends = torch.full((1,), n, device=scores.device)  # made on the device: no copy, no sync
+    chosen = select_rows(scores.unsqueeze(2), sinks, recent, [budget], ends, valid)
     return Selection(chosen.rows.squeeze(2), chosen.valid.squeeze(2))

@@ -1,7 +1,8 @@
 """Triton kernels for the decode step on CUDA: Hamming distances, the budget selection, attention over the rows.
 
 They compute the PyTorch definition (``codes.head_distances`` -> ``selection.combine_group`` -> ``selection.select``
--> ``exact.attend_rows``), the rule that ``kernels.decode_attention`` compiles for the CPU, in three launches:
+-> ``exact.attend_rows``, a ``plans.CodePlan``), the rule that ``kernels.decode_attention`` compiles for the CPU, in
+three launches (``backends.TritonBackend`` runs them, each under ``torch.cuda.device`` of its tensors):
 
 - distances: per (batch, KV head) and block of positions, xor + popcount of the packed codes for each query head
   of the group, combined (sum or min); positions outside the candidates get a distance no code can have;
@@ -36,13 +37,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def supports_decode(key: torch.Tensor, value: torch.Tensor) -> bool:
-    """Whether :func:`decode_attention` can run on these K/V: Triton installed, CUDA tensors (or the interpreter)."""
-    on_device = key.is_cuda or (interpreting() and key.device.type == "cpu")
-    return triton is not None and on_device and key.dtype in _FLOAT_DTYPES and value.dtype == key.dtype
-
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def decode_attention(

@@ -1,7 +1,7 @@
 """Fitting DASH-KV's optional terms (arXiv 2604.19351) on captured attention, and measuring what each one does.
 
 The encoders stay as trained; what is fitted here lives beside them in ``LayerEncoders`` (``tier2``,
-``calibration``) and is used at inference when ``DashKVConfig`` turns it on:
+``calibration``) and is used at inference when the ``DecodePolicy`` turns it on:
 
 - calibration weights (``hf_dashkv.calibration``): a grid search per hashed layer, in layer order (the temporal
   term reads the previous layer's final selection), for the weights that maximise attention recall at the
@@ -27,12 +27,14 @@ from dataclasses import dataclass
 
 import torch
 
-from hf_dashkv import DashKVConfig, HashEncoders
+from hf_dashkv import DecodePolicy, HashEncoders
 from hf_dashkv.capture import capture_attention
 from hf_dashkv.recall import attention_probs
-from hf_dashkv.selection import Selection, combine_group, select
-from hf_dashkv.selectors import DecodeRecord, DecodeStep, HashSelector, Tier2Selector, build_selector
-from hf_dashkv.selectors.calibrated import calibrate, spatial_votes
+from hf_dashkv.selection import Selection, candidates, combine_group, select
+from hf_dashkv.selectors import HashSelector, Selector, hash_selector
+from hf_dashkv.selectors.calibrated import calibrate, remember_selection, spatial_votes
+from hf_dashkv.selectors.tiers import TieredPlan
+from hf_dashkv.step import DecodeRecord, DecodeStep
 
 
 GRID = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)  # distance units; the weights act in steps of 1/16
@@ -78,16 +80,23 @@ def _step(codes, sample: DecodeSample, layer: int, p: int, record: DecodeRecord)
     return DecodeStep(q[:, :, p : p + 1], k[:, :, :n], v[:, :, :n], codes[layer][:, :, :n], None, scale, layer, record)
 
 
-def _decode(selector, step: DecodeStep) -> tuple[torch.Tensor, Selection, Selection | None]:
-    """The step's output ``[1, 1, Hq, D]``, tier 1 and tier 2 (``None`` without it), as the attention computes them."""
-    if isinstance(selector, Tier2Selector):
-        tiers = selector.tiers(step)
-        return tiers.output, tiers.tier1, tiers.tier2
-    return (*selector.decode(step), None)
+def _decode(selector: Selector, policy: DecodePolicy, step: DecodeStep
+            ) -> tuple[torch.Tensor, Selection, Selection | None]:
+    """The step's output ``[1, 1, Hq, D]``, tier 1 and tier 2 (``None`` without it), as the attention computes them
+    (the PyTorch definition of the selector's plan), leaving the selection for the next layer as the cache does."""
+    plan = selector.plan(step, policy)
+    if isinstance(plan, TieredPlan):
+        tiers = plan.tiers(step)
+        out, tier1, tier2 = tiers.output, tiers.tier1, tiers.tier2
+    else:
+        (out, tier1), tier2 = plan.attend(step), None
+    if policy.temporal_calibration:
+        remember_selection(step, tier1)
+    return out, tier1, tier2
 
 
 @torch.no_grad()
-def fit_calibration(encoders: HashEncoders, samples: list[DecodeSample], config: DashKVConfig, grid=GRID) -> None:
+def fit_calibration(encoders: HashEncoders, samples: list[DecodeSample], config: DecodePolicy, grid=GRID) -> None:
     """Set each hashed layer's calibration weights, in place, to the grid point of highest recall on ``samples``.
 
     A term that ``config`` leaves off keeps weight 0. Layers go in order, each choosing with the previous layer's
@@ -99,14 +108,14 @@ def fit_calibration(encoders: HashEncoders, samples: list[DecodeSample], config:
     codes = [_key_codes(encoders, sample) for sample in samples]
     previous: dict[tuple[int, int], torch.Tensor] = {}
     for index, layer in enumerate(encoders.layout.hashed_layers):
-        selector = HashSelector(config, encoders[layer])
+        selector = HashSelector(encoders[layer])
         steps, gains = [], torch.zeros(len(combos), dtype=torch.float64)
         for s, sample in enumerate(samples):
             for p in sample.positions:
                 step = _step(codes[s], sample, layer, p, DecodeRecord())
                 per_head = selector.head_distances(step)[1]
                 distances = combine_group(per_head, config.group_reduce)
-                allowed = step.candidates(config)
+                allowed = candidates(config.sink_tokens, config.recent_tokens, step.first, step.ends, step.n)[:, 0]
                 votes = None
                 if config.spatial_calibration:
                     votes = spatial_votes(per_head, allowed, config.budget_tokens(step.n))
@@ -126,7 +135,7 @@ def fit_calibration(encoders: HashEncoders, samples: list[DecodeSample], config:
 
 
 @torch.no_grad()
-def fit_tier2(encoders: HashEncoders, samples: list[DecodeSample], config: DashKVConfig) -> None:
+def fit_tier2(encoders: HashEncoders, samples: list[DecodeSample], config: DecodePolicy) -> None:
     """Set each hashed layer's tier-2 terms, in place, by least squares per query head (see the module docstring).
 
     The tier-2 rows are those ``config`` gives (after its calibration, with the weights the encoders hold).
@@ -139,13 +148,16 @@ def fit_tier2(encoders: HashEncoders, samples: list[DecodeSample], config: DashK
     moment = {layer: torch.zeros(heads, 3, dtype=torch.float64) for layer in layers}
     square = {layer: torch.zeros(heads, dtype=torch.float64) for layer in layers}
     count = {layer: torch.zeros(heads, dtype=torch.float64) for layer in layers}
-    selectors = {layer: build_selector(config, encoders[layer]) for layer in layers}
+    selectors = {layer: hash_selector(config, encoders[layer]) for layer in layers}
     for sample in samples:
         codes = _key_codes(encoders, sample)
         for p in sample.positions:
             record = DecodeRecord()
             for layer in layers:  # in order: the temporal record of one step goes from layer to layer
-                tiers = selectors[layer].tiers(_step(codes, sample, layer, p, record))
+                step = _step(codes, sample, layer, p, record)
+                tiers = selectors[layer].plan(step, config).tiers(step)
+                if config.temporal_calibration:
+                    remember_selection(step, tiers.tier1)
                 q, k, _, scale = sample.layers[layer]
                 kv_heads = k.shape[1]
                 query = q[0, :, p].unflatten(0, (kv_heads, -1)).float()  # [Hkv, G, D]
@@ -170,7 +182,7 @@ def fit_tier2(encoders: HashEncoders, samples: list[DecodeSample], config: DashK
         encoders[layer].tier2.weight.copy_(weight.float())
 
 
-def fit_tiers(model, encoders: HashEncoders, sequences, config: DashKVConfig, positions: int = 24,
+def fit_tiers(model, encoders: HashEncoders, sequences, config: DecodePolicy, positions: int = 24,
               grid=GRID) -> HashEncoders:
     """A copy of ``encoders`` with the optional terms that ``config`` turns on fitted on ``sequences``.
 
@@ -191,7 +203,7 @@ def fit_tiers(model, encoders: HashEncoders, sequences, config: DashKVConfig, po
 
 
 @torch.no_grad()
-def evaluate(encoders: HashEncoders, samples: list[DecodeSample], configs: dict[str, DashKVConfig]) -> dict[str, dict]:
+def evaluate(encoders: HashEncoders, samples: list[DecodeSample], configs: dict[str, DecodePolicy]) -> dict[str, dict]:
     """Per config, means over hashed layers, positions and query heads (each ``[0, 1]``):
 
     - ``recall``: the full attention mass on the tier-1 rows (what ``hf_dashkv.recall`` measures at inference);
@@ -201,7 +213,7 @@ def evaluate(encoders: HashEncoders, samples: list[DecodeSample], configs: dict[
     sums: dict[str, dict[str, float]] = {name: defaultdict(float) for name in configs}
     steps = 0
     layers = encoders.layout.hashed_layers
-    selectors = {name: {layer: build_selector(config, encoders[layer]) for layer in layers}
+    selectors = {name: {layer: hash_selector(config, encoders[layer]) for layer in layers}
                  for name, config in configs.items()}
     for sample in samples:
         codes = _key_codes(encoders, sample)
@@ -211,7 +223,8 @@ def evaluate(encoders: HashEncoders, samples: list[DecodeSample], configs: dict[
             for name in configs:
                 record = DecodeRecord()
                 for layer in layers:  # in order, for the temporal record
-                    out, tier1, tier2 = _decode(selectors[name][layer], _step(codes, sample, layer, p, record))
+                    out, tier1, tier2 = _decode(selectors[name][layer], configs[name],
+                                                _step(codes, sample, layer, p, record))
                     probs, full = exact[layer]
                     tier1 = tier1.mask(p + 1)[0].unsqueeze(1)  # [Hkv, 1, n]
                     both = tier1 if tier2 is None else tier1 | tier2.mask(p + 1)[0].unsqueeze(1)

@@ -17,11 +17,11 @@ every step captures anew). Each step samples ``query_positions`` of a block's st
 - each step rotates the block's queries and keys by a random RoPE offset (``rope_shift``): exact (scores depend
   on relative positions only), and it keeps codes trained on 4k-token blocks from failing at 8k.
 
-Measured on SmolLM2 (design.md §4 probe, held-out essays at 4k, budget 1/32): this recipe lifts R@8|B on four
-middle layers from 0.62 (SimHash) to 0.86, where the paper's whole-list KL on raw inputs stayed at SimHash.
-Validation reports that measure (``val/R@8``, ``val/R@1``, trained and SimHash side by side).
+Why each of these choices (docs/experiments.md has the measurements): the paper's whole-list KL on raw inputs stayed
+at SimHash's recall. Validation reports the probe's measure (docs/design.md §4: ``val/R@8``, ``val/R@1``, trained
+and SimHash side by side).
 
-Joint LoRA (optional, ``lora_rank > 0``; design.md §1): peft LoRA on the attention projections, trained with the
+Joint LoRA (optional, ``lora_rank > 0``; docs/design.md §1): peft LoRA on the attention projections, trained with the
 encoders so that the adapted model under DASH-KV sparse attention ("dashkv-train" told ``dashkv_sparse``: each
 position attends exactly to the rows a decode step would select) matches the frozen model under full attention:
 KL on next-token logits. That pass holds one layer's ``[B, H, T, T]`` mask and scores at a time.
@@ -38,12 +38,12 @@ from lightning.pytorch.utilities import rank_zero_info
 import torch
 from torch import nn
 
-from hf_dashkv import TRAIN_IMPLEMENTATION, DashKVConfig, HashEncoders
+from hf_dashkv import TRAIN_IMPLEMENTATION, DecodePolicy, EncoderConfig, HashEncoders
 from hf_dashkv.apps.models import load_model
 from hf_dashkv.capture import capture_attention
 from hf_dashkv.recall import attention_probs, ranking_recall
 from hf_dashkv.selection import candidates, select
-from hf_dashkv.selectors import HashSelector
+from hf_dashkv.selectors.hash import position_distances
 
 ADAPTER_NAME = "default"  # peft's name for the one adapter
 VALIDATION_QUERIES = 32  # the last positions of a validation block, as the recall probe (`dashkv recall`) takes
@@ -71,7 +71,7 @@ class DashKVDistillation(L.LightningModule):
         init_seed: seed of the random projections the encoders start from (SimHash), of the sampled positions,
             and of the LoRA init.
         lora_rank: 0 (default) trains the encoders alone; ``> 0`` adds a peft LoRA of this rank on ``lora_targets``
-            (the attention projections), trained jointly (design.md §1). lora_alpha: its scaling numerator.
+            (the attention projections), trained jointly (docs/design.md §1). lora_alpha: its scaling numerator.
         lora_weight: weight of the logit KL (full-attention frozen model || adapted model under "dashkv-train").
         shard_frozen_model: under a multi-process strategy (DDP), shard the frozen model's weights over the processes
             (FSDP2 ``fully_shard``, each decoder layer gathered for its forward and freed after), so that each GPU
@@ -107,10 +107,9 @@ class DashKVDistillation(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.config = DashKVConfig(
-            bits=bits, budget=budget, sink_tokens=sink_tokens, recent_tokens=recent_tokens,
-            dense_layers=tuple(dense_layers or ()), query_hidden=query_hidden,
-        )
+        self.encoder_config = EncoderConfig(bits=bits, query_hidden=query_hidden)
+        # the selection the candidates and validation follow; exported as the encoders' recommended policy
+        self.policy = DecodePolicy(budget=budget, sink_tokens=sink_tokens, recent_tokens=recent_tokens)
         if not isinstance(lora_rank, int) or lora_rank < 0:
             raise ValueError(f"DashKVDistillation.lora_rank={lora_rank!r}: must be an int >= 0 (0: no LoRA).")
         if teacher_top is not None and (not isinstance(teacher_top, int) or teacher_top < 1):
@@ -122,8 +121,10 @@ class DashKVDistillation(L.LightningModule):
             raise ValueError(f"DashKVDistillation.late_fraction={late_fraction!r}: must lie in (0, 1].")
         base, self.tokenizer = load_model(model, attn_implementation=TRAIN_IMPLEMENTATION)
         base.requires_grad_(False)
-        self.encoders = HashEncoders.random(base.config, self.config, seed=init_seed)
-        self.random_encoders = HashEncoders.random(base.config, self.config, seed=init_seed)  # the SimHash floor
+        dense = tuple(dense_layers or ())
+        self.encoders = HashEncoders.random(base.config, self.encoder_config, dense, seed=init_seed)
+        self.encoders.policy = self.policy
+        self.random_encoders = HashEncoders.random(base.config, self.encoder_config, dense, seed=init_seed)  # SimHash
         self.random_encoders.requires_grad_(False)
         self.hashed_layers = list(self.encoders.layout.hashed_layers)
         # student logits = temperature * similarity in [-1, 1]; start near the spread of attention logits
@@ -191,7 +192,7 @@ class DashKVDistillation(L.LightningModule):
 
     def late_positions(self, length: int, count: int, generator: torch.Generator) -> torch.Tensor:
         """``count`` distinct sorted positions in the last ``late_fraction`` of a block, each with candidates."""
-        low = max(self.config.sink_tokens + self.config.recent_tokens + 1,
+        low = max(self.policy.sink_tokens + self.policy.recent_tokens + 1,
                   length - int(self.hparams.late_fraction * length))
         if length <= low:
             raise ValueError(f"seq_len {length} leaves no hashing candidates: use more than {low} tokens.")
@@ -219,14 +220,14 @@ class DashKVDistillation(L.LightningModule):
     def candidates(self, positions: torch.Tensor, length: int) -> torch.Tensor:
         """bool ``[P, T]``: the keys the budget chooses from for queries at ``positions`` (unpadded sequences)."""
         first = torch.zeros(1, dtype=torch.long, device=positions.device)
-        return candidates(self.config, first, positions + 1, length)[0]
+        return candidates(self.policy.sink_tokens, self.policy.recent_tokens, first, positions + 1, length)[0]
 
     @torch.no_grad()
     def set_input_scales(self, blocks: list[dict[int, tuple]]) -> None:
         """Each encoder's ``input_scale``: the mean norm of its head's queries and keys (keys after the sinks), per
         block of the first step, averaged over its blocks and the ranks: every rank trains the same encoders, and
         2 processes x batch b start where 1 process x batch 2b does."""
-        sinks = self.config.sink_tokens
+        sinks = self.policy.sink_tokens
         for layer in blocks[0]:
             scales = torch.stack([
                 torch.cat([key[:, :, sinks:].norm(dim=-1).mean((0, 2)), query.norm(dim=-1).mean((0, 2))])
@@ -247,7 +248,7 @@ class DashKVDistillation(L.LightningModule):
         Returns:
             ``{"ce", "balance", "unsaturated"}``: the last is the share of ``|beta x| < 1`` (the relaxation is live).
         """
-        encoders, beta, bits = self.encoders[layer], self.beta, self.config.bits
+        encoders, beta, bits = self.encoders[layer], self.beta, self.encoder_config.bits
         allowed = self.candidates(positions, key.shape[2])  # [P, T]
         with torch.no_grad():
             teacher = attention_probs(query, key, scale, allowed)  # [B, Hkv, G, P, T]
@@ -262,7 +263,7 @@ class DashKVDistillation(L.LightningModule):
         temperature = self.log_temperature[self.hashed_layers.index(layer)].exp()
         student = (temperature * similarity).masked_fill(~allowed, float("-inf")).log_softmax(-1)
         ce = -(teacher * student.masked_fill(teacher == 0, 0.0)).sum(-1).mean()
-        balance = k_code[:, :, self.config.sink_tokens:].mean(2).pow(2).mean()
+        balance = k_code[:, :, self.policy.sink_tokens:].mean(2).pow(2).mean()
         with torch.no_grad():
             unsaturated = torch.cat([(beta * key_pre).abs().lt(1).flatten(), (beta * query_pre).abs().lt(1).flatten()])
         return dict(ce=ce, balance=balance, unsaturated=unsaturated.float().mean())
@@ -332,8 +333,8 @@ class DashKVDistillation(L.LightningModule):
         """``recall.ranking_recall`` of one layer's hash selection (hard codes) for queries ``[B, Hq, P, D]`` at
         ``positions``: ``{"R@1", "R@8", "R@32", "mass"}``, each ``[B, Hkv, G, P]``."""
         length = key.shape[2]
-        scores = HashSelector(self.config, encoders[layer]).position_scores(query, encoders[layer].encode_keys(key))
-        chosen = select(scores, self.config, positions + 1).mask(length)
+        scores = position_distances(encoders[layer], query, encoders[layer].encode_keys(key), self.policy.group_reduce)
+        chosen = select(scores, self.policy, positions + 1).mask(length)
         allowed = self.candidates(positions, length).unsqueeze(0)
         return ranking_recall(query, key, chosen, allowed, positions, scale)
 
@@ -380,8 +381,8 @@ class DashKVDistillation(L.LightningModule):
         """
         with torch.no_grad(), self.base.disable_adapter():
             teacher = self.base(input_ids=input_ids, use_cache=False).logits
-        student = self.base(input_ids=input_ids, use_cache=False, dashkv_sparse=self.encoders).logits
-        start = self.config.sink_tokens + self.config.recent_tokens
+        student = self.base(input_ids=input_ids, use_cache=False, dashkv_sparse=(self.encoders, self.policy)).logits
+        start = self.policy.sink_tokens + self.policy.recent_tokens
         teacher, student = (x[:, start:].flatten(0, 1).float().log_softmax(-1) for x in (teacher, student))
         return nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
@@ -393,7 +394,8 @@ class DashKVDistillation(L.LightningModule):
         # enough to export the encoders from a checkpoint without loading the base model (`dashkv export`)
         checkpoint["dashkv"] = {
             "layout": asdict(self.encoders.layout),
-            "config": self.config.to_dict(),
+            "encoder_config": self.encoder_config.to_dict(),
+            "policy": self.policy.to_dict(),
             "recall": getattr(self, "last_recall", None),
         }
 

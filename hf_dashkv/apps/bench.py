@@ -43,7 +43,9 @@ from .. import kernels, triton_kernels
 from ..attention import dashkv_attention_forward
 from ..cache import DashKVCache, DashKVLayer, take_pending
 from ..compat import with_cache
-from ..config import DashKVConfig
+from ..config import EncoderConfig
+from ..policy import DecodePolicy
+from ..selectors import DenseSelector, hash_selector
 from ..encoders import HashEncoders
 
 SHAPES = {
@@ -55,8 +57,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 @dataclass(frozen=True)
 class EncoderSpec:
-    """The encoder settings a case runs with: ``name`` (``default``: ``DashKVConfig()``'s; ``shipped``: the shipped
-    SmolLM2 encoders'; ``custom``: the command line's), bits, query MLP width (0: linear), re-ranking factor."""
+    """The encoder settings a case runs with: ``name`` (``default``: ``EncoderConfig()`` and ``DecodePolicy()``;
+    ``shipped``: the shipped SmolLM2 encoders' and their recommended policy's; ``custom``: the command line's), bits,
+    query MLP width (0: linear), re-ranking factor."""
 
     name: str = "custom"
     bits: int = 32
@@ -70,21 +73,23 @@ class EncoderSpec:
 
 
 def encoder_specs(names: list[str], custom: EncoderSpec) -> list[EncoderSpec]:
-    """The named specs: ``default`` reads ``DashKVConfig()``, ``shipped`` the shipped SmolLM2 encoders' config."""
+    """The named specs: ``default`` reads ``EncoderConfig()`` / ``DecodePolicy()``, ``shipped`` the shipped SmolLM2
+    encoders and their recommended policy."""
     from .models import shipped_encoders
 
     specs = []
     for name in names:
         if name == "default":
-            config = DashKVConfig()
+            config, policy = EncoderConfig(), DecodePolicy()
         elif name == "shipped":
-            config = HashEncoders.from_pretrained(str(shipped_encoders("smollm2-135m"))).config
+            shipped = HashEncoders.from_pretrained(str(shipped_encoders("smollm2-135m")))
+            config, policy = shipped.config, shipped.policy
         elif name == "custom":
             specs.append(custom)
             continue
         else:
             raise ValueError(f"unknown encoder config {name!r}: use default, shipped or custom.")
-        specs.append(EncoderSpec(name, config.bits, config.query_hidden, config.rerank))
+        specs.append(EncoderSpec(name, config.bits, config.query_hidden, policy.rerank))
     return specs
 
 
@@ -168,16 +173,16 @@ def run_case(case: BenchCase, repeats: int = 15, seed: int = 0, whole_step: bool
     heads, kv_heads = model_config.num_attention_heads, model_config.num_key_value_heads
     head_dim, dtype, n = model_config.head_dim, DTYPES[case.dtype], case.context
     spec = case.encoders
-    config = DashKVConfig(bits=spec.bits, budget=case.budget, query_hidden=spec.query_hidden, dense_layers=(0,),
-                          rerank=spec.rerank)
-    encoders = HashEncoders.random(model_config, config, seed=seed).to(device)
+    policy = DecodePolicy(budget=case.budget, dense_layers=(0,), rerank=spec.rerank)
+    encoders = HashEncoders.random(model_config, EncoderConfig(spec.bits, spec.query_hidden), policy.dense_layers,
+                                   seed=seed).to(device)
     g = torch.Generator().manual_seed(seed)
     keys = torch.randn(1, kv_heads, n, head_dim, generator=g).to(device, dtype)
     values = torch.randn(1, kv_heads, n, head_dim, generator=g).to(device, dtype)
     module = _Attention(heads, kv_heads)
     scale = head_dim**-0.5
 
-    dash = DashKVLayer(encoders[1], config)
+    dash = DashKVLayer(encoders[1], policy, hash_selector(policy, encoders[1]))
     dash.store(keys, values)
     default = DynamicLayer()
     default.update(keys, values)
@@ -200,9 +205,9 @@ def run_case(case: BenchCase, repeats: int = 15, seed: int = 0, whole_step: bool
         return out
 
     first = torch.zeros(1, dtype=torch.long, device=device)
-    budget = config.budget_tokens(n + 1)  # the step attends N cached tokens and the new one
+    budget = policy.budget_tokens(n + 1)  # the step attends N cached tokens and the new one
     compiled = kernels if device == "cpu" else triton_kernels
-    sinks, recent, reduce = config.sink_tokens, config.recent_tokens, config.group_reduce
+    sinks, recent, reduce = policy.sink_tokens, policy.recent_tokens, policy.group_reduce
 
     def select(codes):
         if device == "cpu":
@@ -245,12 +250,12 @@ def run_case(case: BenchCase, repeats: int = 15, seed: int = 0, whole_step: bool
     best_sdpa = min(("sdpa", "sdpa-gqa"), key=lambda name: statistics.median(times[name]))
     step = None
     if whole_step:
-        step = _whole_step(model_config, dtype, keys, values, encoders, config, repeats, g, best_sdpa == "sdpa-gqa",
+        step = _whole_step(model_config, dtype, keys, values, encoders, policy, repeats, g, best_sdpa == "sdpa-gqa",
                            device)
         step["full_attention"] = statistics.median(times[best_sdpa])
     return BenchResult(
         shape=case.shape, dtype=case.dtype, context=n, budget=case.budget, encoders=spec,
-        exact_rows=config.exact_tokens(n + 1),
+        exact_rows=sinks + recent + budget,
         sdpa_ms=statistics.median(times[best_sdpa]),
         hf_default_ms=statistics.median(times["default"]),
         dashkv_ms=statistics.median(times["dashkv"]),
@@ -278,7 +283,7 @@ def _best_full_attention(enable_gqa: bool):
     return attend
 
 
-def _whole_step(model_config, dtype, keys, values, encoders, config, repeats, generator, enable_gqa: bool,
+def _whole_step(model_config, dtype, keys, values, encoders, policy, repeats, generator, enable_gqa: bool,
                 device: str = "cpu"):
     """Median ms of one decode step of a Llama decoder layer (layer 1 of 2) over ``keys/values`` of N tokens:
     ``full`` (non-copying cache, the best SDPA layout), ``hf_default`` (DynamicCache, transformers' SDPA),
@@ -292,9 +297,9 @@ def _whole_step(model_config, dtype, keys, values, encoders, config, repeats, ge
     rotary = LlamaRotaryEmbedding(model_config).to(device)
     n = keys.shape[2]
     caches = {
-        "full": DashKVCache(model_config, config=replace(config, dense_layers=(0, 1))),
+        "full": DashKVCache(model_config, policy=policy, selector=DenseSelector()),
         "hf_default": DynamicCache(config=model_config),
-        "dashkv": DashKVCache(model_config, encoders, config),
+        "dashkv": DashKVCache(model_config, encoders, policy),
     }
     for cache in caches.values():
         stored = cache.layers[1]
@@ -440,7 +445,7 @@ def _filled_cache(cache, layer_kv: list[tuple[torch.Tensor, torch.Tensor]], cont
 
 
 @torch.inference_mode()
-def generate_speed(model, tokenizer, encoders: HashEncoders, config: DashKVConfig, contexts: list[int],
+def generate_speed(model, tokenizer, encoders: HashEncoders, policy: DecodePolicy, contexts: list[int],
                    new_tokens: int = 16, prefill_tokens: int = 2048) -> list[GenerateResult]:
     """End-to-end greedy ``generate`` decode tokens/s at long contexts: transformers' default, full, DASH-KV.
 
@@ -458,19 +463,18 @@ def generate_speed(model, tokenizer, encoders: HashEncoders, config: DashKVConfi
     prefill = DynamicCache(config=model.config)
     model(ids, **with_cache(prefill))
     layer_kv = [(layer.keys, layer.values) for layer in prefill.layers]
-    all_dense = replace(config, dense_layers=tuple(range(model.config.num_hidden_layers)))
     results = []
     for context in contexts:
         prompt = torch.cat([ids[:, :1].repeat(1, context), ids[:, -1:]], dim=1)  # N cached + the next token
         rates = {}
         for name, make in (
             ("hf_default", lambda: DynamicCache(config=model.config)),
-            ("full", lambda: DashKVCache(model.config, config=all_dense)),
-            ("dashkv", lambda: DashKVCache(model.config, encoders, config)),
+            ("full", lambda: DashKVCache(model.config, policy=policy, selector=DenseSelector())),
+            ("dashkv", lambda: DashKVCache(model.config, encoders, policy)),
         ):
             cache = _filled_cache(make(), layer_kv, context)
             rates[name] = _decode_rate(model, prompt, cache, new_tokens)
-        results.append(GenerateResult(context, config.budget, rates["hf_default"], rates["full"], rates["dashkv"]))
+        results.append(GenerateResult(context, policy.budget, rates["hf_default"], rates["full"], rates["dashkv"]))
     return results
 
 

@@ -23,38 +23,38 @@ def _budget(text: str) -> int | float:
     )
 
 
-def _add_config_args(parser: argparse.ArgumentParser) -> None:
+def _add_policy_args(parser: argparse.ArgumentParser) -> None:
+    # None: the encoders' recommended policy (trained encoders), or DecodePolicy()'s (random ones)
     parser.add_argument("--budget", type=_budget, default=1 / 32, help="tokens (>= 1) or fraction of context (< 1)")
-    # None: the encoders' own value (trained encoders), or the default below (random ones)
     parser.add_argument("--bits", type=int, default=None, help="random encoders only (default 64): training fixes it")
-    parser.add_argument("--sink-tokens", type=int, default=None, help="default: the encoders' own, or 4")
-    parser.add_argument("--recent-tokens", type=int, default=None, help="default: the encoders' own, or 64")
+    parser.add_argument("--sink-tokens", type=int, default=None, help="default: the encoders' policy's, or 4")
+    parser.add_argument("--recent-tokens", type=int, default=None, help="default: the encoders' policy's, or 64")
     parser.add_argument("--dense-layers", type=int, nargs="*", default=None,
-                        help="layers left dense (default: the encoders' own, or none)")
+                        help="layers left dense (default: the encoders' policy's, or none)")
+    parser.add_argument("--rerank", type=int, default=None, help="re-ranking factor (1: off; default: the policy's)")
 
 
-def decode_config(args: argparse.Namespace, trained=None):
-    """The DashKVConfig ``dashkv generate`` decodes with: the trained encoders' config (or the defaults, for random
-    ones) with the decode policy given on the command line (budget, sinks, recent window, dense layers) applied.
-    ``--bits`` cannot change trained encoders: asking for other bits is an error, not silently ignored."""
-    from .. import DashKVConfig
+def decode_policy(args: argparse.Namespace, recommended=None):
+    """The DecodePolicy ``dashkv generate`` decodes with: the encoders' recommended policy (or ``DecodePolicy()``)
+    with what the command line sets (budget, sinks, recent window, dense layers, re-ranking) replaced."""
+    from .. import DecodePolicy
 
-    if trained is not None and args.bits is not None and args.bits != trained.bits:
-        raise SystemExit(
-            f"--bits {args.bits}: the trained encoders are {trained.bits}-bit and their bits are fixed by training. "
-            "Drop --bits, or pass --encoders trained with that many bits."
-        )
-    base = trained if trained is not None else DashKVConfig(bits=args.bits or 64, query_hidden=0)
-    policy = {"budget": args.budget, "sink_tokens": args.sink_tokens, "recent_tokens": args.recent_tokens,
-              "dense_layers": None if args.dense_layers is None else tuple(args.dense_layers)}
-    return replace(base, **{name: value for name, value in policy.items() if value is not None})
+    base = recommended if recommended is not None else DecodePolicy()
+    given = {"budget": args.budget, "sink_tokens": args.sink_tokens, "recent_tokens": args.recent_tokens,
+             "dense_layers": None if args.dense_layers is None else tuple(args.dense_layers), "rerank": args.rerank}
+    return replace(base, **{name: value for name, value in given.items() if value is not None})
+
+
+def describe_policy(policy) -> str:
+    """One line naming every field of a decode policy, as ``dashkv generate`` prints it."""
+    return ", ".join(f"{name} {value!r}" for name, value in policy.to_dict().items())
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
     from transformers import DynamicCache
 
-    from .. import DashKVCache, HashEncoders
+    from .. import DashKVCache, EncoderConfig, HashEncoders
     from .demo import passkey_prompt, timed_generate
     from .models import EMBEDDED_MODELS, load_model, shipped_encoders
 
@@ -64,25 +64,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     source = args.encoders or (shipped_encoders(args.model) if args.model in EMBEDDED_MODELS else None)
     if source is not None:
         encoders = HashEncoders.from_pretrained(str(source))
-        config = decode_config(args, encoders.config)
+        if args.bits is not None and args.bits != encoders.config.bits:
+            raise SystemExit(
+                f"--bits {args.bits}: the trained encoders are {encoders.config.bits}-bit and their bits are fixed by "
+                "training. Drop --bits, or pass --encoders trained with that many bits."
+            )
+        policy = decode_policy(args, encoders.policy)
         label = f"trained encoders from {source}"
     else:
-        config = decode_config(args)
-        encoders = HashEncoders.random(model.config, config, seed=0)
+        policy = decode_policy(args)
+        encoders = HashEncoders.random(model.config, EncoderConfig(bits=args.bits or 64, query_hidden=0), seed=0)
         label = "UNTRAINED random-projection encoders (SimHash baseline): no trained encoders ship for this model yet"
     prompt = passkey_prompt(tokenizer, args.context_tokens)
     print(f"document: {prompt.num_tokens} tokens of State of the Union text, passkey {prompt.answer} planted at 50% depth")
-    print(f"DASH-KV: {label}")
-    print(
-        f"DASH-KV: {config.bits} bits, budget {config.budget} (= {config.budget_tokens(prompt.num_tokens)} tokens) + "
-        f"{config.sink_tokens} sinks + {config.recent_tokens} recent, dense layers {list(config.dense_layers)}, "
-        f"group_reduce {config.group_reduce!r}, rerank {config.rerank}"
-    )
+    print(f"DASH-KV: {label}, {encoders.config.bits} bits")
+    print(f"decode policy{' (the encoders recommend it)' if encoders.policy is not None else ''}: "
+          f"{describe_policy(policy)}; budget = {policy.budget_tokens(prompt.num_tokens)} tokens here")
     # a fresh install compiles the kernels on first use: do that on a short prompt, outside the timed runs
-    timed_generate(model, tokenizer, prompt.text[:2000], DashKVCache(model.config, encoders, config), 2)
+    timed_generate(model, tokenizer, prompt.text[:2000], DashKVCache(model.config, encoders, policy), 2)
     full = timed_generate(model, tokenizer, prompt.text, DynamicCache(config=model.config), args.max_new_tokens)
     dash = timed_generate(
-        model, tokenizer, prompt.text, DashKVCache(model.config, encoders, config), args.max_new_tokens
+        model, tokenizer, prompt.text, DashKVCache(model.config, encoders, policy), args.max_new_tokens
     )
     width = max(len(full.text), len(dash.text), 10)
     print(f"\n{'method':<16} {'answer':<{width}}  correct  decode tok/s")
@@ -98,6 +100,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     import torch
 
+    from .. import DecodePolicy
     from .bench import (BenchCase, EncoderSpec, encoder_specs, generate_speed, generate_table, markdown_table, run,
                         selection_speed, step_table)
     from .models import load_model
@@ -130,10 +133,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.generate_contexts and on_cpu:
         model, tokenizer = load_model(args.model)
         encoders = _trained_encoders(args.model, args.encoders)
-        config = replace(encoders.config, budget=args.budgets[0])
-        table = generate_table(generate_speed(model, tokenizer, encoders, config, args.generate_contexts))
-        text = (f"End-to-end generate, {args.model} with its trained encoders ({config.bits} bits, dense layers "
-                f"{list(config.dense_layers)}), decode tokens/s\n\n{table}")
+        policy = replace(encoders.policy or DecodePolicy(), budget=args.budgets[0])
+        table = generate_table(generate_speed(model, tokenizer, encoders, policy, args.generate_contexts))
+        text = (f"End-to-end generate, {args.model} with its trained encoders ({encoders.config.bits} bits, hashed "
+                f"layers {list(encoders.layout.hashed_layers)}) and decode policy: {describe_policy(policy)}; decode "
+                f"tokens/s\n\n{table}")
         print("\n" + text)
         (out_dir / "generate.md").write_text(text + "\n")
         written.append("generate.md")
@@ -158,6 +162,7 @@ def _trained_encoders(model_name: str, path: str | None):
 def cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from .. import DecodePolicy
     from .evaluation.longbench import load_longbench
     from .evaluation.report import write_report
     from .evaluation.runner import Evaluator, evaluate, setups
@@ -167,14 +172,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"loading {args.model} ...", flush=True)
     model, tokenizer = load_model(args.model)
     encoders = _trained_encoders(args.model, args.encoders)
-    encoders.check_compatible(model.config, encoders.config)
+    encoders.check_compatible(model.config)
     samples = [] if args.no_suite else build_suite(tokenizer, args.context, args.samples, args.tasks, args.seed)
     if args.longbench_dir:
         samples += load_longbench(args.longbench_dir, tokenizer, args.longbench_tasks, args.longbench_max_length,
                                   args.samples)
     if not samples:
         raise SystemExit("nothing to evaluate: drop --no-suite or give --longbench-dir.")
-    base = encoders.config
+    base = encoders.policy or DecodePolicy()
     if args.group_reduce:
         base = replace(base, group_reduce=args.group_reduce)
     runs = setups(model.config, encoders, args.methods, args.budgets, base, rerank=args.rerank)
@@ -244,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--encoders", default=None, help="trained encoders (folder or Hub id); default: shipped ones")
     gen.add_argument("--context-tokens", type=int, default=3000)
     gen.add_argument("--max-new-tokens", type=int, default=16)
-    _add_config_args(gen)
+    _add_policy_args(gen)
     gen.set_defaults(func=cmd_generate)
 
     bench = sub.add_parser("bench", help="decode attention latency and generate tokens/s, full vs DASH-KV")
@@ -254,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="context lengths, e.g. 4k 16k 128k")
     bench.add_argument("--budgets", nargs="+", type=_budget, default=[1 / 32])
     bench.add_argument("--configs", nargs="+", default=["default", "shipped"], choices=["default", "shipped", "custom"],
-                       help="encoder settings: DashKVConfig()'s, the shipped SmolLM2 encoders', or --bits/--query-hidden/"
+                       help="encoder settings: EncoderConfig()'s, the shipped SmolLM2 encoders', or --bits/--query-hidden/"
                             "--rerank")
     bench.add_argument("--bits", type=int, default=32, help="bits of the custom config")
     bench.add_argument("--query-hidden", type=int, default=0, help="query MLP width of the custom config (0: linear)")

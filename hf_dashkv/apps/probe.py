@@ -1,4 +1,4 @@
-"""``dashkv recall``: how well hash codes rank the keys attention needs, over the candidates only (design.md §4).
+"""``dashkv recall``: how well hash codes rank the keys attention needs, over the candidates only (docs/design.md §4).
 
 For a model, its encoders and held-out text, at a context length and budget: the last ``queries`` positions of
 each sequence play decode steps. Every method selects with the one rule (``selection.select``: the budget
@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 
 from ..capture import capture_attention
-from ..config import DashKVConfig
 from ..encoders import HashEncoders
+from ..plans import rerank_scores
+from ..policy import DecodePolicy
 from ..recall import attention_probs, ranking_recall
 from ..selection import candidates, select
-from ..selectors import HashSelector
-from ..selectors.rerank import rerank_scores
+from ..selectors.hash import position_distances
 
 METHODS = ("trained", "simhash", "oracle", "angle")
 METRICS = ("R@1", "R@8", "R@32", "mass")
@@ -95,24 +95,25 @@ class ProbeTable:
 
 
 @torch.no_grad()
-def probe(model, encoders: HashEncoders, sequences: list[torch.Tensor], config: DashKVConfig, queries: int = 32,
+def probe(model, encoders: HashEncoders, sequences: list[torch.Tensor], policy: DecodePolicy, queries: int = 32,
           methods=METHODS, rerank=(), progress=None) -> ProbeTable:
     """Measure every method at the last ``queries`` positions of each sequence, in every hashed layer.
 
     Args:
         model: the model the encoders are for; encoders: trained hash encoders (their layers are measured);
-        sequences: token ids ``[1, T]``; config: budget, sinks and recent window (``encoders.config``'s bits);
+        sequences: token ids ``[1, T]``; policy: budget, sinks, recent window and group rule;
         rerank: re-ranking factors to measure the trained codes with (methods ``rerank2``, ...);
         progress: an optional callable called once per sequence (a progress bar's ``update``).
     """
     layers = encoders.layout.hashed_layers
-    simhash = HashEncoders.random(model.config, encoders.config, seed=0)
+    simhash = HashEncoders.random(model.config, encoders.config, encoders.layout.dense_layers, seed=0)
     table = ProbeTable()
     for ids in sequences:
         captured = capture_attention(model, ids, max(layers))
         length = ids.shape[1]
         positions = torch.arange(length - queries, length)
-        allowed = candidates(config, torch.zeros(1, dtype=torch.long), positions + 1, length)  # [1, P, N]
+        allowed = candidates(policy.sink_tokens, policy.recent_tokens, torch.zeros(1, dtype=torch.long),
+                             positions + 1, length)  # [1, P, N]
         for layer in layers:
             query, key, _, scale = captured[layer]
             query, key = query[:, :, -queries:].float(), key.float()
@@ -120,13 +121,14 @@ def probe(model, encoders: HashEncoders, sequences: list[torch.Tensor], config: 
             for method in (*methods, *(f"rerank{r}" for r in rerank)):
                 if method in ("trained", "simhash"):
                     codes = (encoders if method == "trained" else simhash)[layer]
-                    scores = hashed[method] = HashSelector(config, codes).position_scores(query, codes.encode_keys(key))
+                    scores = hashed[method] = position_distances(codes, query, codes.encode_keys(key),
+                                                                 policy.group_reduce)
                 elif method.startswith("rerank"):
-                    factor = replace(config, rerank=int(method[len("rerank"):]))
+                    factor = replace(policy, rerank=int(method[len("rerank"):]))
                     scores = rerank_scores(query, key, hashed["trained"], factor, positions + 1, None, scale)
                 else:
                     scores = exact_scores(query, key, allowed, scale, angle=method == "angle")
-                chosen = select(scores, config, positions + 1).mask(length)
+                chosen = select(scores, policy, positions + 1).mask(length)
                 table.add(method, layer, ranking_recall(query, key, chosen, allowed, positions, scale))
         del captured
         if progress is not None:
@@ -180,15 +182,17 @@ def run(model_name: str, encoders: HashEncoders, texts, contexts, budget: float,
         out_dir: Path, rerank=(), group_reduce: str | None = None) -> dict[str, ProbeTable]:
     """The whole ``dashkv recall`` job: ``results.md``, ``results.json`` and ``recall.png`` in ``out_dir``.
 
-    ``group_reduce``: how the hash methods combine a GQA group's distances (default: the encoders' own)."""
+    ``group_reduce``: how the hash methods combine a GQA group's distances (default: the encoders' recommended
+    policy's)."""
     from tqdm import tqdm
 
     from .bench import budget_label
     from .models import load_model
 
     model, tokenizer = load_model(model_name)
-    encoders.check_compatible(model.config, encoders.config)
-    config = replace(encoders.config, budget=budget, group_reduce=group_reduce or encoders.config.group_reduce)
+    encoders.check_compatible(model.config)
+    recommended = encoders.policy or DecodePolicy()
+    config = replace(recommended, budget=budget, group_reduce=group_reduce or recommended.group_reduce, rerank=1)
     tables = {}
     with tqdm(total=len(texts) * len(contexts) * sequences, desc="recall probe", unit="seq") as bar:
         for text in texts:

@@ -1,47 +1,37 @@
-"""Selectors: what picks the budget's tokens at a decode step. One method per file, one mechanism for all.
+"""Selectors: what a decode step attends to. One method per file, each a small dataclass of its own parameters.
 
-Each selector is a small dataclass with one scoring method (lower is nearer); ``hf_dashkv.selection.select``
-adds the sinks and the recent window and takes the ``budget`` nearest, and ``hf_dashkv.exact`` runs exact
-attention over them. So DASH-KV and its baselines share the cache, the selection rule and the attention, and a
-comparison between them differs only in the scores. The random-projection baseline (SimHash) is the hash
-selector with ``HashEncoders.random`` encoders. DASH-KV's optional learned terms wrap the hash selector:
-:class:`CalibratedSelector` (distance discounts) and :class:`Tier2Selector` (approximate logits for the next
-nearest keys); :class:`RerankSelector` re-ranks the hash selector's shortlist by exact scores.
+A selector turns a step and the decode policy into a plan (``hf_dashkv.plans``): the sinks, the recent window and a
+budget of candidates ranked by its scores; the layer's backend runs the plan (``hf_dashkv.backends``). So DASH-KV
+and its baselines share the cache, the selection rule and the attention, and a comparison between them differs only
+in the ranking. The random-projection baseline (SimHash) is the hash selector with ``HashEncoders.random`` encoders.
+DASH-KV's optional learned terms are selectors around the hash codes: :class:`CalibratedSelector` (distance
+discounts) and :class:`Tier2Selector` (approximate logits for the next nearest keys); re-ranking is a plan of the
+hash selector (``plans.RerankPlan``). Baselines: :class:`OracleSelector` (exact scores, the ceiling),
+:class:`QuestSelector` (page bounds), :class:`StreamingSelector` (sinks + recent window), :class:`DenseSelector`
+(full attention).
 """
 
 from __future__ import annotations
 
-from ..config import DashKVConfig
 from ..encoders import LayerEncoders
-from .base import DecodeRecord, DecodeStep, Selector
+from ..policy import DecodePolicy
+from .base import Selector
 from .calibrated import CalibratedSelector
+from .dense import DenseSelector
 from .hash import HashSelector
 from .oracle import OracleSelector
 from .quest import QuestSelector
-from .rerank import RerankSelector
 from .streaming import StreamingSelector
 from .tiers import Tier2Selector
 
-_BASELINES = {"oracle": OracleSelector, "quest": QuestSelector, "streaming": StreamingSelector}
 
-
-def needs_encoders(config: DashKVConfig) -> bool:
-    """Whether the configured selector hashes (and so needs HashEncoders)."""
-    return config.selector == "hash"
-
-
-def build_selector(config: DashKVConfig, encoders: LayerEncoders | None) -> Selector:
-    """The selector ``config`` asks for, for one layer (``encoders``: that layer's, when it hashes)."""
-    if not needs_encoders(config):
-        return _BASELINES[config.selector](config)
-    selector = (CalibratedSelector if config.calibrated else HashSelector)(config, encoders)
-    if config.rerank > 1:
-        return RerankSelector(config, selector)
-    return Tier2Selector(config, selector) if config.tier2_budget else selector
+def hash_selector(policy: DecodePolicy, encoders: LayerEncoders) -> Selector:
+    """The selector DASH-KV runs on one layer under ``policy`` (its optional terms on or off)."""
+    selector = (CalibratedSelector if policy.calibrated else HashSelector)(encoders)
+    return Tier2Selector(selector) if policy.tier2_budget else selector
 
 
 __all__ = [
-    "CalibratedSelector", "DecodeRecord", "DecodeStep", "HashSelector", "OracleSelector", "QuestSelector",
-    "RerankSelector", "Selector",
-    "StreamingSelector", "Tier2Selector", "build_selector", "needs_encoders",
+    "CalibratedSelector", "DenseSelector", "HashSelector", "OracleSelector", "QuestSelector", "Selector",
+    "StreamingSelector", "Tier2Selector", "hash_selector",
 ]

@@ -14,7 +14,8 @@ d_temporal``): discounts applied to the hash selector's distances before the bud
 
 Distances stay integers: the weights act in steps of ``1 / STEPS`` distance units, so ranking keeps the plain
 integer order, ties to the later position included, and zero weights select exactly what plain hashing does.
-The fitting lives in ``lightning_modules.calibration``.
+The plan is a ``ScorePlan`` of the discounted distances, which the PyTorch backend runs. The fitting lives in
+``lightning_modules.calibration``.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from dataclasses import dataclass
 import torch
 
 from ..codes import nearest
-from ..selection import Selection, combine_group
-from .base import DecodeStep, Selector
+from ..plans import Plan, ScorePlan
+from ..policy import DecodePolicy
+from ..selection import Selection, candidates, combine_group
+from ..step import DecodeStep
 from .hash import HashSelector
 
 STEPS = 16
@@ -64,10 +67,23 @@ def calibrate(
     return out
 
 
+def remember_selection(step: DecodeStep, selection: Selection) -> None:
+    """An observer (``DecodeRecord.observers``) that leaves each hashed layer's selection for the next layer of the
+    same step: what temporal calibration reads (any KV head's choice counts)."""
+    step.record.previous = (step.layer_idx, step.n, selection.mask(step.n).any(1))
+
+
 @dataclass
 class CalibratedSelector(HashSelector):
-    """The hash selector with the configured discounts (``config.spatial_calibration`` / ``temporal_calibration``),
-    weighted by the layer's fitted ``encoders.calibration``. Runs in PyTorch (the fused kernel has no such terms)."""
+    """The hash selector with the policy's discounts (``spatial_calibration`` / ``temporal_calibration``), weighted
+    by the layer's fitted ``encoders.calibration``. The cache that uses it registers :func:`remember_selection`."""
+
+    def plan_type(self, policy: DecodePolicy) -> type[Plan]:
+        return ScorePlan
+
+    def plan(self, step: DecodeStep, policy: DecodePolicy) -> Plan:
+        return ScorePlan(policy.sink_tokens, policy.recent_tokens, self.budget(policy, step.n),
+                         self.scores(step, policy))
 
     def previous(self, step: DecodeStep) -> torch.Tensor | None:
         """The selection an earlier hashed layer left at this same step, bool ``[B, N]``, or ``None``.
@@ -83,21 +99,13 @@ class CalibratedSelector(HashSelector):
             return None
         return mask
 
-    def scores_from(self, step: DecodeStep, per_head: torch.Tensor) -> torch.Tensor:
-        config, weights = self.config, self.encoders.calibration
-        distances = combine_group(per_head, config.group_reduce)
+    def scores_from(self, step: DecodeStep, policy: DecodePolicy, per_head: torch.Tensor) -> torch.Tensor:
+        weights = self.encoders.calibration
+        distances = combine_group(per_head, policy.group_reduce)
         votes = None
-        if config.spatial_calibration:
-            allowed = step.candidates(config)
-            votes = spatial_votes(per_head, allowed, config.budget_tokens(step.n))
-        previous = self.previous(step) if config.temporal_calibration else None
+        if policy.spatial_calibration:
+            allowed = candidates(policy.sink_tokens, policy.recent_tokens, step.first, step.ends, step.n,
+                                 step.valid)[:, 0]
+            votes = spatial_votes(per_head, allowed, self.budget(policy, step.n))
+        previous = self.previous(step) if policy.temporal_calibration else None
         return calibrate(distances, votes, previous, weights.spatial, weights.temporal)
-
-    def select(self, step: DecodeStep, scores: torch.Tensor | None = None) -> Selection:
-        selection = super().select(step, scores)
-        if self.config.temporal_calibration:
-            step.record.previous = (step.layer_idx, step.n, selection.mask(step.n).any(1))
-        return selection
-
-    def decode(self, step: DecodeStep) -> tuple[torch.Tensor, Selection]:
-        return Selector.decode(self, step)

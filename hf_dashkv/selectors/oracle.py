@@ -11,14 +11,16 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import DecodeStep, Selector
+from ..policy import DecodePolicy
+from ..step import DecodeStep
+from .base import Selector
 
 
 @dataclass
 class OracleSelector(Selector):
     """Exact attention probabilities, summed over the GQA group (always: that is the best set for the group)."""
 
-    def scores(self, step: DecodeStep) -> torch.Tensor:
+    def scores(self, step: DecodeStep, policy: DecodePolicy) -> torch.Tensor:
         """Minus the group's summed softmax over every cached key (sinks and the recent window change no ranking)."""
         batch, heads, _, dim = step.query.shape
         kv_heads = step.key.shape[1]

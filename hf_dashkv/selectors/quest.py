@@ -13,18 +13,26 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import DecodeStep, Selector
+from ..policy import DecodePolicy
+from ..step import DecodeStep
+from .base import Selector
 
 
 @dataclass
 class QuestSelector(Selector):
-    """Per-page key bounds; pages of ``config.page_size`` tokens."""
+    """Per-page key bounds; pages of ``page_size`` tokens."""
 
-    def scores(self, step: DecodeStep) -> torch.Tensor:
+    page_size: int = 16
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.page_size, int) or isinstance(self.page_size, bool) or self.page_size < 1:
+            raise ValueError(f"QuestSelector.page_size={self.page_size!r}: must be an int >= 1.")
+
+    def scores(self, step: DecodeStep, policy: DecodePolicy) -> torch.Tensor:
         """Minus each token's page bound, summed over the group: float ``[B, Hkv, N]``."""
         batch, heads, _, dim = step.query.shape
         kv_heads, n = step.key.shape[1], step.n
-        page = self.config.page_size
+        page = self.page_size
         pages = -(-n // page)
         padded = torch.nn.functional.pad(step.key.float(), (0, 0, 0, pages * page - n), value=float("nan"))
         blocks = padded.view(batch, kv_heads, pages, page, dim)

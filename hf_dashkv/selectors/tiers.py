@@ -10,9 +10,8 @@ query head ``h`` gets
 the hash inner product in +-1 space, scaled, plus a residual from what the query gives. The true logit is
 ``scale * ||q|| * ||k|| * cos``: ``s`` estimates the angle; the query norm sets how far this step's logits
 spread, and so where tier 2 sits against the exact tier-1 logits (a per-key term such as ``||k||`` would need a
-value stored per cached token). In a one-sequence check on SmolLM2 (budget 1/32, tier 2 the next 1/32), the
-query-norm term lowered the attention output error from 0.151 to 0.148; 64 per-bit weights per head instead did
-not lower it. Values stay exact for both tiers; the rest (tier 3) is skipped for this step.
+value stored per cached token; what each term measured is in docs/). Values stay exact for both tiers; the rest
+(tier 3) is skipped for this step. The plan is a :class:`TieredPlan`, which only the PyTorch backend runs.
 """
 
 from __future__ import annotations
@@ -23,8 +22,11 @@ import torch
 
 from ..codes import hamming_distance, nearest
 from ..exact import attend_tiers, gather_rows
+from ..plans import Plan
+from ..policy import DecodePolicy
 from ..selection import Selection
-from .base import DecodeStep, Selector
+from ..step import DecodeStep
+from .base import Selector
 from .hash import HashSelector
 
 
@@ -59,31 +61,49 @@ def tier2_logits(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (features * weight.view(kv_heads, group, 1, -1)).sum(-1)
 
 
-@dataclass
-class Tier2Selector(Selector):
-    """``inner``'s selection as tier 1, plus ``config.tier2_tokens`` rows with the layer's fitted tier-2 logit."""
+@dataclass(frozen=True)
+class TieredPlan(Plan):
+    """Tier 1: ``budget`` candidates by ``scores`` ``[B, Hkv, N]`` (exact logits); tier 2: the next ``tier2`` by the
+    same scores, with the logit ``features @ weight`` (``weight [Hq, 3]``, the layer's fitted terms) from the
+    query's codes ``query_codes [B, Hkv, G, nbytes]``."""
 
-    inner: HashSelector  # built with the same config, so the inherited ``covers`` holds for both
+    scores: torch.Tensor
+    query_codes: torch.Tensor
+    tier2: int
+    weight: torch.Tensor
 
-    def scores(self, step: DecodeStep) -> torch.Tensor:
-        return self.inner.scores(step)
-
-    def select(self, step: DecodeStep, scores: torch.Tensor | None = None) -> Selection:
-        return self.inner.select(step, scores)
+    def rank(self, step: DecodeStep) -> torch.Tensor:
+        return self.scores
 
     def tiers(self, step: DecodeStep) -> Tiers:
-        """Both tiers of one step and the attention over them, from one encoding of the query."""
-        query_codes, per_head = self.inner.head_distances(step)
-        scores = self.inner.scores_from(step, per_head)
-        tier1 = self.inner.select(step, scores)
-        allowed = step.candidates(self.config)
-        left = allowed.unsqueeze(1) & ~tier1.mask(step.n)
-        tier2 = Selection(*nearest(scores, left, self.config.tier2_tokens(step.n)))
-        features = tier2_features(step.query, query_codes, gather_rows(step.key_codes, tier2.rows))
-        logits = tier2_logits(features, self.inner.encoders.tier2.weight)
+        """Both tiers of the step and the attention over them."""
+        tier1 = self.select(step)
+        left = self.candidates(step).unsqueeze(1) & ~tier1.mask(step.n)
+        tier2 = Selection(*nearest(self.scores, left, self.tier2))
+        features = tier2_features(step.query, self.query_codes, gather_rows(step.key_codes, tier2.rows))
+        logits = tier2_logits(features, self.weight)
         out = attend_tiers(step.query, step.key, step.value, tier1, tier2, logits, step.scale)
         return Tiers(tier1, tier2, features, out)
 
-    def decode(self, step: DecodeStep) -> tuple[torch.Tensor, Selection]:
+    def attend(self, step: DecodeStep) -> tuple[torch.Tensor, Selection]:
         tiers = self.tiers(step)
         return tiers.output, tiers.tier1
+
+
+@dataclass
+class Tier2Selector(Selector):
+    """``inner``'s ranking for tier 1, plus ``policy.tier2_tokens`` rows with the layer's fitted tier-2 logit."""
+
+    inner: HashSelector
+
+    def plan_type(self, policy: DecodePolicy) -> type[Plan]:
+        return TieredPlan
+
+    def check(self, policy: DecodePolicy) -> None:
+        pass
+
+    def plan(self, step: DecodeStep, policy: DecodePolicy) -> TieredPlan:
+        query_codes, per_head = self.inner.head_distances(step)
+        return TieredPlan(policy.sink_tokens, policy.recent_tokens, self.budget(policy, step.n),
+                          self.inner.scores_from(step, policy, per_head), query_codes, policy.tier2_tokens(step.n),
+                          self.inner.encoders.tier2.weight)

@@ -4,11 +4,11 @@ Prefill is exact whatever the method (DASH-KV and its baselines only change deco
 prefilled once and every method decodes from a fork of that cache (:meth:`DashKVCache.fork`). All methods go
 through the same cache and attention path and differ only in their selector (``hf_dashkv.selectors``):
 
-- ``full``: a budget that covers the context, i.e. exact attention;
+- ``full``: exact attention (``DenseSelector``);
 - ``dashkv``: the trained encoders; ``random``: untrained random-projection hashing (``HashEncoders.random``);
 - ``streaming``, ``quest``, ``oracle``: the training-free baselines and the ceiling.
 
-Per prompt and method (design.md §4, against ``full`` on the same prompt):
+Per prompt and method (docs/design.md §4, against ``full`` on the same prompt):
 - the greedy answer and its task score;
 - teacher-forced along full attention's greedy answer: next-token KL(full || method) and greedy-token agreement at
   each decode step (and how many steps were compared), and the attention recall of every hashed layer at those steps;
@@ -33,54 +33,59 @@ import torch
 from ..bench import budget_label
 from ...cache import DashKVCache
 from ...compat import with_cache
-from ...config import DashKVConfig
 from ...encoders import HashEncoders
+from ...policy import DecodePolicy
+from ...selectors import DenseSelector, OracleSelector, QuestSelector, Selector, StreamingSelector
 from ...recall import measuring_recall
 from .metrics import score
 from .sample import Sample
 
 METHODS = ("full", "dashkv", "random", "streaming", "quest", "oracle")
-# a budget no context reaches: the selection covers every key, so attention is exact (the tested guarantee)
-_COVERING_BUDGET = 2**31 - 1
+_BASELINES = {"full": DenseSelector, "streaming": StreamingSelector, "quest": QuestSelector, "oracle": OracleSelector}
 
 
 @dataclass(frozen=True)
 class Setup:
-    """One method at one budget: what ``DashKVCache.fork`` needs."""
+    """One method at one budget: what ``DashKVCache.fork`` needs (``selector``: ``None`` for the hash methods)."""
 
     method: str
     budget: str
     encoders: HashEncoders | None
-    config: DashKVConfig
+    policy: DecodePolicy
+    selector: Selector | None = None
+
+    def fork(self, cache: DashKVCache) -> DashKVCache:
+        return cache.fork(self.encoders, self.policy, self.selector)
 
 
 def setups(model_config, encoders: HashEncoders, methods: list[str], budgets: list[int | float],
-           base: DashKVConfig | None = None, rerank: int | None = None) -> list[Setup]:
-    """``full`` once, then every other method at every budget, all with ``base``'s layout and windows.
+           base: DecodePolicy | None = None, rerank: int | None = None) -> list[Setup]:
+    """``full`` once, then every other method at every budget, all with ``base``'s windows and dense layers.
 
-    ``base`` defaults to the trained encoders' own config; its ``bits`` and ``query_hidden`` must match theirs.
-    ``rerank`` applies to the hash methods (``dashkv``, ``random``): their codes shortlist ``rerank x budget``
-    keys and exact scores keep the budget (the other selectors have no codes to re-rank); ``None``: ``base``'s.
+    ``base`` defaults to the encoders' recommended policy. ``rerank`` applies to the hash methods (``dashkv``,
+    ``random``): their codes shortlist ``rerank x budget`` keys and exact scores keep the budget (the other selectors
+    have no codes to re-rank); ``None``: ``base``'s.
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {METHODS}.")
-    base = base or encoders.config
+    base = base or encoders.policy or DecodePolicy()
     rerank = base.rerank if rerank is None else rerank
-    random_encoders = HashEncoders.random(model_config, base, seed=0) if "random" in methods else None
-    selector = {"dashkv": "hash", "random": "hash", "streaming": "streaming", "quest": "quest", "oracle": "oracle"}
-    out = [Setup("full", "-", None, replace(base, selector="oracle", budget=_COVERING_BUDGET, rerank=1))]
+    random_encoders = (HashEncoders.random(model_config, encoders.config, encoders.layout.dense_layers, seed=0)
+                       if "random" in methods else None)
+    out = [Setup("full", "-", None, replace(base, rerank=1), DenseSelector())]
     for budget in budgets:
         for method in methods:
             if method == "full":
                 continue
-            chosen = {"dashkv": encoders, "random": random_encoders}.get(method)
             label = "-" if method == "streaming" else budget_label(budget)
             if any(s.method == method and s.budget == label for s in out):
                 continue  # streaming has no budget: once is enough
-            hashed = selector[method] == "hash"
-            config = replace(base, selector=selector[method], budget=budget, rerank=rerank if hashed else 1)
-            out.append(Setup(method, label, chosen, config))
+            if method in _BASELINES:
+                out.append(Setup(method, label, None, replace(base, budget=budget, rerank=1), _BASELINES[method]()))
+            else:
+                chosen = encoders if method == "dashkv" else random_encoders
+                out.append(Setup(method, label, chosen, replace(base, budget=budget, rerank=rerank)))
     return out
 
 
@@ -106,9 +111,9 @@ class Evaluator:
         """Records of one sample for every setup (or only those in ``only``: ``(method, budget)`` pairs)."""
         ids = self.tokenizer(sample.prompt, return_tensors="pt").input_ids
         full = self.setups[0]
-        base = DashKVCache(self.model.config, None, full.config)
+        base = DashKVCache(self.model.config, None, full.policy, full.selector)
         first = self._prefill(ids, base)
-        reference, reference_logprobs = self._greedy(base.fork(None, full.config), first, sample)
+        reference, reference_logprobs = self._greedy(full.fork(base), first, sample)
         continuation = sample.continuation if sample.continuation is not None else (
             " " + sample.answers[0] if sample.answers else None)
         target = self.tokenizer(continuation, add_special_tokens=False).input_ids if continuation else []
@@ -124,12 +129,12 @@ class Evaluator:
                 tokens, fidelity = reference, {"kl": 0.0, "agreement": 1.0, "steps": max(len(reference) - 1, 0),
                                                "recall": {}}
             else:
-                fidelity = self._fidelity(base.fork(setup.encoders, setup.config), reference, reference_logprobs)
+                fidelity = self._fidelity(setup.fork(base), reference, reference_logprobs)
                 tokens = reference
                 if fidelity["agreement"] is not None and fidelity["agreement"] < 1.0:
-                    tokens, _ = self._greedy(base.fork(setup.encoders, setup.config), first, sample)
+                    tokens, _ = self._greedy(setup.fork(base), first, sample)
             prediction = self._text(tokens, sample)
-            nll = self._nll(base.fork(setup.encoders, setup.config), first, target) if target else None
+            nll = self._nll(setup.fork(base), first, target) if target else None
             references = sample.answers or [full_text]
             record.update(
                 prediction=prediction,
@@ -239,7 +244,7 @@ def read_records(path: Path) -> list[dict]:
 
 def run_identity(evaluator: Evaluator, facts: dict | None = None) -> dict:
     """What makes two runs' records comparable: the model, ``facts`` (e.g. the suite's seed) and, per method and
-    budget, the decode config and a digest of the encoders' weights. JSON-ready."""
+    budget, the decode policy, the selector and a digest of the encoders' weights. JSON-ready."""
     def encoders_digest(encoders: HashEncoders | None) -> str | None:
         if encoders is None:
             return None
@@ -250,9 +255,10 @@ def run_identity(evaluator: Evaluator, facts: dict | None = None) -> dict:
         return digest.hexdigest()[:16]
 
     identity = {
-        "model": evaluator.model.config.name_or_path,
+        "model": Path(evaluator.model.config.name_or_path).name,  # a name, not this machine's path
         **(facts or {}),
-        "setups": {f"{s.method} {s.budget}": {"config": asdict(s.config), "encoders": encoders_digest(s.encoders)}
+        "setups": {f"{s.method} {s.budget}": {"policy": asdict(s.policy), "selector": repr(s.selector),
+                                              "encoders": encoders_digest(s.encoders)}
                    for s in evaluator.setups},
     }
     return json.loads(json.dumps(identity))  # tuples as lists, as they read back
