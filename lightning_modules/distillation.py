@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from hf_dashkv import TRAIN_IMPLEMENTATION, DashKVConfig, HashEncoders
-from hf_dashkv.apps.models import load_model
+from hf_dashkv.embedded import load_model
 from hf_dashkv.capture import capture_attention
 from hf_dashkv.recall import attention_probs, ranking_recall
 from hf_dashkv.selection import candidates, select

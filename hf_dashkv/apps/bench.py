@@ -71,7 +71,7 @@ class EncoderSpec:
 
 def encoder_specs(names: list[str], custom: EncoderSpec) -> list[EncoderSpec]:
     """The named specs: ``default`` reads ``DashKVConfig()``, ``shipped`` the shipped SmolLM2 encoders' config."""
-    from .models import shipped_encoders
+    from ..embedded import shipped_encoders
 
     specs = []
     for name in names:

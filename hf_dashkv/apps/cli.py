@@ -56,7 +56,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .. import DashKVCache, HashEncoders
     from .demo import passkey_prompt, timed_generate
-    from .models import EMBEDDED_MODELS, load_model, shipped_encoders
+    from ..embedded import EMBEDDED_MODELS, load_model, shipped_encoders
 
     torch.manual_seed(0)
     print(f"loading {args.model} ...", flush=True)
@@ -100,7 +100,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from .bench import (BenchCase, EncoderSpec, encoder_specs, generate_speed, generate_table, markdown_table, run,
                         selection_speed, step_table)
-    from .models import load_model
+    from ..embedded import load_model
 
     custom = EncoderSpec("custom", args.bits, args.query_hidden, args.rerank)
     specs = encoder_specs(args.configs, custom)
@@ -144,7 +144,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _trained_encoders(model_name: str, path: str | None):
     """The encoders ``--encoders`` names, or the shipped ones of an embedded model; a clear error otherwise."""
     from .. import HashEncoders
-    from .models import shipped_encoders
+    from ..embedded import shipped_encoders
 
     source = path or shipped_encoders(model_name)
     if source is None:
@@ -162,7 +162,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation.report import write_report
     from .evaluation.runner import Evaluator, evaluate, setups
     from .evaluation.suite import build_suite
-    from .models import load_model
+    from ..embedded import load_model
 
     print(f"loading {args.model} ...", flush=True)
     model, tokenizer = load_model(args.model)
