@@ -13,8 +13,8 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from hf_dashkv import DashKVCache, HashEncoders, with_cache
 from hf_dashkv.embedded import embedded_model_dir
+from hf_dashkv.hub import encoders_from_checkpoint, export, load_with_adapter
 from lightning_modules import DashKVDistillation, ExportEncoders, LongTextDataModule
-from lightning_modules.export import encoders_from_checkpoint, export, load_with_adapter
 from tests.tiny import SelectionLog
 
 REPO = Path(__file__).resolve().parents[1]

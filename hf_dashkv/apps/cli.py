@@ -215,7 +215,7 @@ def cmd_lightning(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from lightning_modules.export import encoders_from_checkpoint, export
+    from ..hub import encoders_from_checkpoint, export
 
     encoders, facts = encoders_from_checkpoint(args.checkpoint)
     folder = export(encoders, facts, args.out_dir)
@@ -224,7 +224,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from lightning_modules.export import push
+    from ..hub import push
 
     print(push(args.folder, args.repo_id, private=args.private))
     return 0
