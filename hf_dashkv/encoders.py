@@ -214,7 +214,7 @@ class HashEncoders(nn.Module, PyTorchModelHubMixin, library_name="hf_dashkv", ta
         if config.tier2_budget and unfitted:
             raise ValueError(
                 f"DashKVConfig.tier2_budget={config.tier2_budget!r}, but the tier-2 logit terms of layers {unfitted} "
-                "were never fitted. Fit them (lightning_modules.calibration.fit_tiers, or scripts/fit_tiers.py), "
+                "were never fitted. Fit them (lightning_modules.calibration.fit_tiers, or `dashkv fit-terms`), "
                 "or set tier2_budget=0."
             )
 

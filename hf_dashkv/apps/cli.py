@@ -230,6 +230,20 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ship(args: argparse.Namespace) -> int:
+    from .release import ship
+
+    ship(args.exported, args.model, args.max_dense, args.threshold, args.group_reduce, args.rerank)
+    return 0
+
+
+def cmd_fit_terms(args: argparse.Namespace) -> int:
+    from .release import fit_terms
+
+    fit_terms(args.model, args.fit_sequences, args.eval_windows, args.tokens, args.positions, args.write)
+    return 0
+
+
 def _tokens(text: str) -> int:
     """``4096`` or ``4k`` -> 4096."""
     return int(text[:-1]) * 1024 if text.lower().endswith("k") else int(text)
@@ -329,6 +343,25 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("repo_id")
     push.add_argument("--private", action="store_true")
     push.set_defaults(func=cmd_push)
+    ship = sub.add_parser("ship", help="release step: exported encoders of an embedded model into the package, the "
+                                       "lowest-recall layers dense")
+    ship.add_argument("exported", help="the folder ExportEncoders wrote at the end of fit")
+    ship.add_argument("--model", default="smollm2-135m", help="the embedded model the encoders are for")
+    ship.add_argument("--max-dense", type=int, default=4)
+    ship.add_argument("--threshold", type=float, default=0.8, help="only layers below this R@8 go dense")
+    ship.add_argument("--group-reduce", choices=["sum", "min"], default=None,
+                      help="the decode policy users get by default: how a GQA group combines code distances")
+    ship.add_argument("--rerank", type=int, default=None, help="the default re-ranking factor (1: off)")
+    ship.set_defaults(func=cmd_ship)
+    terms = sub.add_parser("fit-terms", help="release step: fit the optional terms (tier 2, calibration) of the "
+                                             "shipped encoders and print what each does on held-out text")
+    terms.add_argument("--model", default="smollm2-135m")
+    terms.add_argument("--fit-sequences", type=int, default=4)
+    terms.add_argument("--eval-windows", type=int, default=3)
+    terms.add_argument("--tokens", type=int, default=2048, help="tokens per sequence, fitting and evaluation")
+    terms.add_argument("--positions", type=int, default=24, help="decode-like positions per sequence")
+    terms.add_argument("--write", action="store_true", help="save the terms that helped into the shipped encoders")
+    terms.set_defaults(func=cmd_fit_terms)
     return parser
 
 
