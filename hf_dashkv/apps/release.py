@@ -80,7 +80,8 @@ def token_windows(tokenizer, texts, count: int, length: int) -> list[torch.Tenso
 def fit_terms(model_name: str = "smollm2-135m", fit_sequences: int = 4, eval_windows: int = 3, tokens: int = 2048,
               positions: int = 24, write: bool = False) -> None:
     """Fit the optional terms of ``model_name``'s shipped encoders, print the ablation, and save what helped."""
-    from lightning_modules.calibration import capture, evaluate, fit_tiers  # here: `dashkv ship` needs no training extras
+    # imported here, not above: `dashkv ship` runs without the training extras
+    from lightning_modules.calibration import capture, evaluate, fit_tiers
 
     torch.set_grad_enabled(False)
     start = time.perf_counter()
