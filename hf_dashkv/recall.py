@@ -1,4 +1,4 @@
-"""How well a selection covers what attention needs: the measures of design.md §4.
+"""How well a selection covers what attention needs: the measures of docs/design.md §4.
 
 - :func:`ranking_recall` (the headline): over the *candidates only* (the keys between the sinks and the recent
   window, which are attended anyway), ``R@k|B``, the share of each query head's true top-k keys inside its KV

@@ -17,11 +17,11 @@ every step captures anew). Each step samples ``query_positions`` of a block's st
 - each step rotates the block's queries and keys by a random RoPE offset (``rope_shift``): exact (scores depend
   on relative positions only), and it keeps codes trained on 4k-token blocks from failing at 8k.
 
-Measured on SmolLM2 (design.md §4 probe, held-out essays at 4k, budget 1/32): this recipe lifts R@8|B on four
+Measured on SmolLM2 (docs/design.md §4 probe, held-out essays at 4k, budget 1/32): this recipe lifts R@8|B on four
 middle layers from 0.62 (SimHash) to 0.86, where the paper's whole-list KL on raw inputs stayed at SimHash.
 Validation reports that measure (``val/R@8``, ``val/R@1``, trained and SimHash side by side).
 
-Joint LoRA (optional, ``lora_rank > 0``; design.md §1): peft LoRA on the attention projections, trained with the
+Joint LoRA (optional, ``lora_rank > 0``; docs/design.md §1): peft LoRA on the attention projections, trained with the
 encoders so that the adapted model under DASH-KV sparse attention ("dashkv-train" told ``dashkv_sparse``: each
 position attends exactly to the rows a decode step would select) matches the frozen model under full attention:
 KL on next-token logits. That pass holds one layer's ``[B, H, T, T]`` mask and scores at a time.
@@ -71,7 +71,7 @@ class DashKVDistillation(L.LightningModule):
         init_seed: seed of the random projections the encoders start from (SimHash), of the sampled positions,
             and of the LoRA init.
         lora_rank: 0 (default) trains the encoders alone; ``> 0`` adds a peft LoRA of this rank on ``lora_targets``
-            (the attention projections), trained jointly (design.md §1). lora_alpha: its scaling numerator.
+            (the attention projections), trained jointly (docs/design.md §1). lora_alpha: its scaling numerator.
         lora_weight: weight of the logit KL (full-attention frozen model || adapted model under "dashkv-train").
         shard_frozen_model: under a multi-process strategy (DDP), shard the frozen model's weights over the processes
             (FSDP2 ``fully_shard``, each decoder layer gathered for its forward and freed after), so that each GPU

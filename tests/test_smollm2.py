@@ -92,7 +92,7 @@ def test_shipped_encoders_fit_the_embedded_model(smollm2):
 
 
 def test_shipped_encoders_rank_held_out_keys_far_better_than_simhash(smollm2):
-    # design.md §4 on text no training source covers (essays), small: 2k tokens, the last 8 positions
+    # docs/design.md §4 on text no training source covers (essays), small: 2k tokens, the last 8 positions
     from hf_dashkv.embedded import shipped_encoders
     from hf_dashkv.apps.probe import probe, probe_sequences
 

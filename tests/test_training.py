@@ -369,7 +369,7 @@ def test_capture_keeps_sliding_windows(tmp_path):
             assert torch.equal(module.base(input_ids=ids).logits, reference(input_ids=ids).logits)
 
 
-# Joint LoRA (design.md §1)
+# Joint LoRA (docs/design.md §1)
 
 
 def test_lora_path_trains_only_lora_and_encoder_parameters(tiny_dir, tmp_path):

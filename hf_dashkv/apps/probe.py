@@ -1,4 +1,4 @@
-"""``dashkv recall``: how well hash codes rank the keys attention needs, over the candidates only (design.md §4).
+"""``dashkv recall``: how well hash codes rank the keys attention needs, over the candidates only (docs/design.md §4).
 
 For a model, its encoders and held-out text, at a context length and budget: the last ``queries`` positions of
 each sequence play decode steps. Every method selects with the one rule (``selection.select``: the budget

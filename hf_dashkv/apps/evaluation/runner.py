@@ -8,7 +8,7 @@ through the same cache and attention path and differ only in their selector (``h
 - ``dashkv``: the trained encoders; ``random``: untrained random-projection hashing (``HashEncoders.random``);
 - ``streaming``, ``quest``, ``oracle``: the training-free baselines and the ceiling.
 
-Per prompt and method (design.md §4, against ``full`` on the same prompt):
+Per prompt and method (docs/design.md §4, against ``full`` on the same prompt):
 - the greedy answer and its task score;
 - teacher-forced along full attention's greedy answer: next-token KL(full || method) and greedy-token agreement at
   each decode step (and how many steps were compared), and the attention recall of every hashed layer at those steps;

@@ -1,4 +1,4 @@
-"""The offline evaluation suite: LongBench-like tasks built only from registry packages (design.md §3-4).
+"""The offline evaluation suite: LongBench-like tasks built only from registry packages (docs/design.md §3-4).
 
 Every task builds prompts of about ``context_tokens`` tokens, deterministically under a seed, from the evaluation
 side of ``hf_dashkv.corpora``'s document split:
