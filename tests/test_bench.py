@@ -6,7 +6,7 @@ import torch
 from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders
 from hf_dashkv.apps.bench import (BenchCase, EncoderSpec, _filled_cache, encoder_specs, markdown_table, run,
                                   run_case, step_table)
-from hf_dashkv.apps.models import shipped_encoders
+from hf_dashkv.embedded import shipped_encoders
 from hf_dashkv.apps.cli import _tokens, build_parser
 from tests.tiny import tiny_model
 

@@ -6,7 +6,7 @@ import torch
 from dataclasses import replace
 
 from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders, kernels, with_cache
-from hf_dashkv.apps.models import shipped_encoders
+from hf_dashkv.embedded import shipped_encoders
 from hf_dashkv.selection import Selection, select_step
 from hf_dashkv.selectors import CalibratedSelector, DecodeRecord, DecodeStep, HashSelector
 from hf_dashkv.selectors.calibrated import calibrate, spatial_votes

@@ -1,6 +1,6 @@
 """The document split between training and evaluation text: nothing is on both sides."""
 
-from hf_dashkv.apps import corpora
+from hf_dashkv import corpora
 from lightning_modules.data import read_documents
 
 

@@ -102,7 +102,7 @@ def test_real_gemma3_is_exact_past_its_sliding_window_and_hashes_only_global_lay
 
 @pytest.mark.slow
 def test_shipped_gemma3_encoders_fit_its_global_layers(gemma3_270m):
-    from hf_dashkv.apps.models import shipped_encoders
+    from hf_dashkv.embedded import shipped_encoders
 
     model, _ = gemma3_270m
     encoders = HashEncoders.from_pretrained(str(shipped_encoders("gemma3-270m")))

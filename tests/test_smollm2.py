@@ -68,7 +68,7 @@ def test_small_budget_attends_only_to_selected_rows(smollm2):
 
 def test_dashkv_generate_command(capsys):
     from hf_dashkv.apps.cli import main
-    from hf_dashkv.apps.models import shipped_encoders
+    from hf_dashkv.embedded import shipped_encoders
 
     assert main(["generate", "--context-tokens", "600", "--max-new-tokens", "6"]) == 0
     out = capsys.readouterr().out
@@ -79,7 +79,7 @@ def test_dashkv_generate_command(capsys):
 
 
 def test_shipped_encoders_fit_the_embedded_model(smollm2):
-    from hf_dashkv.apps.models import shipped_encoders
+    from hf_dashkv.embedded import shipped_encoders
 
     model, _ = smollm2
     encoders = HashEncoders.from_pretrained(str(shipped_encoders("smollm2-135m")))
@@ -92,8 +92,8 @@ def test_shipped_encoders_fit_the_embedded_model(smollm2):
 
 
 def test_shipped_encoders_rank_held_out_keys_far_better_than_simhash(smollm2):
-    # design.md §4 on text no training source covers (essays), small: 2k tokens, the last 8 positions
-    from hf_dashkv.apps.models import shipped_encoders
+    # docs/design.md §4 on text no training source covers (essays), small: 2k tokens, the last 8 positions
+    from hf_dashkv.embedded import shipped_encoders
     from hf_dashkv.apps.probe import probe, probe_sequences
 
     model, tokenizer = smollm2

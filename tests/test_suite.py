@@ -2,7 +2,7 @@
 
 import pytest
 
-from hf_dashkv.apps.corpora import hotpotqa_paragraphs, stdlib_files
+from hf_dashkv.corpora import hotpotqa_paragraphs, stdlib_files
 from hf_dashkv.apps.evaluation.metrics import METRICS
 from hf_dashkv.apps.evaluation.suite import TASKS, build_suite, needle_single
 

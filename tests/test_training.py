@@ -12,9 +12,9 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from hf_dashkv import DashKVCache, HashEncoders, with_cache
-from hf_dashkv.apps.models import embedded_model_dir
+from hf_dashkv.embedded import embedded_model_dir
+from hf_dashkv.hub import encoders_from_checkpoint, export, load_with_adapter
 from lightning_modules import DashKVDistillation, ExportEncoders, LongTextDataModule
-from lightning_modules.export import encoders_from_checkpoint, export, load_with_adapter
 from tests.tiny import SelectionLog
 
 REPO = Path(__file__).resolve().parents[1]
@@ -369,7 +369,7 @@ def test_capture_keeps_sliding_windows(tmp_path):
             assert torch.equal(module.base(input_ids=ids).logits, reference(input_ids=ids).logits)
 
 
-# Joint LoRA (design.md §1)
+# Joint LoRA (docs/design.md §1)
 
 
 def test_lora_path_trains_only_lora_and_encoder_parameters(tiny_dir, tmp_path):

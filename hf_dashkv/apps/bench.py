@@ -75,7 +75,7 @@ class EncoderSpec:
 def encoder_specs(names: list[str], custom: EncoderSpec) -> list[EncoderSpec]:
     """The named specs: ``default`` reads ``EncoderConfig()`` / ``DecodePolicy()``, ``shipped`` the shipped SmolLM2
     encoders and their recommended policy."""
-    from .models import shipped_encoders
+    from ..embedded import shipped_encoders
 
     specs = []
     for name in names:

