@@ -75,26 +75,20 @@ class AllSelections:
         self.steps.append((step.layer_idx, step.key.shape[2], rows))
 
 
-def use_pytorch_definition(monkeypatch) -> None:
-    """For the rest of the test, hashed layers run the PyTorch definition instead of the compiled kernels (numba's,
-    and Triton's, which the tests run on CPU tensors in its interpreter)."""
-    from hf_dashkv import kernels, triton_kernels
-
-    monkeypatch.setattr(kernels, "supports", lambda codes: False)
-    monkeypatch.setattr(kernels, "supports_decode", lambda key, value: False)
-    monkeypatch.setattr(triton_kernels, "supports_decode", lambda key, value: False)
+SMALL_POLICY = dict(budget=4, sink_tokens=2, recent_tokens=4)  # far below the tiny prompts: decoding drops rows
 
 
 def sparse_generation_setup(batch: int = 2, prompt: int = 60, seed: int = 0):
     """``(model, input_ids [batch, prompt], make_cache)``: a tiny GQA model whose hashed layers (1-3) decode with a
-    budget far below the prompt, so generation runs the sparse path (the compiled kernel on the CPU)."""
-    from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders
+    budget far below the prompt, so generation runs the sparse path; ``make_cache(backend="auto")`` (the compiled
+    kernel on the CPU; ``"torch"``: the PyTorch definition)."""
+    from hf_dashkv import DashKVCache, DecodePolicy, EncoderConfig, HashEncoders
 
     model = tiny_model("llama-gqa", seed=seed)
-    config = DashKVConfig(bits=32, budget=4, sink_tokens=2, recent_tokens=4, query_hidden=0, dense_layers=(0,))
-    encoders = HashEncoders.random(model.config, config, seed=seed)
+    encoders = HashEncoders.random(model.config, EncoderConfig(bits=32, query_hidden=0), dense_layers=(0,), seed=seed)
+    policy = DecodePolicy(**SMALL_POLICY)
     ids = torch.randint(1, 97, (batch, prompt), generator=torch.Generator().manual_seed(seed))
-    return model, ids, lambda: DashKVCache(model.config, encoders, config)
+    return model, ids, lambda backend="auto": DashKVCache(model.config, encoders, policy, backend=backend)
 
 
 @contextlib.contextmanager
