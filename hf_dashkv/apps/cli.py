@@ -283,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                        help="cuda: the Triton kernels against SDPA on the GPU (end-to-end generate runs on cpu only)")
     bench.add_argument("--repeats", type=int, default=15)
-    bench.add_argument("--out-dir", default="docs/bench")
+    bench.add_argument("--out-dir", default="runs/bench")
     bench.add_argument("--generate-contexts", nargs="*", type=_tokens, default=[8192, 32768],
                        help="end-to-end generate with --model and its trained encoders at these contexts (none: skip)")
     bench.add_argument("--model", default="smollm2-135m")
