@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders
+from hf_dashkv import DashKVCache, DecodePolicy, EncoderConfig, HashEncoders
 from hf_dashkv.apps.bench import (BenchCase, EncoderSpec, _filled_cache, encoder_specs, markdown_table, run,
                                   run_case, step_table)
 from hf_dashkv.embedded import shipped_encoders
@@ -32,9 +32,11 @@ def test_a_reranked_case_times_the_reranking_path():
 
 def test_named_encoder_configs_are_the_default_and_the_shipped_ones():
     default, shipped, custom = encoder_specs(["default", "shipped", "custom"], EncoderSpec(bits=16))
-    assert (default.bits, default.query_hidden) == (DashKVConfig().bits, DashKVConfig().query_hidden)
-    trained = HashEncoders.from_pretrained(str(shipped_encoders("smollm2-135m"))).config
-    assert (shipped.name, shipped.bits, shipped.query_hidden) == ("shipped", trained.bits, trained.query_hidden)
+    assert (default.bits, default.query_hidden, default.rerank) == (
+        EncoderConfig().bits, EncoderConfig().query_hidden, DecodePolicy().rerank)
+    trained = HashEncoders.from_pretrained(str(shipped_encoders("smollm2-135m")))
+    assert (shipped.name, shipped.bits, shipped.query_hidden, shipped.rerank) == (
+        "shipped", trained.config.bits, trained.config.query_hidden, (trained.policy or DecodePolicy()).rerank)
     assert custom == EncoderSpec(bits=16)
 
 
@@ -50,9 +52,9 @@ def test_run_writes_json_markdown_and_plot(tmp_path):
 
 def test_caches_are_filled_by_tiling_real_kv():
     model = tiny_model("llama-gqa")
-    config = DashKVConfig(bits=16, query_hidden=0, dense_layers=(0,))
+    encoders = HashEncoders.random(model.config, EncoderConfig(bits=16, query_hidden=0), dense_layers=(0,))
     kv = [(torch.randn(1, 2, 7, 16), torch.randn(1, 2, 7, 16)) for _ in range(4)]
-    cache = _filled_cache(DashKVCache(model.config, HashEncoders.random(model.config, config), config), kv, 30)
+    cache = _filled_cache(DashKVCache(model.config, encoders, DecodePolicy(dense_layers=(0,))), kv, 30)
     assert cache.get_seq_length() == 30
     assert torch.equal(cache.layers[1].keys[:, :, 7:14], kv[1][0])
     assert cache.layers[1].key_codes.shape[2] == 30

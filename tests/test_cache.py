@@ -1,18 +1,25 @@
 import pytest
 import torch
-from transformers.cache_utils import DynamicSlidingWindowLayer
 from transformers import Gemma3TextConfig
+from transformers.cache_utils import DynamicSlidingWindowLayer
 
-from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders, with_cache
-from hf_dashkv.cache import DashKVLayer, take_pending
+from hf_dashkv import DashKVCache, DecodePolicy, EncoderConfig, HashEncoders, handoff, with_cache
+from hf_dashkv.cache import DashKVLayer
+from hf_dashkv.selectors import DenseSelector, QuestSelector
 from tests.tiny import CONFIGS
 
-CONFIG = DashKVConfig(bits=32, budget=4, sink_tokens=1, recent_tokens=2, query_hidden=0, dense_layers=(0,))
+ENCODER_CONFIG = EncoderConfig(bits=32, query_hidden=0)
+POLICY = DecodePolicy(budget=4, sink_tokens=1, recent_tokens=2)
 
 
-def make_cache(name="llama-gqa", config=CONFIG):
+def make_cache(name="llama-gqa", policy=POLICY):
     model_config = CONFIGS[name]()
-    return DashKVCache(model_config, HashEncoders.random(model_config, config), config)
+    return DashKVCache(model_config, HashEncoders.random(model_config, ENCODER_CONFIG, dense_layers=(0,)), policy)
+
+
+def take_pending(keys):
+    """What an attention call given ``keys`` and no hand-off keyword would take (the thread-local hand-off)."""
+    return handoff.take(keys, {})
 
 
 def fill(layer, batch=2, tokens=(5, 1, 1), seed=0):
@@ -91,19 +98,23 @@ def test_sliding_layers_keep_transformers_behaviour():
         num_key_value_heads=1, head_dim=16, sliding_window=8,
         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
     )
-    dash = DashKVConfig(bits=16, query_hidden=0)
-    cache = DashKVCache(config, HashEncoders.random(config, dash))
+    cache = DashKVCache(config, HashEncoders.random(config, EncoderConfig(bits=16, query_hidden=0)))
     assert isinstance(cache.layers[0], DynamicSlidingWindowLayer) and cache.layers[0].sliding_window == 8
     assert isinstance(cache.layers[1], DashKVLayer) and cache.layers[1].hashed
 
 
 def test_missing_or_wrong_encoders_are_refused():
-    with pytest.raises(ValueError, match="no encoders were given"):
-        DashKVCache(CONFIGS["llama-gqa"](), config=CONFIG)
+    with pytest.raises(ValueError, match="it needs encoders"):
+        DashKVCache(CONFIGS["llama-gqa"](), policy=POLICY)
     with pytest.raises(ValueError, match="num_kv_heads"):
-        DashKVCache(CONFIGS["llama-mha"](), HashEncoders.random(CONFIGS["llama-gqa"](), CONFIG), CONFIG)
-    all_dense = DashKVConfig(dense_layers=(0, 1, 2, 3))
-    assert DashKVCache(CONFIGS["llama-gqa"](), config=all_dense).layout.hashed_layers == ()
+        DashKVCache(CONFIGS["llama-mha"](), HashEncoders.random(CONFIGS["llama-gqa"](), ENCODER_CONFIG), POLICY)
+    with pytest.raises(TypeError, match="takes a DecodePolicy"):
+        DashKVCache(CONFIGS["llama-gqa"](), HashEncoders.random(CONFIGS["llama-gqa"](), ENCODER_CONFIG), {"budget": 4})
+    all_dense = DecodePolicy(dense_layers=(0, 1, 2, 3))
+    encoders = HashEncoders.random(CONFIGS["llama-gqa"](), ENCODER_CONFIG)
+    assert DashKVCache(CONFIGS["llama-gqa"](), encoders, all_dense).layout.hashed_layers == ()
+    dense = DashKVCache(CONFIGS["llama-gqa"](), selector=DenseSelector())  # full attention needs no encoders
+    assert dense.layout.hashed_layers == () and not any(layer.sparse for layer in dense.layers)
 
 
 @pytest.mark.parametrize("hashed", [(1,), (1, 2, 3)])
@@ -113,8 +124,9 @@ def test_a_model_without_dashkv_attention_warns_once_with_the_fix(hashed):
     from tests.tiny import tiny_model
 
     model = tiny_model(attn_implementation="sdpa")
-    config = DashKVConfig(bits=32, budget=4, query_hidden=0, dense_layers=tuple(i for i in range(4) if i not in hashed))
-    cache = DashKVCache(model.config, HashEncoders.random(model.config, config), config)
+    dense = tuple(i for i in range(4) if i not in hashed)
+    encoders = HashEncoders.random(model.config, ENCODER_CONFIG, dense_layers=dense)
+    cache = DashKVCache(model.config, encoders, DecodePolicy(budget=4))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model.generate(input_ids=torch.ones(1, 30, dtype=torch.long), max_new_tokens=4, do_sample=False,
@@ -170,8 +182,8 @@ def test_fork_continues_exactly_and_rehashes_for_other_encoders():
     model_config = CONFIGS["llama-gqa"]()
     cache = make_cache()
     keys, values = fill(cache.layers[1], batch=1, tokens=(7,))
-    other = HashEncoders.random(model_config, CONFIG, seed=5)
-    same, rehashed = cache.fork(cache.encoders, CONFIG), cache.fork(other, CONFIG)
+    other = HashEncoders.random(model_config, ENCODER_CONFIG, dense_layers=(0,), seed=5)
+    same, rehashed = cache.fork(cache.encoders, POLICY), cache.fork(other, POLICY)
     assert take_pending(cache.layers[1].keys) is None  # forking hands nothing to an attention call
     for fork, encoders in ((same, cache.encoders), (rehashed, other)):
         layer = fork.layers[1]
@@ -186,5 +198,6 @@ def test_fork_continues_exactly_and_rehashes_for_other_encoders():
 def test_fork_to_a_baseline_needs_no_encoders():
     cache = make_cache()
     fill(cache.layers[1], batch=1, tokens=(6,))
-    fork = cache.fork(None, DashKVConfig(bits=32, budget=4, sink_tokens=1, recent_tokens=2, selector="quest"))
+    fork = cache.fork(None, POLICY, QuestSelector())
     assert fork.encoders is None and fork.layers[1].key_codes is None and fork.get_seq_length(1) == 6
+    assert isinstance(fork.layers[1].selector, QuestSelector) and fork.policy == POLICY

@@ -1,17 +1,20 @@
 import json
+from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
 
-from hf_dashkv import DashKVConfig, HashEncoders
+import hf_dashkv
+from hf_dashkv import DashKVCache, DecodePolicy, EncoderConfig, HashEncoders
 from hf_dashkv.codes import pack_signs
+from hf_dashkv.encoders import split_legacy_config
 from tests.tiny import CONFIGS
 
 
 def test_random_encoders_are_simhash_query_and_key_share_the_projection():
-    config = DashKVConfig(bits=32, query_hidden=8, dense_layers=(0,))
-    enc = HashEncoders.random(CONFIGS["llama-gqa"](), config, seed=3)
+    config = EncoderConfig(bits=32, query_hidden=8)
+    enc = HashEncoders.random(CONFIGS["llama-gqa"](), config, dense_layers=(0,), seed=3)
     assert sorted(int(i) for i in enc.layers) == [1, 2, 3]
     layer = enc[1]
     x = torch.randn(5, 16)
@@ -21,35 +24,42 @@ def test_random_encoders_are_simhash_query_and_key_share_the_projection():
     query_codes = layer.encode_query(q)  # [5, Hkv=2, G=2, 4]
     assert torch.equal(query_codes[:, 1, 0], key_codes) and torch.equal(query_codes[:, 1, 1], key_codes)
     assert torch.equal(key_codes, pack_signs(x @ layer.key.weight[1]))
-    assert torch.equal(HashEncoders.random(CONFIGS["llama-gqa"](), config, seed=3)[2].key.weight, enc[2].key.weight)
+    again = HashEncoders.random(CONFIGS["llama-gqa"](), config, dense_layers=(0,), seed=3)
+    assert torch.equal(again[2].key.weight, enc[2].key.weight)
 
 
 def test_save_load_round_trip_is_exact(tmp_path):
-    config = DashKVConfig(bits=16, budget=0.25, query_hidden=8, dense_layers=(0, -1))
-    enc = HashEncoders.random(CONFIGS["qwen2-gqa"](), config, seed=1)
+    config = EncoderConfig(bits=16, query_hidden=8)
+    enc = HashEncoders.random(CONFIGS["qwen2-gqa"](), config, dense_layers=(0, -1), seed=1)
     enc[1].query.w3.data.normal_()  # a trained-looking MLP, not just the init
     enc.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file()
+    assert not (tmp_path / "decode_policy.json").exists()  # no recommended policy: none written
     loaded = HashEncoders.from_pretrained(tmp_path)
-    assert loaded.config == config and loaded.layout == enc.layout
+    assert loaded.config == config and loaded.layout == enc.layout and loaded.policy is None
     for name, tensor in enc.state_dict().items():
         assert torch.equal(tensor, loaded.state_dict()[name]), name
 
 
 def test_encoders_for_another_model_are_refused_with_the_mismatch_named():
-    config = DashKVConfig(bits=16, query_hidden=0)
-    enc = HashEncoders.random(CONFIGS["llama-gqa"](), config)
+    enc = HashEncoders.random(CONFIGS["llama-gqa"](), EncoderConfig(bits=16, query_hidden=0))
     with pytest.raises(ValueError, match=r"num_kv_heads: model has 4, encoders have 2"):
-        enc.check_compatible(CONFIGS["llama-mha"](), config)
-    with pytest.raises(ValueError, match=r"bits: config has 32, encoders have 16"):
-        enc.check_compatible(CONFIGS["llama-gqa"](), DashKVConfig(bits=32, query_hidden=0))
-    with pytest.raises(ValueError, match=r"layers \[0\] are hashed by this config but the encoders have no weights"):
-        dense0 = DashKVConfig(bits=16, query_hidden=0, dense_layers=(0,))
-        HashEncoders.random(CONFIGS["llama-gqa"](), dense0).check_compatible(CONFIGS["llama-gqa"](), config)
+        enc.check_compatible(CONFIGS["llama-mha"]())
+    enc.check_compatible(CONFIGS["llama-gqa"]())
+
+
+def test_layers_the_encoders_lack_run_dense():
+    model_config = CONFIGS["llama-gqa"]()
+    enc = HashEncoders.random(model_config, EncoderConfig(bits=16, query_hidden=0), dense_layers=(0,))
+    enc.check_compatible(model_config)  # not a mismatch: layer 0 simply has no encoders
+    cache = DashKVCache(model_config, enc, DecodePolicy(budget=4))
+    assert cache.layout.hashed_layers == (1, 2, 3) and cache.layout.dense_layers == (0,)
+    assert [layer.sparse for layer in cache.layers] == [False, True, True, True]
+    assert cache.layers[0].encoders is None and cache.layers[1].encoders is enc[1]
 
 
 def test_damaged_checkpoint_does_not_load_silently(tmp_path):
-    enc = HashEncoders.random(CONFIGS["llama-gqa"](), DashKVConfig(bits=16, query_hidden=0))
+    enc = HashEncoders.random(CONFIGS["llama-gqa"](), EncoderConfig(bits=16, query_hidden=0))
     enc.save_pretrained(tmp_path)
     state = safetensors.torch.load_file(tmp_path / "model.safetensors")
     del state["layers.2.key.bias"]
@@ -59,7 +69,7 @@ def test_damaged_checkpoint_does_not_load_silently(tmp_path):
 
 
 def test_truncated_or_non_finite_checkpoints_name_the_file_and_the_fix(tmp_path):
-    enc = HashEncoders.random(CONFIGS["llama-gqa"](), DashKVConfig(bits=16, query_hidden=0))
+    enc = HashEncoders.random(CONFIGS["llama-gqa"](), EncoderConfig(bits=16, query_hidden=0))
     enc.save_pretrained(tmp_path)
     weights = tmp_path / "model.safetensors"
     whole = weights.read_bytes()
@@ -78,7 +88,7 @@ def test_truncated_or_non_finite_checkpoints_name_the_file_and_the_fix(tmp_path)
 
 
 def test_pickle_checkpoints_are_never_loaded(tmp_path):
-    enc = HashEncoders.random(CONFIGS["llama-gqa"](), DashKVConfig(bits=16, query_hidden=0))
+    enc = HashEncoders.random(CONFIGS["llama-gqa"](), EncoderConfig(bits=16, query_hidden=0))
     enc.save_pretrained(tmp_path)
     (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")
     with pytest.raises(FileNotFoundError, match="safetensors only"):
@@ -92,7 +102,7 @@ def test_folder_without_config_is_refused(tmp_path):
 
 
 def test_query_encoder_is_the_same_map_at_any_batch_shape():
-    config = DashKVConfig(bits=16, query_hidden=8)
+    config = EncoderConfig(bits=16, query_hidden=8)
     enc = HashEncoders.random(CONFIGS["llama-gqa"](), config, seed=2)[1].query
     for w in (enc.w3, enc.b1):
         w.data.normal_()
@@ -107,7 +117,7 @@ def test_query_encoder_is_the_same_map_at_any_batch_shape():
 
 
 def test_input_scale_divides_the_inputs_and_older_checkpoints_load_neutral(tmp_path):
-    config = DashKVConfig(bits=16, query_hidden=8)
+    config = EncoderConfig(bits=16, query_hidden=8)
     encoders = HashEncoders.random(CONFIGS["llama-gqa"](), config, seed=1)
     layer = encoders[1]
     g = torch.Generator().manual_seed(0)
@@ -122,3 +132,61 @@ def test_input_scale_divides_the_inputs_and_older_checkpoints_load_neutral(tmp_p
     state = safetensors.torch.load_file(tmp_path / "model.safetensors")
     safetensors.torch.save_file({n: t for n, t in state.items() if "input_scale" not in n}, tmp_path / "model.safetensors")
     assert HashEncoders.from_pretrained(tmp_path)[1].key.input_scale.eq(1).all()  # written before the scales existed
+
+
+def test_save_pretrained_writes_the_recommended_policy_and_from_pretrained_reads_it(tmp_path):
+    enc = HashEncoders.random(CONFIGS["llama-gqa"](), EncoderConfig(bits=16, query_hidden=0))
+    enc.policy = DecodePolicy(budget=1 / 8, sink_tokens=2, recent_tokens=16, dense_layers=(-1,), rerank=3)
+    enc.save_pretrained(tmp_path)
+    assert DecodePolicy.load(tmp_path / "decode_policy.json") == enc.policy
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["encoder_config"] == {"bits": 16, "query_hidden": 0} and "dashkv_config" not in saved
+    loaded = HashEncoders.from_pretrained(tmp_path)
+    assert loaded.policy == enc.policy and loaded.config == enc.config
+    assert DashKVCache(CONFIGS["llama-gqa"](), loaded).policy == enc.policy  # the cache's default policy
+
+
+LEGACY_CONFIG = dict(
+    bits=16, budget=0.25, sink_tokens=2, recent_tokens=8, dense_layers=[0], query_hidden=0, group_reduce="min",
+    selector="hash", page_size=16, tier2_budget=0, spatial_calibration=False, temporal_calibration=False, rerank=2,
+)
+
+
+def test_an_old_folder_with_a_combined_config_loads_split_into_config_and_policy(tmp_path):
+    model_config = CONFIGS["llama-gqa"]()
+    enc = HashEncoders.random(model_config, EncoderConfig(bits=16, query_hidden=0), dense_layers=(0,), seed=4)
+    enc.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    legacy = {"dashkv_config": LEGACY_CONFIG, "layout": saved["layout"]}  # as written before the split
+    (tmp_path / "config.json").write_text(json.dumps(legacy))
+    loaded = HashEncoders.from_pretrained(tmp_path)
+    assert loaded.config == EncoderConfig(bits=16, query_hidden=0)
+    assert loaded.policy == DecodePolicy(budget=0.25, sink_tokens=2, recent_tokens=8, dense_layers=(0,),
+                                         group_reduce="min", rerank=2)
+    assert loaded.layout == enc.layout
+    for name, tensor in enc.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
+    assert split_legacy_config(LEGACY_CONFIG, "old") == (loaded.config, loaded.policy)
+    with pytest.raises(ValueError, match=r"names selector 'quest'.*baselines are selectors now"):
+        split_legacy_config({**LEGACY_CONFIG, "selector": "quest"}, "old")
+
+
+SHIPPED = sorted(p.parent for p in (Path(hf_dashkv.__file__).parent / "assets" / "encoders").glob("*/config.json"))
+POLICY_FIELDS = ("budget", "sink_tokens", "recent_tokens", "selector", "page_size", "rerank")
+
+
+@pytest.mark.parametrize("folder", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_encoders_keep_the_policy_apart_from_what_training_fixed(folder):
+    assert len(SHIPPED) >= 2
+    config = json.loads((folder / "config.json").read_text())
+
+    def keys(value):
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                yield key
+                yield from keys(inner)
+
+    assert not set(keys(config)) & set(POLICY_FIELDS), f"{folder.name}/config.json holds decode-policy fields"
+    assert set(config["encoder_config"]) == {"bits", "query_hidden"}
+    assert (folder / "decode_policy.json").is_file()
+    DecodePolicy.load(folder / "decode_policy.json")  # a valid policy, no unknown field

@@ -6,24 +6,26 @@ from pathlib import Path
 
 import pytest
 
-from hf_dashkv import DashKVConfig, HashEncoders
+from hf_dashkv import DecodePolicy, EncoderConfig, HashEncoders
 from hf_dashkv.apps.evaluation import runner
 from hf_dashkv.apps.evaluation.longbench import load_longbench
 from hf_dashkv.apps.evaluation.report import (
     agreement_interval, failed_samples, markdown, summarize, token_agreement, write_report,
 )
 from hf_dashkv.apps.evaluation.runner import METHODS, Evaluator, evaluate, prompt_digest, read_records, setups
+from hf_dashkv.selectors import DenseSelector, OracleSelector, QuestSelector, StreamingSelector
 
 from .tiny import byte_tokenizer, tiny_model
 
 FIXTURE = Path(__file__).parent / "fixtures" / "longbench"
-CONFIG = DashKVConfig(bits=32, budget=8, sink_tokens=2, recent_tokens=4, query_hidden=0, dense_layers=(0,))
+POLICY = DecodePolicy(budget=8, sink_tokens=2, recent_tokens=4, dense_layers=(0,))
 
 
 @pytest.fixture(scope="module")
 def tiny():
     model = tiny_model("llama-gqa", vocab_size=300)
-    encoders = HashEncoders.random(model.config, CONFIG, seed=1)  # stands in for trained encoders
+    encoders = HashEncoders.random(model.config, EncoderConfig(bits=32, query_hidden=0), POLICY.dense_layers, seed=1)
+    encoders.policy = POLICY  # stands in for trained encoders and their recommended policy
     return model, byte_tokenizer(), encoders
 
 
@@ -51,7 +53,14 @@ def test_setups_are_full_once_then_each_method_per_budget(tiny):
     by_name = {(s.method, s.budget): s for s in runs}
     assert by_name[("dashkv", "8")].encoders is encoders
     assert by_name[("random", "8")].encoders is not encoders and by_name[("quest", "8")].encoders is None
-    assert {s.config.selector for s in runs} == {"oracle", "hash", "streaming", "quest"}
+    assert by_name[("random", "8")].encoders.config == encoders.config
+    assert by_name[("random", "8")].encoders.layout == encoders.layout
+    selectors = {s.method: type(s.selector) for s in runs}
+    assert selectors == {"full": DenseSelector, "dashkv": type(None), "random": type(None),
+                         "streaming": StreamingSelector, "quest": QuestSelector, "oracle": OracleSelector}
+    assert by_name[("full", "-")].policy == POLICY  # full attention whatever the budget: a dense selector
+    assert by_name[("dashkv", "1/2")].policy == dataclasses.replace(POLICY, budget=0.5)
+    assert by_name[("oracle", "8")].policy == dataclasses.replace(POLICY, budget=8)
     with pytest.raises(ValueError, match="unknown method"):
         setups(model.config, encoders, ["h2o"], [8])
 
@@ -63,7 +72,7 @@ def test_longbench_fixture_end_to_end(tiny, samples, tmp_path):
     full_steps = {r["key"]: r["steps"] for r in records if r["method"] == "full"}
     for record in records:
         assert record["error"] is None and 0.0 <= record["score"] <= 1.0
-        assert record["prompt_tokens"] > CONFIG.exact_tokens(300) // 2  # long enough that selection drops keys
+        assert record["prompt_tokens"] > (POLICY.sink_tokens + POLICY.recent_tokens + POLICY.budget_tokens(300)) // 2  # long enough that selection drops keys
         steps = full_steps[record["key"]]
         assert record["steps"] == steps > 0  # every method is compared along full's answer, token by token
         if record["method"] == "full":
@@ -200,23 +209,23 @@ def test_runner_methods_match_the_cli_choices():
 
 def test_setups_take_another_base_config(tiny):
     model, _, encoders = tiny
-    base = dataclasses.replace(CONFIG, group_reduce="min")
+    base = dataclasses.replace(POLICY, group_reduce="min")
     runs = setups(model.config, encoders, ["full", "dashkv"], [8], base)
-    assert {s.config.group_reduce for s in runs} == {"min"}
-    assert [s.config.group_reduce for s in setups(model.config, encoders, ["full", "dashkv"], [8])] == ["sum", "sum"]
+    assert {s.policy.group_reduce for s in runs} == {"min"}
+    assert [s.policy.group_reduce for s in setups(model.config, encoders, ["full", "dashkv"], [8])] == ["sum", "sum"]
 
 
 def test_rerank_applies_to_the_hash_methods_only(tiny):
     model, _, encoders = tiny
     runs = setups(model.config, encoders, list(runner.METHODS), [8], rerank=2)
-    assert {s.method: s.config.rerank for s in runs} == {
+    assert {s.method: s.policy.rerank for s in runs} == {
         "full": 1, "dashkv": 2, "random": 2, "streaming": 1, "quest": 1, "oracle": 1}
     from hf_dashkv.apps.cli import build_parser
 
     assert build_parser().parse_args(["eval", "--rerank", "2"]).rerank == 2
     # by default the encoders' own decode policy, which shipped encoders may set
-    own = dataclasses.replace(CONFIG, rerank=3)
-    assert {s.method: s.config.rerank for s in setups(model.config, encoders, ["full", "dashkv", "oracle"], [8], own)} \
+    own = dataclasses.replace(POLICY, rerank=3)
+    assert {s.method: s.policy.rerank for s in setups(model.config, encoders, ["full", "dashkv", "oracle"], [8], own)} \
         == {"full": 1, "dashkv": 3, "oracle": 1}
 
 
@@ -227,11 +236,12 @@ def test_a_rerun_with_another_setup_is_refused_and_reports_hold_only_this_run(ti
     evaluate(first, samples[:1], path, facts={"suite_seed": 0})
     with pytest.raises(ValueError, match=r"another setup \(it differs in \['suite_seed'\]\).*another --out-dir"):
         evaluate(first, samples[:1], path, facts={"suite_seed": 1})
-    other_encoders = HashEncoders.random(model.config, encoders.config, seed=5)
+    other_encoders = HashEncoders.random(model.config, encoders.config, encoders.layout.dense_layers, seed=5)
+    other_encoders.policy = encoders.policy  # retrained: other weights, the same recommended policy
     retrained = Evaluator(model, tokenizer, setups(model.config, other_encoders, ["full", "dashkv"], [8]))
     with pytest.raises(ValueError, match=r"differs in \['dashkv 8'\]"):
         evaluate(retrained, samples[:1], path, facts={"suite_seed": 0})
-    min_reduce = dataclasses.replace(encoders.config, group_reduce="min")
+    min_reduce = dataclasses.replace(encoders.policy, group_reduce="min")
     regrouped = Evaluator(model, tokenizer, setups(model.config, encoders, ["full", "dashkv"], [8], min_reduce))
     with pytest.raises(ValueError, match=r"differs in \['full -', 'dashkv 8'\]"):
         evaluate(regrouped, samples[:1], path, facts={"suite_seed": 0})
@@ -239,3 +249,17 @@ def test_a_rerun_with_another_setup_is_refused_and_reports_hold_only_this_run(ti
     records = evaluate(make_evaluator(tiny, budgets=(16,), methods=["full", "dashkv"]), samples[:1], path,
                        facts={"suite_seed": 0})
     assert sorted({(r["method"], r["budget"]) for r in records}) == [("dashkv", "16"), ("full", "-")]
+
+
+def test_run_identity_records_the_policy_the_selector_and_the_model_name(tiny, monkeypatch):
+    model, _, encoders = tiny
+    monkeypatch.setattr(model.config, "name_or_path", "/home/someone/models/SmolLM2-135M-Instruct")
+    identity = runner.run_identity(make_evaluator(tiny, methods=["full", "dashkv", "quest"]), {"suite_seed": 3})
+    assert identity["model"] == "SmolLM2-135M-Instruct" and identity["suite_seed"] == 3  # a name, not a path
+    assert "/home/someone" not in json.dumps(identity)
+    recorded = identity["setups"]
+    assert sorted(recorded) == ["dashkv 8", "full -", "quest 8"]
+    assert recorded["dashkv 8"]["policy"] == json.loads(json.dumps(dataclasses.asdict(POLICY)))
+    assert recorded["full -"]["selector"] == repr(DenseSelector()) and recorded["full -"]["encoders"] is None
+    assert recorded["quest 8"]["selector"] == repr(QuestSelector(page_size=16)) and recorded["quest 8"]["encoders"] is None
+    assert recorded["dashkv 8"]["selector"] == repr(None) and recorded["dashkv 8"]["encoders"] is not None

@@ -4,11 +4,12 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders, with_cache
+from hf_dashkv import DashKVCache, DecodePolicy, EncoderConfig, HashEncoders, with_cache
 from tests.tiny import CONFIGS, assert_decodes_as_replayed, tiny_model
 
-COVERING = DashKVConfig(bits=32, budget=10_000, sink_tokens=2, recent_tokens=4, query_hidden=8, dense_layers=(0,))
-SMALL = DashKVConfig(bits=32, budget=4, sink_tokens=2, recent_tokens=4, query_hidden=8, dense_layers=(0,))
+ENCODER_CONFIG = EncoderConfig(bits=32, query_hidden=8)
+COVERING = DecodePolicy(budget=10_000, sink_tokens=2, recent_tokens=4)
+SMALL = DecodePolicy(budget=4, sink_tokens=2, recent_tokens=4)
 
 
 def prompt(batch=2, length=40, pad=(0, 7), seed=1):
@@ -20,18 +21,19 @@ def prompt(batch=2, length=40, pad=(0, 7), seed=1):
     return dict(input_ids=ids, attention_mask=mask)
 
 
-def dashkv_cache(model, config=COVERING):
-    return DashKVCache(model.config, HashEncoders.random(model.config, config, seed=0), config)
+def dashkv_cache(model, policy=COVERING):
+    encoders = HashEncoders.random(model.config, ENCODER_CONFIG, dense_layers=(0,), seed=0)
+    return DashKVCache(model.config, encoders, policy)
 
 
-def generate_both(name, config=COVERING, **kwargs):
+def generate_both(name, policy=COVERING, **kwargs):
     """(sdpa + DynamicCache output, dashkv + DashKVCache output) for the same tiny model and inputs."""
     sdpa, dash = tiny_model(name, "sdpa"), tiny_model(name, "dashkv")
     kwargs = dict(max_new_tokens=12, pad_token_id=0, **kwargs)
     torch.manual_seed(7)
     ref = sdpa.generate(**with_cache(DynamicCache(config=sdpa.config)), **kwargs)
     torch.manual_seed(7)
-    out = dash.generate(**with_cache(dashkv_cache(dash, config)), **kwargs)
+    out = dash.generate(**with_cache(dashkv_cache(dash, policy)), **kwargs)
     return ref, out
 
 

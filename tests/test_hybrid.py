@@ -5,8 +5,8 @@ import torch
 from transformers import DynamicCache, Gemma3ForCausalLM, Gemma3TextConfig
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
-from hf_dashkv import DashKVCache, DashKVConfig, DashKVLayer, HashEncoders, with_cache
-from tests.tiny import SelectionLog, assert_same_run, logged_generate, use_pytorch_definition
+from hf_dashkv import DashKVCache, DashKVLayer, DecodePolicy, EncoderConfig, HashEncoders, with_cache
+from tests.tiny import SelectionLog, assert_same_run, logged_generate
 
 # MQA, head_dim 32, its own query scaling (query_pre_attn_scalar) and q/k norms; window 16 < the 60-token prompt
 CONFIG = dict(
@@ -28,22 +28,23 @@ def inputs():
     return dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
 
 
-def cache_for(model, config):
-    return DashKVCache(model.config, HashEncoders.random(model.config, config), config)
+def cache_for(model, bits, policy):
+    encoders = HashEncoders.random(model.config, EncoderConfig(bits=bits, query_hidden=0), policy.dense_layers)
+    return DashKVCache(model.config, encoders, policy)
 
 
 def test_covering_budget_equals_sdpa_greedy_and_beam():
     sdpa, dash = gemma3("sdpa"), gemma3("dashkv")
-    covering = DashKVConfig(bits=32, budget=10_000, query_hidden=0)
+    covering = DecodePolicy(budget=10_000)
     for extra in ({}, {"num_beams": 3}):
         ref = sdpa.generate(**with_cache(DynamicCache(config=sdpa.config)), **inputs(), **extra)
-        assert torch.equal(dash.generate(**with_cache(cache_for(dash, covering)), **inputs(), **extra), ref)
+        assert torch.equal(dash.generate(**with_cache(cache_for(dash, 32, covering)), **inputs(), **extra), ref)
 
 
 def test_small_budget_hashes_global_layers_only_and_leaves_sliding_layers_as_they_were():
     dash = gemma3("dashkv")
-    small = DashKVConfig(bits=32, budget=4, sink_tokens=2, recent_tokens=4, query_hidden=0)
-    cache = cache_for(dash, small)
+    small = DecodePolicy(budget=4, sink_tokens=2, recent_tokens=4)
+    cache = cache_for(dash, 32, small)
     assert [i for i, layer in enumerate(cache.layers) if isinstance(layer, DynamicSlidingWindowLayer)] == [0, 1, 3, 4]
     assert cache.layout.hashed_layers == (2, 5) and sorted(int(i) for i in cache.encoders.layers) == [2, 5]
     reference = DynamicCache(config=dash.config)
@@ -59,17 +60,16 @@ def test_small_budget_hashes_global_layers_only_and_leaves_sliding_layers_as_the
     assert cache.get_seq_length() == 61
 
 
-def test_small_budget_hybrid_generation_equals_the_pytorch_definition(monkeypatch):
+def test_small_budget_hybrid_generation_equals_the_pytorch_definition():
     dash = gemma3("dashkv")
-    small = DashKVConfig(bits=32, budget=4, sink_tokens=2, recent_tokens=4, query_hidden=0)
-    encoders = HashEncoders.random(dash.config, small)
+    small = DecodePolicy(budget=4, sink_tokens=2, recent_tokens=4)
+    encoders = HashEncoders.random(dash.config, EncoderConfig(bits=32, query_hidden=0))
 
-    def run():
-        return logged_generate(dash, DashKVCache(dash.config, encoders, small), {}, **inputs())
+    def run(backend):
+        return logged_generate(dash, DashKVCache(dash.config, encoders, small, backend=backend), {}, **inputs())
 
-    fused = run()
-    use_pytorch_definition(monkeypatch)
-    assert_same_run(fused, run())
+    fused = run("auto")
+    assert_same_run(fused, run("torch"))
     assert {layer for layer, _, _ in fused[1]} == {2, 5}
 
 
@@ -82,18 +82,18 @@ def test_real_gemma3_is_exact_past_its_sliding_window_and_hashes_only_global_lay
     texts = [passkey_prompt(tokenizer, 700).text, passkey_prompt(tokenizer, 600, passkey="90210").text]
     batch = tokenizer(texts, return_tensors="pt", padding=True)  # both longer than the 512-token window
     kwargs = dict(**batch, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    covering = DashKVConfig(bits=64, budget=10_000, query_hidden=0)
+    covering = DecodePolicy(budget=10_000)
     for extra in ({}, {"num_beams": 3}):
         model.set_attn_implementation("sdpa")
         try:
             ref = model.generate(**with_cache(DynamicCache(config=model.config)), **kwargs, **extra)
         finally:
             model.set_attn_implementation("dashkv")
-        assert torch.equal(model.generate(**with_cache(cache_for(model, covering)), **kwargs, **extra), ref)
+        assert torch.equal(model.generate(**with_cache(cache_for(model, 64, covering)), **kwargs, **extra), ref)
     assert "71432" in tokenizer.decode(ref[0, batch.input_ids.shape[1]:])
 
-    small = DashKVConfig(bits=64, budget=32, sink_tokens=4, recent_tokens=32, query_hidden=0)
-    cache = cache_for(model, small)
+    small = DecodePolicy(budget=32, sink_tokens=4, recent_tokens=32)
+    cache = cache_for(model, 64, small)
     with cache.observing(SelectionLog()) as log:
         model.generate(**with_cache(cache), **kwargs)
     assert sorted(log.last) == [5, 11, 17]
@@ -106,5 +106,5 @@ def test_shipped_gemma3_encoders_fit_its_global_layers(gemma3_270m):
 
     model, _ = gemma3_270m
     encoders = HashEncoders.from_pretrained(str(shipped_encoders("gemma3-270m")))
-    encoders.check_compatible(model.config, encoders.config)
+    encoders.check_compatible(model.config)
     assert encoders.layout.hashed_layers == (5, 11, 17) and encoders.config.bits == 256

@@ -3,10 +3,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hf_dashkv import kernels, with_cache
+from hf_dashkv import DashKVCache, DecodePolicy, EncoderConfig, HashEncoders, kernels, with_cache
+from hf_dashkv.backends import NumbaBackend
 from hf_dashkv.codes import head_distances, nearest, pack_signs
+from hf_dashkv.plans import CodePlan, RerankPlan, ScorePlan
 from hf_dashkv.selection import Selection, combine_group, select_step
-
+from hf_dashkv.selectors import OracleSelector
+from hf_dashkv.selectors.tiers import TieredPlan
+from tests.tiny import CONFIGS
 
 
 def test_the_compiled_kernel_is_installed():
@@ -35,10 +39,9 @@ def test_kernel_selects_exactly_the_reference_set(batch, kv_heads, group, n, bud
     assert torch.equal(rows[valid], ref_rows[ref_valid])
 
 
-def test_supports_cpu_only():
-    codes = torch.zeros(1, 1, 4, 8, dtype=torch.uint8)
-    assert kernels.supports(codes)
-    assert not kernels.supports(codes.to("meta"))
+def test_the_numba_backend_runs_on_the_cpu_only():
+    assert NumbaBackend().refusal(CodePlan, torch.device("cpu"), torch.float32) is None
+    assert "runs on the CPU" in NumbaBackend().refusal(CodePlan, torch.device("meta"), torch.float32)
 
 
 def decode_case(batch, kv_heads, group, n, dim, bits, recent, dtype, seed):
@@ -66,19 +69,17 @@ def decode_case(batch, kv_heads, group, n, dim, bits, recent, dtype, seed):
 def test_fused_decode_equals_select_then_attend_rows(
     batch, kv_heads, group, n, budget, dim, bits, sinks, recent, reduce, dtype, seed
 ):
-    from hf_dashkv import DashKVConfig
     from hf_dashkv.exact import attend_rows
 
     recent = min(recent, n)
     query, key, value, query_codes, key_codes, first, valid = decode_case(batch, kv_heads, group, n, dim, bits, recent,
                                                                           dtype, seed)
-    config = DashKVConfig(bits=bits, budget=budget, sink_tokens=sinks, recent_tokens=recent, group_reduce=reduce)
 
-    assert kernels.supports_decode(key, value)
+    assert NumbaBackend().refusal(CodePlan, key.device, key.dtype) is None
     out, rows, row_valid = kernels.decode_attention(
         query, query_codes, key, value, key_codes, first, sinks, recent, budget, reduce, 0.25
     )
-    ref = select_step(combine_group(head_distances(query_codes, key_codes), reduce), config, valid)
+    ref = select_step(combine_group(head_distances(query_codes, key_codes), reduce), sinks, recent, budget, valid)
     assert torch.equal(row_valid, ref.valid)
     assert torch.equal(rows[row_valid], ref.rows[ref.valid])
     reference = attend_rows(query.float(), key.float(), value.float(), ref, 0.25)
@@ -96,23 +97,21 @@ def test_fused_decode_equals_select_then_attend_rows(
 def test_fused_rerank_decode_equals_the_rerank_definition(
     batch, kv_heads, group, n, budget, rerank, dim, sinks, recent, reduce, dtype, seed
 ):
-    from hf_dashkv import DashKVConfig
     from hf_dashkv.exact import attend_rows
-    from hf_dashkv.selectors.rerank import rerank_scores
+    from hf_dashkv.plans import rerank_scores
 
     recent = min(recent, n)
     query, key, value, query_codes, key_codes, first, valid = decode_case(batch, kv_heads, group, n, dim, 32, recent,
                                                                           dtype, seed)
-    config = DashKVConfig(bits=32, budget=budget, sink_tokens=sinks, recent_tokens=recent, group_reduce=reduce,
-                          rerank=rerank)
+    policy = DecodePolicy(budget=budget, sink_tokens=sinks, recent_tokens=recent, group_reduce=reduce, rerank=rerank)
 
     out, rows, row_valid = kernels.decode_attention(
         query, query_codes, key, value, key_codes, first, sinks, recent, budget, reduce, 0.25,
         shortlist=rerank * budget,
     )
     distances = combine_group(head_distances(query_codes, key_codes), reduce).unsqueeze(2)
-    scores = rerank_scores(query.float(), key.float(), distances, config, torch.tensor([n]), valid, 0.25)[:, :, 0]
-    ref = select_step(scores, config, valid)
+    scores = rerank_scores(query.float(), key.float(), distances, policy, torch.tensor([n]), valid, 0.25)[:, :, 0]
+    ref = select_step(scores, sinks, recent, budget, valid)
     assert torch.equal(row_valid, ref.valid)
     mine, theirs = Selection(rows, row_valid).mask(n), ref.mask(n)
     if not torch.equal(mine, theirs):
@@ -125,17 +124,61 @@ def test_fused_rerank_decode_equals_the_rerank_definition(
     torch.testing.assert_close(out.float(), reference, atol=1e-2 if dtype == torch.bfloat16 else 1e-5, rtol=1e-2)
 
 
-def test_fused_decode_is_only_used_where_it_applies():
-    x = torch.zeros(1, 1, 4, 8)
-    assert kernels.supports_decode(x, x) and kernels.supports_decode(x.bfloat16(), x.bfloat16())
-    assert not kernels.supports_decode(x.half(), x.half())
-    assert not kernels.supports_decode(x, x.bfloat16())
+def backend_at_first_store(dtype=torch.float32, policy=None, fitted=False, **cache_kwargs):
+    """The name of the backend a tiny GQA cache's hashed layer 1 chooses when it first stores keys of ``dtype``."""
+    model_config = CONFIGS["llama-gqa"]()
+    encoders = HashEncoders.random(model_config, EncoderConfig(bits=32, query_hidden=0))
+    if fitted:  # tier 2 needs fitted terms
+        for layer in encoders.layers.values():
+            layer.tier2.weight.fill_(0.5)
+    cache = DashKVCache(model_config, encoders, policy or DecodePolicy(budget=4), **cache_kwargs)
+    layer = cache.layers[1]
+    assert layer.backend is None  # nothing is chosen before the first store
+    layer.store(torch.zeros(1, 2, 8, 16, dtype=dtype), torch.zeros(1, 2, 8, 16, dtype=dtype))
+    return layer.backend.name
+
+
+def test_the_fused_decode_is_chosen_once_where_it_applies():
+    assert backend_at_first_store(torch.float32) == backend_at_first_store(torch.bfloat16) == "numba"
+    assert backend_at_first_store(torch.float16) != "numba"  # the kernel takes fp32 and bf16 only
+    assert backend_at_first_store(policy=DecodePolicy(budget=4, rerank=2)) == "numba"  # the kernel re-ranks too
+    # plans the kernel does not run: the calibrated distances, tier 2, the baselines
+    assert backend_at_first_store(policy=DecodePolicy(budget=4, spatial_calibration=True)) == "torch"
+    assert backend_at_first_store(policy=DecodePolicy(budget=4, tier2_budget=4), fitted=True) == "torch"
+    assert backend_at_first_store(selector=OracleSelector()) == "torch"
+    assert backend_at_first_store(backend="torch") == "torch"
+    for plan_type in (ScorePlan, TieredPlan):
+        assert "hash-code plans only" in NumbaBackend().refusal(plan_type, torch.device("cpu"), torch.float32)
+    assert NumbaBackend().refusal(RerankPlan, torch.device("cpu"), torch.bfloat16) is None
+
+
+def test_auto_runs_fp16_on_the_cpu_by_the_pytorch_definition(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # a CPU machine as users have it (the tests run Triton's interpreter)
+    assert backend_at_first_store(torch.float16) == "torch"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # under the interpreter, Triton takes CPU tensors as it takes CUDA ones
+    assert backend_at_first_store(torch.float16) == "triton"
+
+
+@pytest.mark.parametrize("dtype, cache_kwargs, reason", [
+    (torch.float16, dict(), (r"backend='numba' cannot run this layer: it takes fp32 or bf16 keys and values, not "
+                             r"torch\.float16.*backend='auto'")),
+    (torch.float32, dict(policy=DecodePolicy(budget=4, temporal_calibration=True)),
+     r"backend='numba' cannot run this layer: it runs hash-code plans only, not ScorePlan"),
+    (torch.float32, dict(selector=OracleSelector()), r"it runs hash-code plans only, not ScorePlan"),
+])
+def test_naming_the_numba_backend_where_it_cannot_run_is_refused_with_the_reason(dtype, cache_kwargs, reason):
+    with pytest.raises(ValueError, match=reason):
+        backend_at_first_store(dtype, backend="numba", **cache_kwargs)
+
+
+def test_an_unknown_backend_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match=r"backend='cuda': choose 'auto' or one of \['numba', 'torch', 'triton'\]"):
+        backend_at_first_store(backend="cuda")
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_decode_propagates_non_finite_rows_as_the_reference_does(bad, dtype):
-    from hf_dashkv import DashKVConfig
     from hf_dashkv.exact import attend_rows
 
     g = torch.Generator().manual_seed(0)
@@ -148,11 +191,10 @@ def test_fused_decode_propagates_non_finite_rows_as_the_reference_does(bad, dtyp
     key[1, 0, 20] = bad  # a candidate row (whether it is selected depends on its code)
     key_codes = pack_signs(torch.randn(batch, kv_heads, n, bits, generator=g))
     query_codes = pack_signs(torch.randn(batch, kv_heads, group, bits, generator=g))
-    config = DashKVConfig(bits=bits, budget=8, sink_tokens=2, recent_tokens=4)
     out, rows, row_valid = kernels.decode_attention(
         query, query_codes, key, value, key_codes, torch.zeros(batch, dtype=torch.long), 2, 4, 8, "sum", 0.25
     )
-    ref = select_step(combine_group(head_distances(query_codes, key_codes), "sum"), config, None)
+    ref = select_step(combine_group(head_distances(query_codes, key_codes), "sum"), 2, 4, 8, None)
     assert torch.equal(rows[row_valid], ref.rows[ref.valid])
     reference = attend_rows(query.float(), key.float(), value.float(), ref, 0.25)
     assert torch.equal(out.float().isnan(), reference.isnan())

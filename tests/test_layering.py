@@ -52,28 +52,29 @@ def test_the_layering_check_sees_relative_and_absolute_imports(tmp_path, monkeyp
     core.mkdir(parents=True)
     (tmp_path / "hf_dashkv" / "apps").mkdir()
     (tmp_path / "hf_dashkv" / "apps" / "cli.py").write_text("import lightning_modules\n")  # allowed: apps
-    (core / "hash.py").write_text("from ..apps import cli\nfrom ..apps.models import load_model\n")
+    (core / "hash.py").write_text("from ..apps import cli\nfrom ..apps.demo import passkey_prompt\n")
     (tmp_path / "lightning_modules").mkdir()
-    (tmp_path / "lightning_modules" / "data.py").write_text("import hf_dashkv.apps.corpora\nimport hf_dashkv.hub\n")
+    (tmp_path / "lightning_modules" / "data.py").write_text("import hf_dashkv.apps.probe\nimport hf_dashkv.hub\n")
     monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
     assert violations("hf_dashkv") == [
         "hf_dashkv/selectors/hash.py imports hf_dashkv.apps",
         "hf_dashkv/selectors/hash.py imports hf_dashkv.apps.cli",
-        "hf_dashkv/selectors/hash.py imports hf_dashkv.apps.models",
-        "hf_dashkv/selectors/hash.py imports hf_dashkv.apps.models.load_model",
+        "hf_dashkv/selectors/hash.py imports hf_dashkv.apps.demo",
+        "hf_dashkv/selectors/hash.py imports hf_dashkv.apps.demo.passkey_prompt",
     ]
-    assert violations("lightning_modules") == ["lightning_modules/data.py imports hf_dashkv.apps.corpora"]
+    assert violations("lightning_modules") == ["lightning_modules/data.py imports hf_dashkv.apps.probe"]
 
 
 def test_export_and_push_run_without_lightning(tmp_path):
     # `dashkv export` / `dashkv push` read a checkpoint and upload a folder: Lightning must not be needed for that
     from dataclasses import asdict
 
-    from hf_dashkv import DashKVConfig, HashEncoders
+    from hf_dashkv import DecodePolicy, EncoderConfig, HashEncoders
     from tests.tiny import CONFIGS
 
-    encoders = HashEncoders.random(CONFIGS["llama-gqa"](), DashKVConfig(bits=16, query_hidden=0))
-    torch.save({"dashkv": {"layout": asdict(encoders.layout), "config": encoders.config.to_dict()},
+    encoders = HashEncoders.random(CONFIGS["llama-gqa"](), EncoderConfig(bits=16, query_hidden=0))
+    torch.save({"dashkv": {"layout": asdict(encoders.layout), "encoder_config": encoders.config.to_dict(),
+                           "policy": DecodePolicy().to_dict()},
                 "state_dict": {f"encoders.{name}": value for name, value in encoders.state_dict().items()},
                 "hyper_parameters": {"model": "tiny"}}, tmp_path / "last.ckpt")
     code = ("import sys; sys.modules['lightning'] = None; sys.modules['pytorch_lightning'] = None\n"

@@ -2,7 +2,6 @@ import pytest
 from transformers import Gemma2Config, Gemma3TextConfig, GptOssConfig, LlamaConfig, MistralConfig
 
 from hf_dashkv import ModelLayout
-
 from tests.tiny import CONFIGS
 
 
@@ -10,7 +9,12 @@ def test_llama_layout_places_dense_layers():
     layout = ModelLayout.from_model_config(CONFIGS["llama-gqa"](), dense_layers=(0, -1))
     assert (layout.num_layers, layout.num_heads, layout.num_kv_heads, layout.head_dim) == (4, 4, 2, 16)
     assert layout.group_size == 2
-    assert layout.hashed_layers == (1, 2)
+    assert layout.hashed_layers == (1, 2) and layout.dense_layers == (0, 3)
+
+
+def test_layers_without_encoders_go_dense():
+    layout = ModelLayout.from_model_config(CONFIGS["llama-gqa"](), dense_layers=(0,)).hashing_only((1, 3))
+    assert layout.hashed_layers == (1, 3) and layout.dense_layers == (0, 2)
 
 
 def test_hybrid_model_hashes_global_layers_only_and_names_sliding_ones():

@@ -1,6 +1,6 @@
 import torch
 
-from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders
+from hf_dashkv import DashKVCache, DecodePolicy, EncoderConfig, HashEncoders
 from hf_dashkv.recall import attention_probs, attention_recall, ranking_recall, selected_mass
 from hf_dashkv.selection import Selection
 from tests.tiny import tiny_model
@@ -28,8 +28,9 @@ def test_recall_grows_with_the_budget_and_leaves_the_model_as_it_was():
     ids = torch.randint(3, 97, (1, 120), generator=torch.Generator().manual_seed(0))
     recalls = []
     for budget in (4, 32):
-        config = DashKVConfig(bits=32, budget=budget, sink_tokens=2, recent_tokens=4, query_hidden=0, dense_layers=(0,))
-        cache = DashKVCache(model.config, HashEncoders.random(model.config, config), config)
+        policy = DecodePolicy(budget=budget, sink_tokens=2, recent_tokens=4, dense_layers=(0,))
+        encoders = HashEncoders.random(model.config, EncoderConfig(bits=32, query_hidden=0), policy.dense_layers)
+        cache = DashKVCache(model.config, encoders, policy)
         recalls.append(attention_recall(model, ids, cache, decode_steps=3))
     assert sorted(recalls[0]) == [1, 2, 3]
     for layer, small in recalls[0].items():

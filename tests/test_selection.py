@@ -1,6 +1,6 @@
 import torch
 
-from hf_dashkv import DashKVConfig, kernels
+from hf_dashkv import DecodePolicy, kernels
 from hf_dashkv.codes import hamming_distance, head_distances, pack_signs
 from hf_dashkv.selection import combine_group, select, select_step
 
@@ -9,8 +9,9 @@ def group_distances(q, k, reduce="sum"):
     return combine_group(head_distances(q, k), reduce)
 
 
-def select_rows(distances, valid, config):
-    selection = select_step(distances, config, valid)
+def select_rows(distances, valid, policy):
+    budget = policy.budget_tokens(distances.shape[-1])
+    selection = select_step(distances, policy.sink_tokens, policy.recent_tokens, budget, valid)
     return selection.rows, selection.valid
 
 
@@ -25,8 +26,8 @@ def test_selection_holds_sinks_recent_and_budget_and_skips_padding():
     q, k = random_codes()
     valid = torch.ones(2, 50, dtype=torch.bool)
     valid[1, :7] = False  # left padding
-    config = DashKVConfig(bits=32, budget=10, sink_tokens=3, recent_tokens=5)
-    rows, ok = select_rows(group_distances(q, k), valid, config)
+    policy = DecodePolicy(budget=10, sink_tokens=3, recent_tokens=5)
+    rows, ok = select_rows(group_distances(q, k), valid, policy)
     assert rows.shape == ok.shape == (2, 3, 18)
     for b, first in ((0, 0), (1, 7)):
         for h in range(3):
@@ -40,8 +41,8 @@ def test_selection_holds_sinks_recent_and_budget_and_skips_padding():
 def test_selection_picks_the_nearest_codes():
     q, k = random_codes(batch=1, kv_heads=1, group=1, n=40, bits=64)
     k[0, 0, 20] = q[0, 0, 0]  # an exact match in the middle
-    config = DashKVConfig(bits=64, budget=1, sink_tokens=1, recent_tokens=1)
-    rows, ok = select_rows(group_distances(q, k), torch.ones(1, 40, dtype=torch.bool), config)
+    policy = DecodePolicy(budget=1, sink_tokens=1, recent_tokens=1)
+    rows, ok = select_rows(group_distances(q, k), torch.ones(1, 40, dtype=torch.bool), policy)
     assert rows[0, 0].tolist() == [0, 39, 20] and ok.all()
 
 
@@ -49,18 +50,18 @@ def test_overlapping_sinks_and_recent_are_not_counted_twice():
     q, k = random_codes(batch=1, n=12)
     valid = torch.ones(1, 12, dtype=torch.bool)
     valid[0, :9] = False  # only 3 real tokens: sinks fall inside the recent window
-    rows, ok = select_rows(group_distances(q, k), valid, DashKVConfig(bits=32, budget=2, sink_tokens=2, recent_tokens=3))
+    rows, ok = select_rows(group_distances(q, k), valid, DecodePolicy(budget=2, sink_tokens=2, recent_tokens=3))
     for h in range(3):
         assert sorted(rows[0, h][ok[0, h]].tolist()) == [9, 10, 11]
 
 
 def test_holes_in_the_mask_are_respected():
     q, k = random_codes(batch=2, n=60, bits=64)
-    config = DashKVConfig(bits=64, budget=9, sink_tokens=2, recent_tokens=3)
+    policy = DecodePolicy(budget=9, sink_tokens=2, recent_tokens=3)
     holes = torch.ones(2, 60, dtype=torch.bool)
     holes[1, :11] = False
     holes[0, 20:40] = False  # not left padding
-    rows, ok = select_rows(group_distances(q, k), holes, config)
+    rows, ok = select_rows(group_distances(q, k), holes, policy)
     assert not any(20 <= p < 40 for p in rows[0][ok[0]].tolist())
     assert ok[0].sum(-1).eq(14).all()
     assert not any(p < 11 for p in rows[1][ok[1]].tolist())
@@ -70,8 +71,8 @@ def test_the_kernels_nearest_codes_is_the_reference_selection():
     q, k = random_codes(batch=2, n=60, bits=64)
     padded = torch.ones(2, 60, dtype=torch.bool)
     padded[1, :11] = False
-    config = DashKVConfig(bits=64, budget=9, sink_tokens=2, recent_tokens=3)
-    rows, ok = select_rows(group_distances(q, k), padded, config)
+    policy = DecodePolicy(budget=9, sink_tokens=2, recent_tokens=3)
+    rows, ok = select_rows(group_distances(q, k), padded, policy)
     lo = torch.tensor([2, 13])
     fast_rows, fast_ok = kernels.nearest_codes(q, k, lo, 57, 9, "sum")
     assert torch.equal(fast_ok, ok[..., 5:]) and torch.equal(fast_rows[fast_ok], rows[..., 5:][ok[..., 5:]])
@@ -91,10 +92,10 @@ def test_many_positions_at_once_equal_one_decode_step_each():
     g = torch.Generator().manual_seed(3)
     n = 60
     scores = torch.randint(0, 40, (2, 3, n, n), generator=g, dtype=torch.int32)  # [B, Hkv, P, N], P = every position
-    config = DashKVConfig(bits=32, budget=0.125, sink_tokens=2, recent_tokens=4)  # a budget that grows with p
+    policy = DecodePolicy(budget=0.125, sink_tokens=2, recent_tokens=4)  # a budget that grows with p
     positions = torch.tensor([5, 17, 30, 59])
-    many = select(scores[:, :, positions], config, positions + 1)
+    many = select(scores[:, :, positions], policy, positions + 1)
     for i, p in enumerate(positions.tolist()):
-        one = select_step(scores[:, :, p, : p + 1], config)
+        one = select_step(scores[:, :, p, : p + 1], policy.sink_tokens, policy.recent_tokens, policy.budget_tokens(p + 1))
         assert torch.equal(many.mask(n)[:, :, i, : p + 1], one.mask(p + 1))
         assert not many.mask(n)[:, :, i, p + 1 :].any()  # causal

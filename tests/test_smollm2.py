@@ -6,12 +6,16 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders, with_cache
+from hf_dashkv import DashKVCache, DecodePolicy, EncoderConfig, HashEncoders, with_cache
 from hf_dashkv.apps.demo import passkey_prompt
 from tests.tiny import SelectionLog
 
 pytestmark = pytest.mark.slow
 SANDWICH = (0, 1, 28, 29)
+
+
+def random_encoders(model):
+    return HashEncoders.random(model.config, EncoderConfig(bits=64, query_hidden=0), SANDWICH)
 
 
 def test_covering_budget_equals_sdpa_token_for_token(smollm2):
@@ -25,8 +29,8 @@ def test_covering_budget_equals_sdpa_token_for_token(smollm2):
         ref = model.generate(**with_cache(DynamicCache(config=model.config)), **kwargs)
     finally:
         model.set_attn_implementation("dashkv")
-    config = DashKVConfig(bits=64, budget=10_000, dense_layers=SANDWICH, query_hidden=0)
-    cache = DashKVCache(model.config, HashEncoders.random(model.config, config), config)
+    policy = DecodePolicy(budget=10_000, dense_layers=SANDWICH)
+    cache = DashKVCache(model.config, random_encoders(model), policy)
     out = model.generate(**with_cache(cache), **kwargs)
     assert torch.equal(ref, out)
     assert "71432" in tokenizer.decode(out[0, inputs.input_ids.shape[1] :])
@@ -36,8 +40,8 @@ def test_covering_budget_equals_sdpa_token_for_token(smollm2):
 def test_small_budget_attends_only_to_selected_rows(smollm2):
     model, tokenizer = smollm2
     ids = tokenizer(passkey_prompt(tokenizer, 3000).text, return_tensors="pt").input_ids
-    config = DashKVConfig(bits=64, budget=64, sink_tokens=4, recent_tokens=32, dense_layers=SANDWICH, query_hidden=0)
-    cache = DashKVCache(model.config, HashEncoders.random(model.config, config), config)
+    policy = DecodePolicy(budget=64, sink_tokens=4, recent_tokens=32, dense_layers=SANDWICH)
+    cache = DashKVCache(model.config, random_encoders(model), policy)
     prefill = model(ids, **with_cache(cache))
     token = prefill.logits[:, -1].argmax(-1, keepdim=True)
     with cache.observing(SelectionLog()) as log:
@@ -73,7 +77,7 @@ def test_dashkv_generate_command(capsys):
     assert main(["generate", "--context-tokens", "600", "--max-new-tokens", "6"]) == 0
     out = capsys.readouterr().out
     assert f"trained encoders from {shipped_encoders('smollm2-135m')}" in out
-    shipped = HashEncoders.from_pretrained(str(shipped_encoders("smollm2-135m"))).config
+    shipped = HashEncoders.from_pretrained(str(shipped_encoders("smollm2-135m"))).policy
     assert f"group_reduce {shipped.group_reduce!r}, rerank {shipped.rerank}" in out  # the policy users get, said
     assert "full attention" in out and "DASH-KV / full decode speed" in out
 
@@ -83,7 +87,7 @@ def test_shipped_encoders_fit_the_embedded_model(smollm2):
 
     model, _ = smollm2
     encoders = HashEncoders.from_pretrained(str(shipped_encoders("smollm2-135m")))
-    encoders.check_compatible(model.config, encoders.config)
+    encoders.check_compatible(model.config)
     assert encoders.config.bits == 128 and len(encoders.layout.hashed_layers) == 26
     cache = DashKVCache(model.config, encoders)
     with warnings.catch_warnings():
@@ -98,7 +102,7 @@ def test_shipped_encoders_rank_held_out_keys_far_better_than_simhash(smollm2):
 
     model, tokenizer = smollm2
     encoders = HashEncoders.from_pretrained(str(shipped_encoders("smollm2-135m")))
-    table = probe(model, encoders, probe_sequences(tokenizer, "essays", 2048, 1), encoders.config, queries=8,
+    table = probe(model, encoders, probe_sequences(tokenizer, "essays", 2048, 1), encoders.policy, queries=8,
                   methods=("trained", "simhash"))
     trained, simhash = table.summary("trained"), table.summary("simhash")
     # measured: trained R@8 0.86 / 0.90 at 4k / 8k, SimHash 0.64 / 0.73

@@ -5,16 +5,19 @@ from dataclasses import replace
 import pytest
 import torch
 
-from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders, kernels, with_cache
+from hf_dashkv import DashKVCache, DecodePolicy, EncoderConfig, HashEncoders, kernels, with_cache
+from hf_dashkv.backends import TorchBackend
 from hf_dashkv.codes import pack_signs, unpack_bits
 from hf_dashkv.exact import attend_rows, attend_tiers
 from hf_dashkv.selection import Selection
-from hf_dashkv.selectors import DecodeStep, HashSelector, Tier2Selector, build_selector
+from hf_dashkv.selectors import HashSelector, Tier2Selector, hash_selector
+from hf_dashkv.step import DecodeStep
 from hf_dashkv.selectors.tiers import tier2_features, tier2_logits
 from tests.test_generate import prompt
 from tests.tiny import CONFIGS, assert_same_generation, decode_and_replay, tiny_model
 
-SMALL = DashKVConfig(bits=32, budget=4, sink_tokens=2, recent_tokens=4, query_hidden=0, dense_layers=(0,))
+ENCODERS = EncoderConfig(bits=32, query_hidden=0)
+SMALL = DecodePolicy(budget=4, sink_tokens=2, recent_tokens=4, dense_layers=(0,))
 
 
 def decode_inputs(batch=1, kv_heads=2, group=2, n=40, dim=16, seed=0):
@@ -25,8 +28,8 @@ def decode_inputs(batch=1, kv_heads=2, group=2, n=40, dim=16, seed=0):
     return query, key, value
 
 
-def random_layer(config, seed=0):
-    return HashEncoders.random(CONFIGS["llama-gqa"](), config, seed=seed)[1]
+def random_layer(seed=0):
+    return HashEncoders.random(CONFIGS["llama-gqa"](), ENCODERS, seed=seed)[1]
 
 
 def test_tier2_attention_is_one_softmax_over_exact_and_approximate_logits():
@@ -58,46 +61,47 @@ def test_the_tier2_logit_is_the_scaled_hash_inner_product_plus_the_query_norm_te
 
 
 def test_tier2_rows_are_the_next_nearest_and_disjoint_from_tier1():
-    config = DashKVConfig(bits=32, budget=6, sink_tokens=2, recent_tokens=3, query_hidden=0, tier2_budget=5)
-    layer = random_layer(config)
+    policy = DecodePolicy(budget=6, sink_tokens=2, recent_tokens=3, tier2_budget=5)
+    layer = random_layer()
     layer.tier2.weight.copy_(torch.tensor([1.0, 0.0, 0.0]).repeat(4, 1))
     query, key, value = decode_inputs(batch=2, n=50, seed=2)
     valid = torch.ones(2, 50, dtype=torch.bool)
     valid[1, :9] = False
     step = DecodeStep(query, key, value, layer.encode_keys(key), valid, 0.25, layer_idx=1)
-    tiers = Tier2Selector(config, HashSelector(config, layer)).tiers(step)
+    tiers = Tier2Selector(HashSelector(layer)).plan(step, policy).tiers(step)
     assert tiers.tier2.rows.shape == (2, 2, 5) and tiers.tier2.valid.all()
     tier1, tier2 = tiers.tier1.mask(50), tiers.tier2.mask(50)
     assert not (tier1 & tier2).any()
     assert not tier2[1, :, :11].any() and not tier2[:, :, 47:].any()  # candidates only: no padding, sinks, recent
     # together they are the 11 nearest candidates
-    wider = DashKVConfig(bits=32, budget=11, sink_tokens=2, recent_tokens=3, query_hidden=0)
-    assert torch.equal(tier1 | tier2, HashSelector(wider, layer).select(step).mask(50))
+    wider = DecodePolicy(budget=11, sink_tokens=2, recent_tokens=3)
+    assert torch.equal(tier1 | tier2, HashSelector(layer).plan(step, wider).select(step).mask(50))
 
 
 def test_tier2_decode_attends_both_tiers_with_the_fitted_logit():
-    config = DashKVConfig(bits=32, budget=4, sink_tokens=2, recent_tokens=4, query_hidden=0, tier2_budget=6)
-    layer = random_layer(config)
+    policy = DecodePolicy(budget=4, sink_tokens=2, recent_tokens=4, tier2_budget=6)
+    layer = random_layer()
     layer.tier2.weight.copy_(torch.tensor([4.0, -0.5, 0.1]).repeat(4, 1))
     query, key, value = decode_inputs()
     step = DecodeStep(query, key, value, layer.encode_keys(key), None, 0.25, layer_idx=1)
-    selector = build_selector(config, layer)
-    tiers = selector.tiers(step)
-    plain = HashSelector(config, layer).select(step)
+    selector = hash_selector(policy, layer)
+    assert isinstance(selector, Tier2Selector)
+    tiers = selector.plan(step, policy).tiers(step)
+    plain = HashSelector(layer).plan(step, policy).select(step)
     assert torch.equal(tiers.tier1.rows, plain.rows) and torch.equal(tiers.tier1.valid, plain.valid)  # tier 1: plain
     assert tiers.tier2.rows.shape == (1, 2, 6)
     logits2 = tier2_logits(tiers.features, layer.tier2.weight)
     expected = attend_tiers(query, key, value, tiers.tier1, tiers.tier2, logits2, 0.25)
     torch.testing.assert_close(tiers.output, expected)
-    torch.testing.assert_close(selector.decode(step)[0], expected)
+    torch.testing.assert_close(TorchBackend().run(selector.plan(step, policy), step)[0], expected)
     assert not torch.allclose(tiers.output, attend_rows(query, key, value, tiers.tier1, 0.25))
 
 
 def test_unfitted_tier2_is_refused_with_the_fix_named():
     model_config = CONFIGS["llama-gqa"]()
-    config = DashKVConfig(bits=32, budget=4, query_hidden=0, dense_layers=(0,), tier2_budget=4)
-    with pytest.raises(ValueError, match=r"tier-2 logit terms of layers \[1, 2, 3\] were never fitted.*fit_tiers"):
-        DashKVCache(model_config, HashEncoders.random(model_config, config), config)
+    policy = DecodePolicy(budget=4, dense_layers=(0,), tier2_budget=4)
+    with pytest.raises(ValueError, match=r"tier-2 logit terms of layers \[1, 2, 3\] were never fitted.*fit-terms"):
+        DashKVCache(model_config, HashEncoders.random(model_config, ENCODERS, (0,)), policy)
 
 
 def test_with_every_learned_term_off_the_fused_kernel_runs_and_nothing_else(monkeypatch):
@@ -106,13 +110,14 @@ def test_with_every_learned_term_off_the_fused_kernel_runs_and_nothing_else(monk
     monkeypatch.setattr(kernels, "decode_attention", lambda *a, **k: calls.append(1) or fused(*a, **k))
 
     def refuse(*args, **kwargs):
-        raise AssertionError("the PyTorch selection runs only when a learned term is on")
+        raise AssertionError("the PyTorch definition runs only when a learned term is on")
 
-    monkeypatch.setattr(HashSelector, "select", refuse)
+    monkeypatch.setattr(TorchBackend, "run", refuse)
     model = tiny_model("llama-gqa")
-    cache = DashKVCache(model.config, HashEncoders.random(model.config, SMALL), SMALL)
+    cache = DashKVCache(model.config, HashEncoders.random(model.config, ENCODERS, SMALL.dense_layers), SMALL)
     model.generate(**prompt(), max_new_tokens=4, do_sample=False, pad_token_id=0, **with_cache(cache))
     assert len(calls) == 3 * 3  # hashed layers x decode steps (the first new token comes from prefill)
+    assert {cache.layers[i].backend.name for i in (1, 2, 3)} == {"numba"}
 
 
 FLAGS = {
@@ -125,12 +130,12 @@ FLAGS = {
 
 @pytest.mark.parametrize("flags", sorted(FLAGS))
 def test_greedy_generation_with_each_learned_term_attends_what_it_selected(flags, monkeypatch):
-    config = replace(SMALL, **FLAGS[flags])
+    policy = replace(SMALL, **FLAGS[flags])
     model = tiny_model("llama-gqa")
-    encoders = HashEncoders.random(model.config, config)
+    encoders = HashEncoders.random(model.config, ENCODERS, policy.dense_layers)
     steps = []
-    pytorch_select = HashSelector.select
-    monkeypatch.setattr(HashSelector, "select", lambda *a, **k: steps.append(1) or pytorch_select(*a, **k))
+    pytorch_definition = TorchBackend.run
+    monkeypatch.setattr(TorchBackend, "run", lambda *a, **k: steps.append(1) or pytorch_definition(*a, **k))
 
     def decode(tier2_bias):
         for i in encoders.layout.hashed_layers:
@@ -138,14 +143,14 @@ def test_greedy_generation_with_each_learned_term_attends_what_it_selected(flags
             encoders[i].calibration.spatial.fill_(1.5)
             encoders[i].calibration.temporal.fill_(3.0)
         steps.clear()
-        return decode_and_replay(model, DashKVCache(model.config, encoders, config), prompt(), max_new_tokens=5,
+        return decode_and_replay(model, DashKVCache(model.config, encoders, policy), prompt(), max_new_tokens=5,
                                  do_sample=False)
 
     # the replay attends tier 1's rows exactly: what decoding with tier 1 alone gives
-    run, replayed, logged = decode(tier2_bias=-1e4 if config.tier2_budget else 0.0)
+    run, replayed, logged = decode(tier2_bias=-1e4 if policy.tier2_budget else 0.0)
     assert len(steps) == 3 * 4  # the PyTorch path, not the fused kernel
     assert {len(rows[1][0]) for _, _, rows in logged} == {2 + 4 + 4}  # the padded row has 7 fewer candidates
     assert_same_generation(run, replayed)
-    if config.tier2_budget:  # with logits that count, tier 2's rows take attention the tier-1 replay does not have
+    if policy.tier2_budget:  # with logits that count, tier 2's rows take attention the tier-1 replay does not have
         run, replayed, _ = decode(tier2_bias=0.0)
         assert (torch.stack(run.scores) - torch.stack(replayed.scores)).abs().max() > 1e-2

@@ -11,7 +11,7 @@ import safetensors.torch
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from hf_dashkv import DashKVCache, HashEncoders, with_cache
+from hf_dashkv import DashKVCache, DecodePolicy, EncoderConfig, HashEncoders, with_cache
 from hf_dashkv.embedded import embedded_model_dir
 from hf_dashkv.hub import encoders_from_checkpoint, export, load_with_adapter
 from lightning_modules import DashKVDistillation, ExportEncoders, LongTextDataModule
@@ -207,6 +207,11 @@ def test_export_round_trip_and_push_arguments(tiny_dir, tmp_path, monkeypatch):
         assert torch.equal(tensor, loaded.state_dict()[name]), name
     card = (out / "README.md").read_text()
     assert str(tiny_dir / "model") in card and "optimizer steps: 2" in card
+    # what training fixed, and the policy it selected with, recommended beside the weights (decode_policy.json)
+    assert loaded.config == module.encoder_config and loaded.config.bits == 16
+    trained_policy = DecodePolicy(budget=0.125, sink_tokens=2, recent_tokens=8)
+    assert DecodePolicy.load(out / "decode_policy.json") == loaded.policy == module.policy == trained_policy
+    assert loaded.layout.dense_layers == (0,)
 
     calls = []
 
@@ -232,6 +237,31 @@ def test_export_refuses_other_checkpoints(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
     with pytest.raises(ValueError, match="not a DashKVDistillation checkpoint"):
         encoders_from_checkpoint(tmp_path / "other.ckpt")
+
+
+def test_a_checkpoint_with_the_legacy_combined_config_still_exports(tmp_path):
+    # written before the encoders' shape and the decode policy were split: one "config" held both (and the
+    # baseline knobs `selector` / `page_size`)
+    from dataclasses import asdict
+
+    from hf_dashkv.apps.cli import main
+    from tests.tiny import CONFIGS
+
+    encoders = HashEncoders.random(CONFIGS["llama-gqa"](), EncoderConfig(bits=16, query_hidden=8), (0,), seed=2)
+    legacy = dict(bits=16, budget=0.125, sink_tokens=2, recent_tokens=8, dense_layers=(0,), query_hidden=8,
+                  group_reduce="min", selector="hash", page_size=16, tier2_budget=0, spatial_calibration=False,
+                  temporal_calibration=False, rerank=1)
+    torch.save({"dashkv": {"layout": asdict(encoders.layout), "config": legacy, "recall": None},
+                "state_dict": {f"encoders.{name}": value for name, value in encoders.state_dict().items()},
+                "hyper_parameters": {"model": "tiny"}, "global_step": 3}, tmp_path / "legacy.ckpt")
+    assert main(["export", str(tmp_path / "legacy.ckpt"), str(tmp_path / "out")]) == 0
+    exported = HashEncoders.from_pretrained(tmp_path / "out")
+    assert exported.config == EncoderConfig(bits=16, query_hidden=8)
+    recommended = DecodePolicy(budget=0.125, sink_tokens=2, recent_tokens=8, dense_layers=(0,), group_reduce="min")
+    assert exported.policy == recommended == DecodePolicy.load(tmp_path / "out" / "decode_policy.json")
+    assert exported.layout == encoders.layout
+    state = exported.state_dict()
+    assert all(torch.equal(state[name], value) for name, value in encoders.state_dict().items())
 
 
 class Payload:
@@ -333,7 +363,8 @@ def test_two_processes_sharded_or_not_train_the_encoders_one_process_trains_on_t
         # the same blocks and draws, summed in another order: equal to float rounding
         torch.testing.assert_close(single[name], replicated[name], atol=1e-5, rtol=1e-4)
     trained = HashEncoders.from_pretrained(tmp_path / "replicated" / "runs" / "smollm2" / "encoders")
-    start = HashEncoders.random(LlamaForCausalLM.from_pretrained(tiny_dir / "model").config, trained.config).state_dict()
+    start = HashEncoders.random(LlamaForCausalLM.from_pretrained(tiny_dir / "model").config, trained.config,
+                                trained.layout.dense_layers).state_dict()
     moved = [name for name in start if name.endswith("key.weight") and not torch.equal(start[name], replicated[name])]
     assert moved, "the runs did not train: equal weights would prove nothing"
 

@@ -8,10 +8,13 @@ import os
 import pytest
 import torch
 
-from hf_dashkv import DashKVCache, DashKVConfig, HashEncoders, kernels, triton_kernels
+from hf_dashkv import DashKVCache, DecodePolicy, EncoderConfig, HashEncoders, triton_kernels
+from hf_dashkv.backends import TorchBackend, TritonBackend, choose_backend
 from hf_dashkv.codes import head_distances, pack_signs
 from hf_dashkv.exact import attend_rows
-from hf_dashkv.selection import Selection, combine_group, select_step
+from hf_dashkv.plans import CodePlan, RerankPlan, ScorePlan
+from hf_dashkv.selection import Selection, combine_group, left_padded, select_step
+from hf_dashkv.selectors.tiers import TieredPlan
 from tests.tiny import assert_decodes_as_replayed, tiny_model
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -48,12 +51,10 @@ def case_inputs(batch, kv_heads, group, n, bits, pad, dtype, seed=0):
 def test_the_triton_step_selects_and_attends_as_the_definition(name):
     batch, kv_heads, group, n, bits, sinks, recent, budget, reduce, pad, dtype = CASES[name]
     query, key, value, query_codes, key_codes, first = case_inputs(batch, kv_heads, group, n, bits, pad, dtype)
-    config = DashKVConfig(bits=bits, budget=budget, sink_tokens=sinks, recent_tokens=recent, group_reduce=reduce,
-                          query_hidden=0)
     out, rows, valid = triton_kernels.decode_attention(query, query_codes, key, value, key_codes, first, sinks,
                                                        recent, budget, reduce, 0.25)
     seen = torch.arange(n, device=DEVICE) >= first.view(-1, 1)
-    reference = select_step(combine_group(head_distances(query_codes, key_codes), reduce), config, seen)
+    reference = select_step(combine_group(head_distances(query_codes, key_codes), reduce), sinks, recent, budget, seen)
     assert torch.equal(valid, reference.valid)
     assert torch.equal(rows[valid], reference.rows[reference.valid])
     expected = attend_rows(query, key, value, reference, 0.25)
@@ -63,46 +64,46 @@ def test_the_triton_step_selects_and_attends_as_the_definition(name):
 
 
 def test_padding_anywhere_is_masked_as_the_definition_masks_it():
-    # not left padding (a hole mid-sequence): the CPU kernel leaves this to PyTorch; the Triton path takes it
+    # not left padding (a hole mid-sequence): the numba backend refuses it; the Triton one takes it
     query, key, value, query_codes, key_codes, first = case_inputs(2, 2, 2, 60, 32, (0, 4), torch.float32)
     seen = torch.ones(2, 60, dtype=torch.bool, device=DEVICE)
     seen[1, :4] = False
     seen[0, 20:31] = False
     seen[1, 57] = False  # inside the recent window
-    config = DashKVConfig(bits=32, budget=10, sink_tokens=3, recent_tokens=6, query_hidden=0)
     out, rows, valid = triton_kernels.decode_attention(query, query_codes, key, value, key_codes, first, 3, 6, 10,
                                                        "sum", 0.25, seen)
-    reference = select_step(combine_group(head_distances(query_codes, key_codes), "sum"), config, seen)
+    reference = select_step(combine_group(head_distances(query_codes, key_codes), "sum"), 3, 6, 10, seen)
     assert torch.equal(valid, reference.valid)
     assert torch.equal(rows[valid], reference.rows[reference.valid])
     torch.testing.assert_close(out, attend_rows(query, key, value, reference, 0.25))
 
 
-@pytest.mark.parametrize("path", ["triton", "pytorch definition"])
-def test_a_decode_step_off_the_cpu_reads_nothing_back_from_the_device(path, monkeypatch):
+@pytest.mark.parametrize("backend", [TritonBackend, TorchBackend])
+def test_a_decode_step_off_the_cpu_reads_nothing_back_from_the_device(backend, monkeypatch):
     # on meta tensors every read-back (bool(t), t.item(), t.tolist(), int(t), nonzero) raises: a hashed layer's
-    # step, from the attention call's DecodeStep to the output and its Selection, runs on them (the Triton kernels
-    # replaced by shape-only stand-ins; they launch with sizes from shapes and keep their counts on the device)
-    from hf_dashkv.selectors import DecodeStep, build_selector
+    # step, from the attention call's DecodeStep through the selector's plan to the output and its Selection, runs on
+    # them (the Triton kernels replaced by shape-only stand-ins; they launch with sizes from shapes and keep their
+    # counts on the device)
+    from hf_dashkv.selectors import hash_selector
+    from hf_dashkv.step import DecodeStep
 
-    if path == "triton":
-        monkeypatch.setattr(triton_kernels, "supports_decode", lambda key, value: True)
-        monkeypatch.setattr(triton_kernels, "select_nearest", lambda codes, *a, **k: (
-            torch.empty(*codes.shape[:2], 10, dtype=torch.long, device="meta"),
-            torch.empty(*codes.shape[:2], 10, dtype=torch.bool, device="meta")))
-        monkeypatch.setattr(triton_kernels, "attend_rows", lambda query, *a: torch.empty_like(query).transpose(1, 2))
-    else:
-        monkeypatch.setattr(triton_kernels, "supports_decode", lambda key, value: False)
-    config = DashKVConfig(bits=32, budget=10, sink_tokens=3, recent_tokens=6, query_hidden=8)
-    encoders = HashEncoders.random(tiny_model().config, config)[1].to("meta")
+    monkeypatch.setattr(triton_kernels, "select_nearest", lambda codes, *a, **k: (
+        torch.empty(*codes.shape[:2], 10, dtype=torch.long, device="meta"),
+        torch.empty(*codes.shape[:2], 10, dtype=torch.bool, device="meta")))
+    monkeypatch.setattr(triton_kernels, "attend_rows", lambda query, *a: torch.empty_like(query).transpose(1, 2))
+    policy = DecodePolicy(budget=10, sink_tokens=3, recent_tokens=6)
+    encoders = HashEncoders.random(tiny_model().config, EncoderConfig(bits=32, query_hidden=8))[1].to("meta")
     query, key, value = torch.empty(2, 4, 1, 16, device="meta"), *torch.empty(2, 2, 2, 60, 16, device="meta")
     codes = torch.empty(2, 2, 60, 4, dtype=torch.uint8, device="meta")
     valid = torch.empty(2, 60, dtype=torch.bool, device="meta")
     step = DecodeStep(query, key, value, codes, valid, 0.25, 1)
-    out, selection = build_selector(config, encoders).decode(step)
+    plan = hash_selector(policy, encoders).plan(step, policy)
+    assert type(plan) is CodePlan
+    out, selection = backend().run(plan, step)
     assert out.shape == (2, 1, 4, 16) and selection.rows.shape == (2, 2, 3 + 6 + 10)
-    with pytest.raises(RuntimeError, match="meta"):  # what the CPU kernel's left-padding check would read back
-        step.left_padded()
+    assert out.device.type == selection.rows.device.type == "meta"
+    with pytest.raises(RuntimeError, match="meta"):  # what the numba backend's left-padding check would read back
+        left_padded(step.valid, step.first)
 
 
 def test_attention_reads_only_the_valid_rows():
@@ -117,30 +118,53 @@ def test_attention_reads_only_the_valid_rows():
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="runs the Triton path on CPU tensors, through the interpreter")
 def test_generation_through_the_triton_path_is_the_replayed_definition(monkeypatch):
-    monkeypatch.setattr(kernels, "supports_decode", lambda key, value: False)  # the CPU kernel steps aside
     calls = []
     fused = triton_kernels.decode_attention
     monkeypatch.setattr(triton_kernels, "decode_attention", lambda *a, **k: calls.append(1) or fused(*a, **k))
     model = tiny_model("llama-gqa")
-    config = DashKVConfig(bits=32, budget=4, sink_tokens=2, recent_tokens=4, query_hidden=8, dense_layers=(0,))
-    cache = DashKVCache(model.config, HashEncoders.random(model.config, config), config)
+    encoders = HashEncoders.random(model.config, EncoderConfig(bits=32, query_hidden=8), dense_layers=(0,))
+    cache = DashKVCache(model.config, encoders, DecodePolicy(budget=4, sink_tokens=2, recent_tokens=4),
+                        backend="triton")
     ids = torch.randint(3, 97, (2, 40), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[1, :6] = 0  # left padding
     assert_decodes_as_replayed(model, cache, dict(input_ids=ids, attention_mask=mask), max_new_tokens=3,
                                do_sample=False)
+    assert [layer.backend.name for layer in cache.layers if layer.sparse] == ["triton"] * 3
     assert len(calls) == 3 * 2  # hashed layers x decode steps after the prompt's token
 
 
-def test_without_triton_or_a_gpu_the_path_is_not_offered(monkeypatch):
-    key = torch.zeros(1, 1, 4, 8)
+def test_without_triton_or_a_gpu_the_backend_refuses_with_the_reason(monkeypatch):
+    cpu = torch.device("cpu")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert not triton_kernels.supports_decode(key, key)  # CPU tensors outside the interpreter
+    assert "runs on CUDA" in TritonBackend().refusal(CodePlan, cpu, torch.float32)  # CPU outside the interpreter
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert triton_kernels.supports_decode(key, key)
-    assert not triton_kernels.supports_decode(key.to(torch.int32), key.to(torch.int32))
+    assert TritonBackend().refusal(CodePlan, cpu, torch.float32) is None
+    assert "not torch.int32" in TritonBackend().refusal(CodePlan, cpu, torch.int32)
     monkeypatch.setattr(triton_kernels, "triton", None)
-    assert not triton_kernels.supports_decode(key, key)
+    assert "triton is not installed" in TritonBackend().refusal(CodePlan, cpu, torch.float32)
+
+
+def test_triton_runs_plain_hash_code_plans_and_auto_gives_the_rest_to_pytorch():
+    cuda = torch.device("cuda")  # the choice reads the device's type only: no GPU needed
+    for plan_type in (RerankPlan, ScorePlan, TieredPlan):
+        assert "plain hash-code plans only" in TritonBackend().refusal(plan_type, cuda, torch.float16)
+        assert choose_backend("auto", plan_type, cuda, torch.float16).name == "torch"
+    assert choose_backend("auto", CodePlan, cuda, torch.bfloat16).name == "triton"
+    with pytest.raises(ValueError, match=r"backend='triton' cannot run this layer: it runs plain hash-code plans only, "
+                                         r"not RerankPlan.*backend='auto'"):
+        choose_backend("triton", RerankPlan, cuda, torch.float16)
+
+
+def test_a_cache_that_names_triton_for_reranking_is_refused_at_the_first_store():
+    model_config = tiny_model().config
+    encoders = HashEncoders.random(model_config, EncoderConfig(bits=32, query_hidden=0))
+    cache = DashKVCache(model_config, encoders, DecodePolicy(budget=4, rerank=2), backend="triton")
+    with pytest.raises(ValueError, match=r"backend='triton' cannot run this layer: .*not RerankPlan"):
+        cache.layers[1].store(torch.zeros(1, 2, 8, 16), torch.zeros(1, 2, 8, 16))
+    auto = DashKVCache(model_config, encoders, DecodePolicy(budget=4, rerank=2))
+    auto.layers[1].store(torch.zeros(1, 2, 8, 16, dtype=torch.float16), torch.zeros(1, 2, 8, 16, dtype=torch.float16))
+    assert auto.layers[1].backend.name == "torch"  # fp16 on the CPU: numba does not take it, Triton does not rerank
 
 
 def compile_for_sm90() -> list[str]:

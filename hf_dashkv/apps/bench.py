@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,7 +41,8 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRot
 
 from .. import kernels, triton_kernels
 from ..attention import dashkv_attention_forward
-from ..cache import DashKVCache, DashKVLayer, take_pending
+from .. import handoff
+from ..cache import DashKVCache, DashKVLayer
 from ..compat import with_cache
 from ..config import EncoderConfig
 from ..policy import DecodePolicy
@@ -220,7 +221,7 @@ def run_case(case: BenchCase, repeats: int = 15, seed: int = 0, whole_step: bool
     def parts(q, k, v):
         """The DASH-KV step's parts, each timed alone on this step's inputs."""
         update = timed(lambda: dash.update(k, v))
-        take_pending(dash.keys)  # the update's hand-off to an attention call that is not made here
+        handoff.take(dash.keys, {})  # the update's hand-off to an attention call that is not made here
         codes = dash.encoders.encode_query(q[:, :, 0])
         timings = dict(
             update=update,
