@@ -9,9 +9,9 @@ the library by construction; a paged kernel reads the blocks in place and is tes
 
 Layouts (the logical layout of vLLM 0.32's CPU attention, ``docs/vllm-plan.md``):
 
-- keys, values: ``[num_blocks, Hkv, block_size, D]`` each (vLLM's CPU cache is ``[2, num_blocks, Hkv, block_size,
-  D]``; :func:`split_kv_cache` takes K and V apart). Its "vec" ISA stores each block's keys transposed in memory;
-  the tensor's shape and indexing are the logical ones above;
+- keys, values: ``[num_blocks, Hkv, block_size, D]`` each, indexed logically (``key[block, head, offset]`` is one
+  token's key); any strides. vLLM's CPU cache holds both in one ``[num_blocks, Hkv, block_size, 2 * D]`` tensor
+  with each block's keys transposed in memory; :func:`cpu_kv_views` gives the logical views of it;
 - key codes: ``[num_blocks, Hkv, block_size, nbytes]`` uint8, paged with the same block ids as K/V (a side cache in
   the same KV-cache group), bits packed as in :mod:`hf_dashkv.codes`;
 - ``slot_mapping`` ``[T]``: token ``t`` lives at block ``slot // block_size``, offset ``slot % block_size``; negative
@@ -79,9 +79,20 @@ def gather_blocks(paged: torch.Tensor, blocks: torch.Tensor, n: int) -> torch.Te
     return rows.transpose(0, 1).flatten(1, 2)[:, :n].unsqueeze(0)
 
 
-def split_kv_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """vLLM's CPU ``kv_cache`` ``[2, num_blocks, Hkv, block_size, D]`` -> ``(key, value)`` views."""
-    return kv_cache[0], kv_cache[1]
+def cpu_kv_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logical ``(key, value)`` views ``[num_blocks, Hkv, block_size, D]`` of one layer's cache in vLLM 0.32's CPU
+    layout (``CPU_ATTN``, "vec" ISA, fp32), without a copy.
+
+    That cache is ``[num_blocks, Hkv, block_size, 2 * D]``; the backend reads each ``[block, head]`` as
+    ``2 * block_size * D`` values: the block's keys transposed (``[D, block_size]``), then its values
+    (``[block_size, D]``). (The AMX ISA interleaves bf16 pairs instead: not this layout.)
+    """
+    num_blocks, kv_heads, block_size, twice = kv_cache.shape
+    dim = twice // 2
+    halves = kv_cache.view(num_blocks, kv_heads, 2, block_size * dim)
+    key = halves[:, :, 0].unflatten(-1, (dim, block_size)).transpose(-1, -2)
+    value = halves[:, :, 1].unflatten(-1, (block_size, dim))
+    return key, value
 
 
 def paged_decode(

@@ -17,7 +17,7 @@ from hf_dashkv.policy import DecodePolicy
 from hf_dashkv.selection import Selection
 from hf_dashkv.selectors.hash import hash_plan
 from hf_dashkv.step import DecodeStep
-from hf_dashkv.vllm.paged import PagedLayer, paged_decode, physical_slots, split_kv_cache, write_codes
+from hf_dashkv.vllm.paged import PagedLayer, cpu_kv_views, paged_decode, physical_slots, write_codes
 
 KV_HEADS, GROUP, DIM, BITS, BLOCK = 2, 3, 16, 32, 8
 
@@ -174,10 +174,26 @@ def test_written_codes_read_back_through_the_block_table_as_the_contiguous_codes
         assert torch.equal(step.key_codes, requests[r][2])
 
 
-def test_split_kv_cache_takes_keys_and_values_apart():
-    kv_cache = torch.randn(2, 5, KV_HEADS, BLOCK, DIM)
-    key, value = split_kv_cache(kv_cache)
-    assert key.data_ptr() == kv_cache.data_ptr() and torch.equal(value, kv_cache[1])
+def test_cpu_kv_views_read_vllms_cpu_layout_keys_transposed_per_block():
+    # vLLM 0.32's CPU cache (vec ISA, fp32), as scripts/vllm_inspect.py found it: per [block, head], the keys
+    # transposed [D, block_size], then the values [block_size, D], in a [num_blocks, Hkv, block_size, 2 * D] tensor
+    key, value = torch.randn(2, 5, KV_HEADS, BLOCK, DIM).unbind(0)
+    physical = torch.cat([key.transpose(-1, -2).flatten(2), value.flatten(2)], dim=-1)
+    kv_cache = physical.view(5, KV_HEADS, BLOCK, 2 * DIM)
+    key_view, value_view = cpu_kv_views(kv_cache)
+    assert torch.equal(key_view, key) and torch.equal(value_view, value)
+    kv_cache[3, 1].view(-1)[DIM * 0 + 2 * BLOCK + 7] = 42.0  # key of offset 7, dimension 2: in place, no copy
+    assert key_view[3, 1, 7, 2] == 42.0
+
+
+def test_the_paged_reference_runs_on_the_cpu_layout_views():
+    requests = contiguous([27, 40], seed=7)
+    layer, table, seq_lens = paged(requests, seed=7)
+    physical = torch.cat([layer.key.transpose(-1, -2).flatten(2), layer.value.flatten(2)], dim=-1)
+    key, value = cpu_kv_views(physical.view(*layer.key.shape[:3], 2 * DIM))
+    viewed = PagedLayer(key, value, layer.key_codes)
+    torch.testing.assert_close(run_paged(requests, viewed, table, seq_lens, POLICY)[0],
+                               expected(requests, POLICY)[0])
 
 
 def test_importing_the_paged_reference_does_not_import_vllm():
