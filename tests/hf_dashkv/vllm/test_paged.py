@@ -209,3 +209,25 @@ def test_the_library_never_imports_its_vllm_plugin():
              if not path.is_relative_to(REPO / "hf_dashkv" / "vllm")
              for name in imported_modules(path) if name == "hf_dashkv.vllm" or name.startswith("hf_dashkv.vllm.")]
     assert found == []
+
+
+def test_with_real_encoders_the_paged_reference_is_what_the_hash_selector_does_in_generate():
+    # the selector generate runs (HashSelector.plan, which encodes the query itself) on each contiguous cache,
+    # against the paged reference given the batch's query codes encoded at once, as a vLLM layer would
+    from transformers import LlamaConfig
+
+    from hf_dashkv import EncoderConfig, HashEncoders
+    from hf_dashkv.selectors import HashSelector
+
+    config = LlamaConfig(hidden_size=KV_HEADS * GROUP * DIM, num_attention_heads=KV_HEADS * GROUP,
+                         num_key_value_heads=KV_HEADS, num_hidden_layers=2, head_dim=DIM)
+    encoders = HashEncoders.random(config, EncoderConfig(bits=BITS, query_hidden=8), seed=3)[1]
+    requests = contiguous([31, 44], seed=8)
+    requests = [(k, v, encoders.encode_keys(k), q, encoders.encode_query(q)) for k, v, _, q, _ in requests]
+    for policy in (POLICY, DecodePolicy(budget=3, sink_tokens=2, recent_tokens=4, rerank=2)):
+        out, selections = run_paged(requests, *paged(requests, seed=8), policy)
+        for r, (key, value, codes, query, _) in enumerate(requests):
+            step = DecodeStep(query.unsqueeze(2), key, value, codes, None, 0.25, 1)
+            want, selection = HashSelector(encoders).plan(step, policy).attend(step)
+            torch.testing.assert_close(out[r], want[0, 0])
+            assert torch.equal(selections[r].rows, selection.rows)
