@@ -12,9 +12,7 @@ import pytest
 import torch
 
 from hf_dashkv.codes import pack_signs
-from hf_dashkv.exact import attend_rows
 from hf_dashkv.policy import DecodePolicy
-from hf_dashkv.selection import Selection
 from hf_dashkv.selectors.hash import hash_plan
 from hf_dashkv.step import DecodeStep
 from hf_dashkv.vllm.paged import PagedLayer, cpu_kv_views, paged_decode, physical_slots, write_codes
