@@ -34,12 +34,7 @@ class HashSelector(Selector):
         pass  # every policy field acts on hash codes
 
     def plan(self, step: DecodeStep, policy: DecodePolicy) -> Plan:
-        budget = self.budget(policy, step.n)
-        codes = self.encoders.encode_query(step.query[:, :, 0])
-        if policy.rerank > 1:
-            return RerankPlan(policy.sink_tokens, policy.recent_tokens, budget, codes, policy.group_reduce,
-                              policy.rerank * budget)
-        return CodePlan(policy.sink_tokens, policy.recent_tokens, budget, codes, policy.group_reduce)
+        return hash_plan(policy, self.encoders.encode_query(step.query[:, :, 0]), self.budget(policy, step.n))
 
     def head_distances(self, step: DecodeStep) -> tuple[torch.Tensor, torch.Tensor]:
         """The query's codes ``[B, Hkv, G, nbytes]`` and each query head's distances, int32 ``[B, Hkv, G, N]``."""
@@ -52,6 +47,15 @@ class HashSelector(Selector):
 
     def scores(self, step: DecodeStep, policy: DecodePolicy) -> torch.Tensor:
         return self.scores_from(step, policy, self.head_distances(step)[1])
+
+
+def hash_plan(policy: DecodePolicy, query_codes: torch.Tensor, budget: int) -> CodePlan:
+    """The plan of a query with codes ``[B, Hkv, G, nbytes]`` and ``budget`` tokens: a :class:`RerankPlan` of
+    ``policy.rerank x budget`` with ``policy.rerank > 1``, else a :class:`CodePlan` (also the paged reference's)."""
+    if policy.rerank > 1:
+        return RerankPlan(policy.sink_tokens, policy.recent_tokens, budget, query_codes, policy.group_reduce,
+                          policy.rerank * budget)
+    return CodePlan(policy.sink_tokens, policy.recent_tokens, budget, query_codes, policy.group_reduce)
 
 
 def position_distances(encoders: LayerEncoders, query: torch.Tensor, key_codes: torch.Tensor,

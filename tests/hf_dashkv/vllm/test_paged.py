@@ -1,0 +1,231 @@
+"""The paged reference (``hf_dashkv.vllm.paged``) against the library's definition on the contiguous cache.
+
+Synthetic paged caches: each request's rows are scattered over shuffled blocks of a shared pool through its block
+table, as vLLM lays them out; the reference must give, per request, ``Plan.attend``'s output and selection on the
+request's contiguous K/V and codes. Pure PyTorch: vLLM is not needed (nor imported).
+"""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hf_dashkv.codes import pack_signs
+from hf_dashkv.policy import DecodePolicy
+from hf_dashkv.selectors.hash import hash_plan
+from hf_dashkv.step import DecodeStep
+from hf_dashkv.vllm.paged import PagedLayer, cpu_kv_views, paged_decode, physical_slots, write_codes
+
+KV_HEADS, GROUP, DIM, BITS, BLOCK = 2, 3, 16, 32, 8
+
+
+def contiguous(lengths, seed=0):
+    """Each request's contiguous K/V ``[1, Hkv, n, D]``, key codes and decode query (with its codes)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        key, value = (torch.randn(1, KV_HEADS, n, DIM, generator=g) for _ in range(2))
+        codes = pack_signs(torch.randn(1, KV_HEADS, n, BITS, generator=g))
+        query = torch.randn(1, KV_HEADS * GROUP, DIM, generator=g)
+        query_codes = pack_signs(torch.randn(1, KV_HEADS, GROUP, BITS, generator=g))
+        out.append((key, value, codes, query, query_codes))
+    return out
+
+
+def paged(requests, shared=(), num_blocks=40, seed=0):
+    """A block pool holding ``requests`` (from :func:`contiguous`) through shuffled block tables.
+
+    ``shared``: pairs ``(r, s, blocks)``: request ``s`` reuses request ``r``'s first ``blocks`` blocks (a shared
+    prefix: ``s``'s rows there must equal ``r``'s). Unused blocks hold NaN, so a stray read shows.
+    """
+    g = torch.Generator().manual_seed(seed)
+    free = torch.randperm(num_blocks, generator=g).tolist()
+    key = torch.full((num_blocks, KV_HEADS, BLOCK, DIM), float("nan"))
+    value = key.clone()
+    codes = torch.randint(0, 256, (num_blocks, KV_HEADS, BLOCK, BITS // 8), dtype=torch.uint8, generator=g)
+    width = max(-(-r[0].shape[2] // BLOCK) for r in requests)
+    table = torch.full((len(requests), width + 2), 999, dtype=torch.int32)  # unused entries point nowhere
+    reuse = {s: (r, blocks) for r, s, blocks in shared}
+    for i, (k, v, c, _, _) in enumerate(requests):
+        n = k.shape[2]
+        for b in range(-(-n // BLOCK)):
+            if i in reuse and b < reuse[i][1]:
+                table[i, b] = table[reuse[i][0], b]
+                continue
+            block = free.pop()
+            table[i, b] = block
+            rows = slice(b * BLOCK, min(n, (b + 1) * BLOCK))
+            used = rows.stop - rows.start
+            key[block, :, :used], value[block, :, :used] = k[0, :, rows], v[0, :, rows]
+            codes[block, :, :used] = c[0, :, rows]
+    seq_lens = torch.tensor([r[0].shape[2] for r in requests], dtype=torch.int32)
+    return PagedLayer(key, value, codes), table, seq_lens
+
+
+def share_prefix(requests, r, s, tokens):
+    """Make request ``s`` start with request ``r``'s first ``tokens`` tokens (K, V and codes)."""
+    for a, b in zip(requests[r][:3], requests[s][:3]):
+        b[:, :, :tokens] = a[:, :, :tokens]
+
+
+def expected(requests, policy, scale=0.25):
+    """``Plan.attend`` of the plan ``HashSelector`` makes, on each request's contiguous cache."""
+    outs, selections = [], []
+    for key, value, codes, query, query_codes in requests:
+        n = key.shape[2]
+        step = DecodeStep(query.unsqueeze(2), key, value, codes, None, scale, 0)
+        out, selection = hash_plan(policy, query_codes, policy.budget_tokens(n)).attend(step)
+        outs.append(out[0, 0])
+        selections.append(selection)
+    return torch.stack(outs), selections
+
+
+def run_paged(requests, layer, table, seq_lens, policy, scale=0.25):
+    query = torch.cat([r[3] for r in requests])
+    query_codes = torch.cat([r[4] for r in requests])
+    return paged_decode(query, query_codes, layer, table, seq_lens, policy, scale)
+
+
+def assert_same(requests, layer, table, seq_lens, policy):
+    out, selections = run_paged(requests, layer, table, seq_lens, policy)
+    ref_out, ref_selections = expected(requests, policy)
+    torch.testing.assert_close(out, ref_out)
+    for got, want in zip(selections, ref_selections):
+        assert torch.equal(got.rows, want.rows) and torch.equal(got.valid, want.valid)
+    assert not out.isnan().any()  # nothing read from blocks outside the tables
+    return selections
+
+
+POLICY = DecodePolicy(budget=5, sink_tokens=2, recent_tokens=4)
+
+
+def test_one_request_with_a_partial_last_block_is_the_contiguous_definition():
+    requests = contiguous([29])  # 3 full blocks of 8 and 5 rows of a fourth
+    assert_same(requests, *paged(requests), POLICY)
+
+
+def test_requests_of_different_lengths_each_get_their_own_selection():
+    requests = contiguous([17, 40, 24, 33], seed=1)  # partial, full and one-row last blocks
+    selections = assert_same(requests, *paged(requests, seed=1), POLICY)
+    assert [s.rows.shape for s in selections] == [(1, KV_HEADS, 2 + 4 + 5)] * 4
+
+
+def test_requests_sharing_prefix_blocks_read_the_same_physical_rows_there():
+    requests = contiguous([30, 37, 21], seed=2)
+    share_prefix(requests, 0, 1, 16)  # two full blocks shared by requests 0 and 1
+    share_prefix(requests, 0, 2, 16)
+    layer, table, seq_lens = paged(requests, shared=[(0, 1, 2), (0, 2, 2)], seed=2)
+    assert torch.equal(table[0, :2], table[1, :2]) and torch.equal(table[0, :2], table[2, :2])
+    assert_same(requests, layer, table, seq_lens, POLICY)
+
+
+@pytest.mark.parametrize("policy", [
+    DecodePolicy(budget=0.25, sink_tokens=1, recent_tokens=3),  # a fractional budget grows with each context
+    DecodePolicy(budget=4, sink_tokens=2, recent_tokens=4, group_reduce="min"),
+    DecodePolicy(budget=3, sink_tokens=2, recent_tokens=4, rerank=3),  # codes shortlist 9, exact scores keep 3
+], ids=["fractional budget", "min over the group", "rerank"])
+def test_policies_follow_the_contiguous_definition(policy):
+    requests = contiguous([26, 45, 19], seed=3)
+    assert_same(requests, *paged(requests, seed=3), policy)
+
+
+def test_a_covering_budget_is_plain_attention_over_the_whole_context():
+    requests = contiguous([9, 30], seed=4)  # 2 + 4 + 5 covers 9 tokens, not 30
+    out, selections = run_paged(requests, *paged(requests, seed=4), POLICY)
+    key, value, _, query, _ = requests[0]
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        query.view(1, KV_HEADS, GROUP, DIM), key, value, scale=0.25).reshape(-1, DIM)
+    torch.testing.assert_close(out[0], dense)
+    assert selections[0] is None and selections[1] is not None
+
+
+def test_physical_slots_point_at_the_selected_rows_in_the_pool():
+    requests = contiguous([35], seed=5)
+    layer, table, seq_lens = paged(requests, seed=5)
+    (selection,) = run_paged(requests, layer, table, seq_lens, POLICY)[1]
+    slots = physical_slots(selection, table[0], BLOCK)
+    flat = layer.key.transpose(1, 2).reshape(-1, KV_HEADS, DIM)  # [slots, Hkv, D]
+    for h in range(KV_HEADS):
+        torch.testing.assert_close(flat[slots[0, h], h], requests[0][0][0, h, selection.rows[0, h]])
+
+
+def test_write_codes_stores_at_the_slots_and_skips_padding():
+    codes = torch.zeros(4, KV_HEADS, BLOCK, BITS // 8, dtype=torch.uint8)
+    new = torch.randint(1, 256, (3, KV_HEADS, BITS // 8), dtype=torch.uint8)
+    write_codes(codes, torch.tensor([13, -1, 2]), new)
+    assert torch.equal(codes[1, :, 5], new[0]) and torch.equal(codes[0, :, 2], new[2])
+    assert int((codes != 0).any(-1).sum()) == 2 * KV_HEADS  # the padding token wrote nothing
+
+
+def test_written_codes_read_back_through_the_block_table_as_the_contiguous_codes():
+    # tokens of two requests written in one mixed batch by slot_mapping, then read back per request
+    requests = contiguous([11, 7], seed=6)
+    table = torch.tensor([[3, 0], [1, 2]])
+    slot_mapping = torch.cat([table[0, torch.arange(11) // BLOCK] * BLOCK + torch.arange(11) % BLOCK,
+                              table[1, torch.arange(7) // BLOCK] * BLOCK + torch.arange(7) % BLOCK])
+    codes = torch.zeros(4, KV_HEADS, BLOCK, BITS // 8, dtype=torch.uint8)
+    write_codes(codes, slot_mapping, torch.cat([r[2][0].transpose(0, 1) for r in requests]))
+    layer = PagedLayer(torch.zeros(4, KV_HEADS, BLOCK, DIM), torch.zeros(4, KV_HEADS, BLOCK, DIM), codes)
+    for r, n in enumerate((11, 7)):
+        step = layer.request_step(torch.zeros(KV_HEADS * GROUP, DIM), table[r], n, 0.25, 0)
+        assert torch.equal(step.key_codes, requests[r][2])
+
+
+def test_cpu_kv_views_read_vllms_cpu_layout_keys_transposed_per_block():
+    # vLLM 0.32's CPU cache (vec ISA, fp32), as scripts/vllm_inspect.py found it: per [block, head], the keys
+    # transposed [D, block_size], then the values [block_size, D], in a [num_blocks, Hkv, block_size, 2 * D] tensor
+    key, value = torch.randn(2, 5, KV_HEADS, BLOCK, DIM).unbind(0)
+    physical = torch.cat([key.transpose(-1, -2).flatten(2), value.flatten(2)], dim=-1)
+    kv_cache = physical.view(5, KV_HEADS, BLOCK, 2 * DIM)
+    key_view, value_view = cpu_kv_views(kv_cache)
+    assert torch.equal(key_view, key) and torch.equal(value_view, value)
+    kv_cache[3, 1].view(-1)[DIM * 0 + 2 * BLOCK + 7] = 42.0  # key of offset 7, dimension 2: in place, no copy
+    assert key_view[3, 1, 7, 2] == 42.0
+
+
+def test_the_paged_reference_runs_on_the_cpu_layout_views():
+    requests = contiguous([27, 40], seed=7)
+    layer, table, seq_lens = paged(requests, seed=7)
+    physical = torch.cat([layer.key.transpose(-1, -2).flatten(2), layer.value.flatten(2)], dim=-1)
+    key, value = cpu_kv_views(physical.view(*layer.key.shape[:3], 2 * DIM))
+    viewed = PagedLayer(key, value, layer.key_codes)
+    torch.testing.assert_close(run_paged(requests, viewed, table, seq_lens, POLICY)[0],
+                               expected(requests, POLICY)[0])
+
+
+def test_importing_the_paged_reference_does_not_import_vllm():
+    code = "import sys, hf_dashkv.vllm.paged; assert 'vllm' not in sys.modules, 'vllm was imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_library_never_imports_its_vllm_plugin():
+    from tests.test_layering import REPO, imported_modules
+
+    found = [f"{path.relative_to(REPO)} imports {name}"
+             for path in sorted((REPO / "hf_dashkv").rglob("*.py"))
+             if not path.is_relative_to(REPO / "hf_dashkv" / "vllm")
+             for name in imported_modules(path) if name == "hf_dashkv.vllm" or name.startswith("hf_dashkv.vllm.")]
+    assert found == []
+
+
+def test_with_real_encoders_the_paged_reference_is_what_the_hash_selector_does_in_generate():
+    # the selector generate runs (HashSelector.plan, which encodes the query itself) on each contiguous cache,
+    # against the paged reference given the batch's query codes encoded at once, as a vLLM layer would
+    from transformers import LlamaConfig
+
+    from hf_dashkv import EncoderConfig, HashEncoders
+    from hf_dashkv.selectors import HashSelector
+
+    config = LlamaConfig(hidden_size=KV_HEADS * GROUP * DIM, num_attention_heads=KV_HEADS * GROUP,
+                         num_key_value_heads=KV_HEADS, num_hidden_layers=2, head_dim=DIM)
+    encoders = HashEncoders.random(config, EncoderConfig(bits=BITS, query_hidden=8), seed=3)[1]
+    requests = contiguous([31, 44], seed=8)
+    requests = [(k, v, encoders.encode_keys(k), q, encoders.encode_query(q)) for k, v, _, q, _ in requests]
+    for policy in (POLICY, DecodePolicy(budget=3, sink_tokens=2, recent_tokens=4, rerank=2)):
+        out, selections = run_paged(requests, *paged(requests, seed=8), policy)
+        for r, (key, value, codes, query, _) in enumerate(requests):
+            step = DecodeStep(query.unsqueeze(2), key, value, codes, None, 0.25, 1)
+            want, selection = HashSelector(encoders).plan(step, policy).attend(step)
+            torch.testing.assert_close(out[r], want[0, 0])
+            assert torch.equal(selections[r].rows, selection.rows)
