@@ -205,7 +205,7 @@ def test_the_kernels_compile_for_an_h100_class_gpu_without_one():
     import subprocess
     import sys
 
-    code = "from tests.test_triton_kernels import compile_for_sm90; print(*compile_for_sm90(), sep='\\n')"
+    code = "from tests.hf_dashkv.test_triton_kernels import compile_for_sm90; print(*compile_for_sm90(), sep='\\n')"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"})
     assert done.returncode == 0, done.stderr[-3000:]

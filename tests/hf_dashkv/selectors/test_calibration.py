@@ -11,8 +11,8 @@ from hf_dashkv.selection import Selection, select_step
 from hf_dashkv.selectors import CalibratedSelector, HashSelector
 from hf_dashkv.selectors.calibrated import calibrate, remember_selection, spatial_votes
 from hf_dashkv.step import DecodeRecord, DecodeStep
-from tests.test_generate import prompt
-from tests.test_tiers import ENCODERS, decode_inputs, random_layer
+from tests.hf_dashkv.test_generate import prompt
+from tests.hf_dashkv.selectors.test_tiers import ENCODERS, decode_inputs, random_layer
 from tests.tiny import CONFIGS, SelectionLog, tiny_model
 
 BOTH = DecodePolicy(budget=4, sink_tokens=2, recent_tokens=4, spatial_calibration=True, temporal_calibration=True)

@@ -17,7 +17,7 @@ from hf_dashkv.hub import encoders_from_checkpoint, export, load_with_adapter
 from lightning_modules import DashKVDistillation, ExportEncoders, LongTextDataModule
 from tests.tiny import SelectionLog
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 
 

@@ -10,7 +10,7 @@ import pytest
 from hf_dashkv.apps.evaluation.longbench import TASKS, LongBenchTask, load_longbench
 from hf_dashkv.apps.evaluation.metrics import METRICS, score
 
-from .tiny import byte_tokenizer
+from tests.tiny import byte_tokenizer
 
 FIXTURE = Path(__file__).parent / "fixtures" / "longbench"
 FIXTURE_TASKS = ["hotpotqa", "gov_report", "trec", "passage_count", "passage_retrieval_en", "lcc"]

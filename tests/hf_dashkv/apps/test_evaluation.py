@@ -15,7 +15,7 @@ from hf_dashkv.apps.evaluation.report import (
 from hf_dashkv.apps.evaluation.runner import METHODS, Evaluator, evaluate, prompt_digest, read_records, setups
 from hf_dashkv.selectors import DenseSelector, OracleSelector, QuestSelector, StreamingSelector
 
-from .tiny import byte_tokenizer, tiny_model
+from tests.tiny import byte_tokenizer, tiny_model
 
 FIXTURE = Path(__file__).parent / "fixtures" / "longbench"
 POLICY = DecodePolicy(budget=8, sink_tokens=2, recent_tokens=4, dense_layers=(0,))

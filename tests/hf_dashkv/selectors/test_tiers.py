@@ -13,7 +13,7 @@ from hf_dashkv.selection import Selection
 from hf_dashkv.selectors import HashSelector, Tier2Selector, hash_selector
 from hf_dashkv.step import DecodeStep
 from hf_dashkv.selectors.tiers import tier2_features, tier2_logits
-from tests.test_generate import prompt
+from tests.hf_dashkv.test_generate import prompt
 from tests.tiny import CONFIGS, assert_same_generation, decode_and_replay, tiny_model
 
 ENCODERS = EncoderConfig(bits=32, query_hidden=0)

@@ -4,7 +4,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from hf_dashkv import DashKVCache, DecodePolicy, EncoderConfig, HashEncoders, handoff
 from hf_dashkv.attention import dashkv_attention_forward, key_validity
-from tests.test_exact import Module, qkv
+from tests.hf_dashkv.test_exact import Module, qkv
 from tests.tiny import CONFIGS
 
 

@@ -6,7 +6,7 @@ from hf_dashkv.corpora import hotpotqa_paragraphs, stdlib_files
 from hf_dashkv.apps.evaluation.metrics import METRICS
 from hf_dashkv.apps.evaluation.suite import TASKS, build_suite, needle_single
 
-from .tiny import byte_tokenizer
+from tests.tiny import byte_tokenizer
 
 LENGTH = 2048
 
