@@ -14,3 +14,6 @@ class DenseSelector(Selector):
 
     def covers(self, policy: DecodePolicy, n: int) -> bool:
         return True
+
+    def check(self, policy: DecodePolicy) -> None:
+        pass  # nothing is selected, so no field of the policy applies (a DASH-KV policy serves as the reference's)

@@ -7,7 +7,8 @@ from transformers import DynamicCache
 from hf_dashkv import DashKVCache, DecodePolicy, EncoderConfig, HashEncoders, with_cache
 from hf_dashkv.backends import NumbaBackend, TorchBackend
 from hf_dashkv.plans import RerankPlan
-from hf_dashkv.selectors import HashSelector, OracleSelector, QuestSelector, StreamingSelector, hash_selector
+from hf_dashkv.selectors import (DenseSelector, HashSelector, OracleSelector, QuestSelector, StreamingSelector,
+                                 hash_selector)
 from hf_dashkv.step import DecodeStep
 from tests.tiny import assert_decodes_as_replayed, tiny_model
 
@@ -136,3 +137,16 @@ def test_the_compiled_rerank_gives_the_pytorch_definitions_selection_and_output(
     assert torch.equal(fused.valid, reference.valid)
     assert torch.equal(fused.rows[fused.valid], reference.rows[reference.valid])
     torch.testing.assert_close(out, ref_out)
+
+
+def test_the_dense_selector_is_full_attention_under_any_policy():
+    # the reference a DASH-KV policy is compared with (bench, eval): re-ranking or a tiny budget change nothing
+    model = tiny_model("llama-gqa")
+    ids = torch.randint(3, 97, (1, 40), generator=torch.Generator().manual_seed(0))
+    policy = DecodePolicy(budget=2, sink_tokens=1, recent_tokens=2, rerank=2)
+    dense = model.generate(ids, max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True,
+                           **with_cache(DashKVCache(model.config, policy=policy, selector=DenseSelector())))
+    full = model.generate(ids, max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True,
+                          **with_cache(DynamicCache(config=model.config)))
+    assert torch.equal(dense.sequences, full.sequences)
+    torch.testing.assert_close(torch.stack(dense.scores), torch.stack(full.scores))
