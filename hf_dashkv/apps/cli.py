@@ -77,11 +77,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         label = "UNTRAINED random-projection encoders (SimHash baseline): no trained encoders ship for this model yet"
     prompt = passkey_prompt(tokenizer, args.context_tokens)
     print(f"document: {prompt.num_tokens} tokens of State of the Union text, passkey {prompt.answer} planted at 50% depth")
-    print(f"DASH-KV: {label}, {encoders.config.bits} bits")
+    warm_up = DashKVCache(model.config, encoders, policy)
+    print(f"DASH-KV: {label}, {encoders.config.bits} bits, dense layers {list(warm_up.layout.dense_layers)}")
     print(f"decode policy{' (the encoders recommend it)' if encoders.policy is not None else ''}: "
           f"{describe_policy(policy)}; budget = {policy.budget_tokens(prompt.num_tokens)} tokens here")
     # a fresh install compiles the kernels on first use: do that on a short prompt, outside the timed runs
-    timed_generate(model, tokenizer, prompt.text[:2000], DashKVCache(model.config, encoders, policy), 2)
+    timed_generate(model, tokenizer, prompt.text[:2000], warm_up, 2)
     full = timed_generate(model, tokenizer, prompt.text, DynamicCache(config=model.config), args.max_new_tokens)
     dash = timed_generate(
         model, tokenizer, prompt.text, DashKVCache(model.config, encoders, policy), args.max_new_tokens
