@@ -6,11 +6,10 @@ d_temporal``): discounts applied to the hash selector's distances before the bud
 
 - ``votes``: how many query heads of this layer have the key among their own ``budget`` nearest. Query heads,
   not KV heads: the selection is shared by a GQA group, so a vote per KV head would only repeat the group's own
-  ranking; per query head the count is finer (0..Hq) and it measured better on SmolLM2 (+0.3 vs +0.1 points of
-  recall at budget 1/32);
+  ranking; per query head the count is finer (0..Hq) and it measured better (docs/experiments.md);
 - ``previous``: whether the previous hashed layer selected the key at the same decode step, in any of its KV
   heads (head ``h`` of one layer has no relation to head ``h`` of the next; any-head measured better than
-  same-head). Layers run in order, so each leaves its selection in the cache's ``DecodeRecord`` for the next.
+  same-head, docs/experiments.md). Layers run in order, so each leaves its selection in the cache's ``DecodeRecord`` for the next.
 
 Distances stay integers: the weights act in steps of ``1 / STEPS`` distance units, so ranking keeps the plain
 integer order, ties to the later position included, and zero weights select exactly what plain hashing does.
