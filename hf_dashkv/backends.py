@@ -6,7 +6,7 @@ A backend is a small class with a name, :meth:`Backend.refusal` (why it cannot r
 :meth:`Backend.run` (one step's output and selection). :class:`TorchBackend` runs every plan by its PyTorch
 definition (``Plan.attend``), on any device; :class:`NumbaBackend` (fused CPU kernel, ``kernels.py``) and
 :class:`TritonBackend` (CUDA, ``triton_kernels.py``) run the plans they name and are tested equal to it. A paged
-backend over a serving engine's block tables implements the same two methods.
+backend over a serving engine's block tables is to implement the same two methods (docs/vllm-plan.md).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from .encoders import HashEncoders, LayerEncoders
 from .layout import ModelLayout
 from .policy import DecodePolicy
 from .selection import first_position, left_padded
-from .selectors import DenseSelector, Selector, hash_selector
+from .selectors import DenseSelector, HashSelector, Selector, Tier2Selector, hash_selector
 from .selectors.calibrated import remember_selection
 from .step import DecodeRecord, DecodeStep
 
@@ -135,10 +135,11 @@ class DashKVLayer(CacheLayerMixin):
         return out
 
     def _padding(self, valid: torch.Tensor | None) -> bool:
-        """Whether the padding is left padding only, read once per prompt (later tokens come unpadded)."""
+        """Whether the padding is left padding only: read over the whole cache once per prompt, then only whether
+        each new key is real (``generate`` appends real tokens; a masked one is padding after the tokens)."""
         if valid is None:
             return True
-        if self._left_padded is None:
+        if self._left_padded is None or (self._left_padded and not bool(valid[:, -1].all())):
             self._left_padded = left_padded(valid, first_position(valid, valid.shape[0], valid.device))
         return self._left_padded
 
@@ -284,6 +285,11 @@ class DashKVCache(Cache):
             encoders.check_compatible(model_config)
             layout = layout.hashing_only(encoders.layout.hashed_layers)
             encoders.check_fitted(policy, layout.hashed_layers)
+        elif isinstance(selector, (HashSelector, Tier2Selector)):
+            raise ValueError(
+                f"DashKVCache(selector={type(selector).__name__}(...)): hash selectors are made per layer from the "
+                "encoders; pass encoders=... and leave selector=None."
+            )
         else:
             selector.check(policy)
             if isinstance(selector, DenseSelector):
@@ -317,9 +323,10 @@ class DashKVCache(Cache):
         anew.
 
         Prefill is exact whatever the method, so several methods can decode from one prefill (``dashkv eval``).
-        Arguments as for :class:`DashKVCache` (the backend choice is this cache's); this cache is left as it is.
+        ``encoders`` and ``selector`` as for :class:`DashKVCache` (the method of the fork); ``policy``: default this
+        cache's. The backend choice is this cache's; this cache is left as it is.
         """
-        fork = DashKVCache(self.model_config, encoders, policy, selector, self.backend)
+        fork = DashKVCache(self.model_config, encoders, policy or self.policy, selector, self.backend)
         for index, (mine, theirs) in enumerate(zip(self.layers, fork.layers)):
             if not isinstance(theirs, DashKVLayer):
                 fork.layers[index] = copy.deepcopy(mine)

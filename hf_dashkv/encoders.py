@@ -23,7 +23,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError
+from huggingface_hub.errors import RemoteEntryNotFoundError
 from torch import nn
 
 from .codes import pack_signs
@@ -258,7 +258,7 @@ class HashEncoders(nn.Module, PyTorchModelHubMixin, library_name="hf_dashkv", ta
                     repo_id=model_id, filename=filename, revision=revision, cache_dir=cache_dir,
                     force_download=force_download, token=token, local_files_only=local_files_only,
                 ))
-            except EntryNotFoundError:
+            except RemoteEntryNotFoundError:  # not in the repo (offline and uncached is an error, not "absent")
                 if required:
                     raise
                 return None
@@ -324,8 +324,9 @@ def split_legacy_config(values: dict, source: str) -> tuple[EncoderConfig, Decod
     values = dict(values)
     if values.get("selector", "hash") != "hash":
         raise ValueError(
-            f"{source}: its config.json names selector {values['selector']!r}, but encoders are for hashing; "
-            "baselines are selectors now (hf_dashkv.selectors), not part of encoders."
+            f"{source}: its config.json names selector {values['selector']!r}, but encoders are for hashing. Baselines "
+            "are selectors now, not part of encoders: delete 'selector' and 'page_size' from its dashkv_config, and "
+            "pass the baseline to the cache, e.g. DashKVCache(model.config, selector=QuestSelector(page_size=16))."
         )
     for name in _LEGACY_SELECTOR_FIELDS:
         values.pop(name, None)

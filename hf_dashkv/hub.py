@@ -19,7 +19,7 @@ import torch
 
 from .config import EncoderConfig
 from .encoders import HashEncoders, split_legacy_config
-from .layout import ModelLayout
+from .layout import ModelLayout, resolve_layers
 from .policy import DecodePolicy
 
 ADAPTER_NAME = "default"  # peft's name for the one adapter
@@ -132,7 +132,7 @@ def encoders_from_checkpoint(path: str | Path) -> tuple[HashEncoders, dict]:
 def with_dense_layers(encoders: HashEncoders, dense_layers: list[int]) -> HashEncoders:
     """The same encoders without weights for ``dense_layers`` (negative indices count from the end), which then
     always run dense; the recommended policy is kept."""
-    dense = {i % encoders.layout.num_layers for i in dense_layers}
+    dense = set(resolve_layers(dense_layers, encoders.layout.num_layers))
     layout = encoders.layout.hashing_only(tuple(i for i in encoders.layout.hashed_layers if i not in dense))
     kept = HashEncoders(layout, encoders.config)
     kept.policy = encoders.policy

@@ -9,7 +9,7 @@ against them in ``tests/hf_dashkv/test_kernels.py``), faster; ``backends.NumbaBa
 - attention: each selected K/V row is read once, straight from the cache buffer (no gathered copy),
   with software prefetch of the rows ahead, since scattered rows defeat the hardware prefetcher;
 - :func:`decode_attention` does both in one parallel call over (batch, KV head), which saves a thread-pool
-  wake-up and the glue between them; with re-ranking (``selectors.rerank``) the codes shortlist, the exact
+  wake-up and the glue between them; with re-ranking (``plans.RerankPlan``) the codes shortlist, the exact
   scores of the shortlisted keys cut it to the budget (a partition, no sort), and attention follows, in the same
   call, reusing those logits (no key row is read twice).
 
@@ -106,7 +106,7 @@ def decode_attention(
         first: int ``[B]``, the first non-padding position of each sequence (left padding only).
         sinks, recent, budget, reduce: the plan's slots and group rule (budget in tokens).
         scale: the attention scaling.
-        shortlist: re-ranking (``selectors.rerank``): the codes shortlist this many candidates and the budget
+        shortlist: re-ranking (``plans.RerankPlan``): the codes shortlist this many candidates and the budget
             are those of most exact attention among them (the group's summed softmax over the shortlist, ties
             to the later position). ``None``: no re-ranking.
 

@@ -97,13 +97,7 @@ class ModelLayout:
                 f"DASH-KV does not support model type {model_type!r}: {num_heads} query heads do not split evenly "
                 f"over {num_kv_heads} KV heads. Supported: {SUPPORTED_LAYOUTS}."
             )
-        bad = [i for i in dense_layers if not -num_layers <= i < num_layers]
-        if bad:
-            raise ValueError(
-                f"dense_layers has {bad}, outside this model's {num_layers} layers; use indices in "
-                f"[0, {num_layers - 1}] (or negative ones counting from the end)."
-            )
-        dense = sorted({int(i) % num_layers for i in dense_layers})
+        dense = resolve_layers(dense_layers, num_layers)
         sliding = [i for i in dense if layer_types[i] == "sliding_attention"]
         if sliding:
             all_sliding = [i for i, t in enumerate(layer_types) if t == "sliding_attention"]
@@ -145,3 +139,15 @@ class ModelLayout:
     def hashing_only(self, layers: tuple[int, ...]) -> "ModelLayout":
         """This layout with only ``layers`` (those that have encoders) hashed; the other full layers go dense."""
         return replace(self, hashed_layers=tuple(i for i in self.hashed_layers if i in set(layers)))
+
+
+def resolve_layers(layers, num_layers: int) -> tuple[int, ...]:
+    """Layer indices (negative ones count from the end) as sorted non-negative ones; raises ``ValueError`` for one
+    outside ``[-num_layers, num_layers)``."""
+    bad = [i for i in layers if not -num_layers <= i < num_layers]
+    if bad:
+        raise ValueError(
+            f"dense_layers has {bad}, outside this model's {num_layers} layers; use indices in "
+            f"[0, {num_layers - 1}] (or negative ones counting from the end)."
+        )
+    return tuple(sorted({int(i) % num_layers for i in layers}))

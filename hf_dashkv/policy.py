@@ -31,7 +31,7 @@ class DecodePolicy:
         group_reduce: how the query heads of one GQA group combine their distances into the one selection they
             share: ``"sum"`` (mean distance) or ``"min"`` (closest to any head).
         rerank: ``> 1`` re-ranks: the hash codes shortlist ``rerank x budget`` candidates and exact scores choose the
-            budget among them (``selectors.rerank``), for ``rerank x budget`` more key reads per step; 1: off.
+            budget among them (``plans.RerankPlan``), for ``rerank x budget`` more key reads per step; 1: off.
         tier2_budget: tokens (an ``int``, or a ``float`` fraction as for ``budget``) that get the approximate tier-2
             logit of DASH-KV's mixed precision (``selectors.tiers``); 0: off. Needs fitted terms.
         spatial_calibration: discount the distance of keys that many query heads of the layer rank among their
@@ -93,16 +93,6 @@ class DecodePolicy:
     def learned_terms(self) -> bool:
         """Whether any optional learned term (tier 2, calibration) is on: they need fitted encoders."""
         return self.calibrated or self.tier2_budget != 0
-
-    def resolve_dense_layers(self, num_layers: int) -> tuple[int, ...]:
-        """``dense_layers`` as sorted non-negative indices; raises if one is outside ``[-num_layers, num_layers)``."""
-        bad = [i for i in self.dense_layers if not -num_layers <= i < num_layers]
-        if bad:
-            raise ValueError(
-                f"DecodePolicy.dense_layers has {bad}, outside this model's {num_layers} layers; "
-                f"use indices in [0, {num_layers - 1}] (or negative ones counting from the end)."
-            )
-        return tuple(sorted({i % num_layers for i in self.dense_layers}))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -24,8 +24,9 @@ def _budget(text: str) -> int | float:
 
 
 def _add_policy_args(parser: argparse.ArgumentParser) -> None:
-    # None: the encoders' recommended policy (trained encoders), or DecodePolicy()'s (random ones)
-    parser.add_argument("--budget", type=_budget, default=1 / 32, help="tokens (>= 1) or fraction of context (< 1)")
+    # None: the encoders' recommended policy's value (trained encoders), or DecodePolicy(budget=1/32)'s
+    parser.add_argument("--budget", type=_budget, default=None,
+                        help="tokens (>= 1) or fraction of context (< 1); default: the encoders' policy's, or 1/32")
     parser.add_argument("--bits", type=int, default=None, help="random encoders only (default 64): training fixes it")
     parser.add_argument("--sink-tokens", type=int, default=None, help="default: the encoders' policy's, or 4")
     parser.add_argument("--recent-tokens", type=int, default=None, help="default: the encoders' policy's, or 64")
@@ -35,11 +36,12 @@ def _add_policy_args(parser: argparse.ArgumentParser) -> None:
 
 
 def decode_policy(args: argparse.Namespace, recommended=None):
-    """The DecodePolicy ``dashkv generate`` decodes with: the encoders' recommended policy (or ``DecodePolicy()``)
-    with what the command line sets (budget, sinks, recent window, dense layers, re-ranking) replaced."""
+    """The DecodePolicy ``dashkv generate`` decodes with: the encoders' recommended policy
+    with what the command line sets (budget, sinks, recent window, dense layers, re-ranking) replaced; without
+    recommended encoders the budget is 1/32 of the context."""
     from .. import DecodePolicy
 
-    base = recommended if recommended is not None else DecodePolicy()
+    base = recommended if recommended is not None else DecodePolicy(budget=1 / 32)
     given = {"budget": args.budget, "sink_tokens": args.sink_tokens, "recent_tokens": args.recent_tokens,
              "dense_layers": None if args.dense_layers is None else tuple(args.dense_layers), "rerank": args.rerank}
     return replace(base, **{name: value for name, value in given.items() if value is not None})

@@ -7,7 +7,7 @@ nearest candidates per KV group, by that method's scores), and ``recall.ranking_
 
 Methods: the encoders' hash codes (``trained``), random projections of the same width (``simhash``, the floor),
 optionally the trained codes with re-ranking (``rerank2`` ...: the codes shortlist 2 x budget, exact scores pick
-the budget; ``selectors.rerank``), and two ceilings: ``oracle`` (exact scores: the group's summed softmax over the
+the budget; ``plans.RerankPlan``), and two ceilings: ``oracle`` (exact scores: the group's summed softmax over the
 candidates) and ``angle``
 (the same with each key scaled to the mean key norm: the best any code that sees only a key's direction can do).
 """

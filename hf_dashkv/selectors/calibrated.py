@@ -28,6 +28,7 @@ from ..plans import Plan, ScorePlan
 from ..policy import DecodePolicy
 from ..selection import Selection, candidates, combine_group
 from ..step import DecodeStep
+from .base import Selector
 from .hash import HashSelector
 
 STEPS = 16
@@ -77,12 +78,9 @@ class CalibratedSelector(HashSelector):
     """The hash selector with the policy's discounts (``spatial_calibration`` / ``temporal_calibration``), weighted
     by the layer's fitted ``encoders.calibration``. The cache that uses it registers :func:`remember_selection`."""
 
-    def plan_type(self, policy: DecodePolicy) -> type[Plan]:
-        return ScorePlan
-
-    def plan(self, step: DecodeStep, policy: DecodePolicy) -> Plan:
-        return ScorePlan(policy.sink_tokens, policy.recent_tokens, self.budget(policy, step.n),
-                         self.scores(step, policy))
+    # a plan of its scores, as every score-based selector makes (not the hash selector's code plan)
+    plan_type = Selector.plan_type
+    plan = Selector.plan
 
     def previous(self, step: DecodeStep) -> torch.Tensor | None:
         """The selection an earlier hashed layer left at this same step, bool ``[B, N]``, or ``None``.

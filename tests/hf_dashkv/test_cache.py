@@ -5,8 +5,8 @@ from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from hf_dashkv import DashKVCache, DecodePolicy, EncoderConfig, HashEncoders, handoff, with_cache
 from hf_dashkv.cache import DashKVLayer
-from hf_dashkv.selectors import DenseSelector, QuestSelector
-from tests.tiny import CONFIGS
+from hf_dashkv.selectors import DenseSelector, HashSelector, QuestSelector
+from tests.tiny import CONFIGS, tiny_model
 
 ENCODER_CONFIG = EncoderConfig(bits=32, query_hidden=0)
 POLICY = DecodePolicy(budget=4, sink_tokens=1, recent_tokens=2)
@@ -201,3 +201,18 @@ def test_fork_to_a_baseline_needs_no_encoders():
     fork = cache.fork(None, POLICY, QuestSelector())
     assert fork.encoders is None and fork.layers[1].key_codes is None and fork.get_seq_length(1) == 6
     assert isinstance(fork.layers[1].selector, QuestSelector) and fork.policy == POLICY
+
+
+def test_a_fork_keeps_the_policy_unless_given_another():
+    model = tiny_model("llama-gqa")
+    encoders = HashEncoders.random(model.config, EncoderConfig(bits=32, query_hidden=0))
+    cache = DashKVCache(model.config, encoders, DecodePolicy(budget=4, sink_tokens=2, recent_tokens=4))
+    assert cache.fork(encoders).policy == cache.policy
+    assert cache.fork(encoders, DecodePolicy(budget=8)).policy.budget == 8
+
+
+def test_a_hash_selector_is_not_a_baseline():
+    model = tiny_model("llama-gqa")
+    encoders = HashEncoders.random(model.config, EncoderConfig(bits=32, query_hidden=0))
+    with pytest.raises(ValueError, match="hash selectors are made per layer from the encoders"):
+        DashKVCache(model.config, encoders, selector=HashSelector(encoders[1]))

@@ -84,13 +84,15 @@ def test_learned_terms_are_off_by_default_and_tier2_counts_like_the_budget():
 
 
 def test_dense_layers_resolve_negative_and_reject_out_of_range():
+    from hf_dashkv.layout import resolve_layers
+
     policy = DecodePolicy(dense_layers=[0, -1, 1, 0])
     assert policy.dense_layers == (0, -1, 1, 0)
-    assert policy.resolve_dense_layers(30) == (0, 1, 29)
-    with pytest.raises(ValueError, match=r"DecodePolicy\.dense_layers .*outside this model's 30 layers"):
-        DecodePolicy(dense_layers=(30,)).resolve_dense_layers(30)
+    assert resolve_layers(policy.dense_layers, 30) == (0, 1, 29)
+    with pytest.raises(ValueError, match=r"dense_layers has \[30\], outside this model's 30 layers"):
+        resolve_layers(DecodePolicy(dense_layers=(30,)).dense_layers, 30)
     with pytest.raises(ValueError, match=r"\[-31\]"):
-        DecodePolicy(dense_layers=(-31,)).resolve_dense_layers(30)
+        resolve_layers(DecodePolicy(dense_layers=(-31,)).dense_layers, 30)
 
 
 def test_policy_from_dict_refuses_unknown_fields_by_name():

@@ -167,7 +167,7 @@ def test_an_old_folder_with_a_combined_config_loads_split_into_config_and_policy
     for name, tensor in enc.state_dict().items():
         assert torch.equal(tensor, loaded.state_dict()[name]), name
     assert split_legacy_config(LEGACY_CONFIG, "old") == (loaded.config, loaded.policy)
-    with pytest.raises(ValueError, match=r"names selector 'quest'.*baselines are selectors now"):
+    with pytest.raises(ValueError, match=r"names selector 'quest'.*Baselines are selectors now.*selector=QuestSelector"):
         split_legacy_config({**LEGACY_CONFIG, "selector": "quest"}, "old")
 
 

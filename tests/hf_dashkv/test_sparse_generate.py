@@ -125,3 +125,20 @@ def test_padding_other_than_left_is_refused_by_numba_with_the_fix_and_decoded_by
     cache = fresh_cache(model, backend="torch")
     steps = assert_decodes_as_replayed(model, cache, inputs, max_new_tokens=4, do_sample=False)
     assert all(not set(range(holes.start, holes.stop)) & set(rows[1][h]) for _, _, rows in steps for h in range(2))
+
+
+def test_a_key_masked_after_the_prompt_is_noticed_by_the_cpu_kernel_not_attended():
+    # the padding is read over the whole cache once per prompt; a later step that masks its own new key (padding
+    # after the tokens) must not go through the left-padding kernel as if it were real
+    model = tiny_model("llama-gqa")
+    encoders = HashEncoders.random(model.config, EncoderConfig(bits=32, query_hidden=0), dense_layers=(0,))
+    cache = DashKVCache(model.config, encoders, DecodePolicy(budget=4, sink_tokens=2, recent_tokens=4),
+                        backend="numba")
+    ids = torch.randint(3, 97, (2, 40), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 42, dtype=torch.long)
+    with torch.no_grad():
+        model(ids, attention_mask=mask[:, :40], **with_cache(cache))
+        model(ids[:, :1], attention_mask=mask[:, :41], **with_cache(cache))  # a real token: the kernel runs
+        mask[1, 41] = 0
+        with pytest.raises(ValueError, match="left padding only.*padding_side = 'left'.*backend='torch'"):
+            model(ids[:, :1], attention_mask=mask, **with_cache(cache))

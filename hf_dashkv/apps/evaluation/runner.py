@@ -73,7 +73,9 @@ def setups(model_config, encoders: HashEncoders, methods: list[str], budgets: li
     rerank = base.rerank if rerank is None else rerank
     random_encoders = (HashEncoders.random(model_config, encoders.config, encoders.layout.dense_layers, seed=0)
                        if "random" in methods else None)
-    out = [Setup("full", "-", None, replace(base, rerank=1), DenseSelector())]
+    # full attention and the baselines have no hash codes: no re-ranking, no learned terms
+    baseline = replace(base, rerank=1, tier2_budget=0, spatial_calibration=False, temporal_calibration=False)
+    out = [Setup("full", "-", None, baseline, DenseSelector())]
     for budget in budgets:
         for method in methods:
             if method == "full":
@@ -82,7 +84,7 @@ def setups(model_config, encoders: HashEncoders, methods: list[str], budgets: li
             if any(s.method == method and s.budget == label for s in out):
                 continue  # streaming has no budget: once is enough
             if method in _BASELINES:
-                out.append(Setup(method, label, None, replace(base, budget=budget, rerank=1), _BASELINES[method]()))
+                out.append(Setup(method, label, None, replace(baseline, budget=budget), _BASELINES[method]()))
             else:
                 chosen = encoders if method == "dashkv" else random_encoders
                 out.append(Setup(method, label, chosen, replace(base, budget=budget, rerank=rerank)))

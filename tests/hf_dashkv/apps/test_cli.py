@@ -48,14 +48,15 @@ def test_a_budget_that_is_neither_is_refused(text, capsys):
 
 def test_trained_encoders_take_the_decode_policy_from_the_command_line():
     trained = DecodePolicy(sink_tokens=4, recent_tokens=64, dense_layers=(12, 18))
-    # nothing given: the encoders' own policy, at the command's default budget
-    assert decode_policy(generate_args(), trained) == replace(trained, budget=1 / 32)
+    # nothing given: the encoders' own policy, budget included
+    assert decode_policy(generate_args(), trained) == trained
     policy = decode_policy(generate_args("--sink-tokens", "8", "--recent-tokens", "16", "--dense-layers", "0", "12",
                                          "18", "--budget", "128", "--rerank", "2"), trained)
     assert (policy.sink_tokens, policy.recent_tokens, policy.dense_layers, policy.budget, policy.rerank) == (
         8, 16, (0, 12, 18), 128, 2)
     assert policy.group_reduce == trained.group_reduce  # what the command line does not set stays the encoders'
-    # random encoders: DecodePolicy()'s, with what the command line sets
+    # random encoders: DecodePolicy()'s at 1/32 of the context, with what the command line sets
+    assert decode_policy(generate_args()) == replace(DecodePolicy(), budget=1 / 32)
     assert decode_policy(generate_args("--budget", "64")) == replace(DecodePolicy(), budget=64)
 
 
@@ -88,8 +89,8 @@ def test_generate_prints_a_policy_line_naming_every_field(tiny_dir, tmp_path, ca
     assert main(["generate", "--model", str(tiny_dir), "--encoders", str(encoders), "--context-tokens", "300",
                  "--max-new-tokens", "2", "--sink-tokens", "3"]) == 0
     (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("decode policy")]
-    # the encoders' recommended policy, the command's budget and sinks replacing theirs
-    expected = DecodePolicy(budget=1 / 32, sink_tokens=3, recent_tokens=8, group_reduce="min")
+    # the encoders' recommended policy (its budget of 16 tokens included), the command's sinks replacing theirs
+    expected = DecodePolicy(budget=16, sink_tokens=3, recent_tokens=8, group_reduce="min")
     assert line.startswith("decode policy (the encoders recommend it): " + describe_policy(expected) + "; budget = ")
     for field in dataclasses.fields(DecodePolicy):
         assert f"{field.name} " in line
