@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import torch
 
 from ..codes import nearest
-from ..plans import Plan, ScorePlan
 from ..policy import DecodePolicy
 from ..selection import Selection, candidates, combine_group
 from ..step import DecodeStep
