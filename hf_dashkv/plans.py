@@ -46,7 +46,7 @@ class Plan:
 
     def candidates(self, step) -> torch.Tensor:
         """bool ``[B, N]``: the keys this step's budget chooses from (``selection.candidates``)."""
-        return candidates(self.sinks, self.recent, step.first, step.ends, step.n, step.valid)[:, 0]
+        return step.candidates(self.sinks, self.recent)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from functools import cached_property
 
 import torch
 
-from .selection import first_position
+from .selection import candidates, first_position
 
 
 @dataclass
@@ -67,3 +67,8 @@ class DecodeStep:
     def first(self) -> torch.Tensor:
         """``[B]``, each sequence's first real position (``selection.first_position``)."""
         return first_position(self.valid, self.key.shape[0], self.key.device)
+
+    def candidates(self, sinks: int, recent: int) -> torch.Tensor:
+        """bool ``[B, N]``: the keys a budget chooses from at this step, between ``sinks`` and the ``recent`` window
+        (``selection.candidates``)."""
+        return candidates(sinks, recent, self.first, self.ends, self.n, self.valid)[:, 0]

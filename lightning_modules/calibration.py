@@ -29,7 +29,7 @@ import torch
 from hf_dashkv import DecodePolicy, HashEncoders
 from hf_dashkv.capture import capture_attention
 from hf_dashkv.recall import attention_probs
-from hf_dashkv.selection import Selection, candidates, combine_group, select
+from hf_dashkv.selection import Selection, combine_group, select
 from hf_dashkv.selectors import HashSelector, Selector, hash_selector
 from hf_dashkv.selectors.calibrated import calibrate, remember_selection, spatial_votes
 from hf_dashkv.selectors.tiers import TieredPlan
@@ -114,7 +114,7 @@ def fit_calibration(encoders: HashEncoders, samples: list[DecodeSample], config:
                 step = _step(codes[s], sample, layer, p, DecodeRecord())
                 per_head = selector.head_distances(step)[1]
                 distances = combine_group(per_head, config.group_reduce)
-                allowed = candidates(config.sink_tokens, config.recent_tokens, step.first, step.ends, step.n)[:, 0]
+                allowed = step.candidates(config.sink_tokens, config.recent_tokens)
                 votes = None
                 if config.spatial_calibration:
                     votes = spatial_votes(per_head, allowed, config.budget_tokens(step.n))

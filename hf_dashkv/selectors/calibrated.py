@@ -25,7 +25,7 @@ import torch
 
 from ..codes import nearest
 from ..policy import DecodePolicy
-from ..selection import Selection, candidates, combine_group
+from ..selection import Selection, combine_group
 from ..step import DecodeStep
 from .base import Selector
 from .hash import HashSelector
@@ -100,8 +100,7 @@ class CalibratedSelector(HashSelector):
         distances = combine_group(per_head, policy.group_reduce)
         votes = None
         if policy.spatial_calibration:
-            allowed = candidates(policy.sink_tokens, policy.recent_tokens, step.first, step.ends, step.n,
-                                 step.valid)[:, 0]
+            allowed = step.candidates(policy.sink_tokens, policy.recent_tokens)
             votes = spatial_votes(per_head, allowed, self.budget(policy, step.n))
         previous = self.previous(step) if policy.temporal_calibration else None
         return calibrate(distances, votes, previous, weights.spatial, weights.temporal)
