@@ -103,7 +103,7 @@ def test_smollm2_at_1_32_with_shipped_encoders_matches_generate(tmp_path, smollm
                                  pad_token_id=tokenizer.eos_token_id, **with_cache(cache))
             reference.append(out[0, len(prompt):].tolist())
     run = {"model": str(embedded_model_dir("smollm2-135m")), "prompts": prompts, "max_tokens": new_tokens,
-           "dashkv": {"encoders": None, "policy": None},
+           "dashkv": {"encoders": None, "policy": None}, "check": True,
            "llm": {"max_model_len": 2304, "kv_cache_memory_bytes": 320 << 20}}
     (result,) = selftest(tmp_path, "smollm2", [run], timeout=240)
     # the layers the shipped encoders hash (all but 12, 14, 26, 29, which run stock), each with a codes cache
@@ -113,5 +113,14 @@ def test_smollm2_at_1_32_with_shipped_encoders_matches_generate(tmp_path, smollm
     agree = [sum(a == b for a, b in zip(mine, theirs)) for mine, theirs in zip(result["tokens"], reference)]
     prefix = [next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), new_tokens)
               for mine, theirs in zip(result["tokens"], reference)]
-    print("vLLM", result["tokens"], "generate", reference, "agree", agree, "common prefix", prefix)
-    assert min(prefix) >= new_tokens
+    checks = result["checks"]
+    print("vLLM", result["tokens"], "generate", reference, "agree", agree, "common prefix", prefix, checks,
+          {k: v for k, v in result.items() if k.endswith("seconds")})
+    # every hashed layer's decode steps select (2k contexts, 63 + 4 + 64 rows) and equal the library's plan
+    # (HashSelector with re-ranking, on vLLM's own K/V read back) to float rounding
+    assert checks["selected"] == checks["dropped rows"] == 26 * 2 * (new_tokens - 1)
+    assert checks["code bytes differing"] == 0 and checks["max selected error"] < 1e-5
+    # Against transformers' generate: measured 32 of 32 tokens equal (both prompts, all 16 steps). The two engines'
+    # fp32 kernels round differently (~1e-6 in the hidden states), which can flip a key-code bit near zero and so
+    # change a selected row; the bound leaves room for one late divergence per prompt on another CPU.
+    assert min(prefix) >= new_tokens // 2 and sum(agree) >= 2 * new_tokens - 4
