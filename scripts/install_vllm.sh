@@ -4,7 +4,7 @@
 # PYTHON picks the interpreter that makes the venv (default: python3.11 if present, else python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=.venv-vllm
+VENV=${VLLM_VENV:-.venv-vllm}  # another folder to try the script in
 if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm, hf_dashkv.vllm.plugin" 2>/dev/null \
    && "$VENV/bin/python" -c "from importlib.metadata import entry_points as e; assert 'dashkv' in e(group='vllm.general_plugins').names"; then
     echo "$VENV: vllm and hf_dashkv already installed"

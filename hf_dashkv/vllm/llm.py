@@ -34,9 +34,6 @@ def LLM(model: str = DEFAULT_MODEL, encoders: str | Path | None = None, policy: 
             extended.
     """
     from transformers import AutoConfig
-    from vllm import LLM as VllmLLM
-
-    from .plugin import register
 
     path = str(embedded_model_dir(model)) if model in EMBEDDED_MODELS else str(model)
     hf_config = AutoConfig.from_pretrained(path, trust_remote_code=vllm_kwargs.get("trust_remote_code", False))
@@ -56,6 +53,10 @@ def LLM(model: str = DEFAULT_MODEL, encoders: str | Path | None = None, policy: 
     if policy is not None:
         setattr(probe, settings.POLICY_FIELD, settings.policy_json(policy))
     _, policy, _ = settings.load(probe)
+    from vllm import LLM as VllmLLM  # only now: every refusal above runs without vLLM
+
+    from .plugin import register
+
     register()  # idempotent; worker processes load it through the entry point
     hf_overrides = {**extra, **settings.overrides(encoders, policy, architecture)}
     return VllmLLM(model=path, hf_overrides=hf_overrides, **vllm_kwargs)
