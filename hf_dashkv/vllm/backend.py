@@ -82,7 +82,8 @@ class DashKVCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         rows = selected_decodes(starts, seq_lens, self.policy)
         if not rows:
             return md
-        others = [r for r in range(seq_lens.shape[0]) if r not in set(rows)]
+        selected = set(rows)
+        others = [r for r in range(seq_lens.shape[0]) if r not in selected]
         md.decode_rows = torch.tensor(rows, dtype=torch.long)
         md.decode_tokens = starts[md.decode_rows].long()
         if others:
