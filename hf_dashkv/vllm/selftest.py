@@ -11,6 +11,7 @@ them through ``.venv-vllm/bin/python``, which ``scripts/install.sh`` makes)::
      "runs": [{"model": "...", "prompts": [[token ids], ...], "max_tokens": 8,
                "dashkv": null | {"encoders": "...", "policy": {...} | null},
                "check": false,            # check every DASH-KV decode step against the library (below)
+               "then": [[[token ids], ...], ...],   # optional: later batches on the same engine
                "llm": {...}}]}            # extra vllm.LLM arguments
 
 Each run builds an engine (single-process, eager, fp32, block size 32 unless ``llm`` says otherwise), generates
@@ -64,7 +65,7 @@ class StepChecker:
     """Wraps ``DashKVCPUImpl.forward`` to check each DASH-KV decode step against the library (module docstring)."""
 
     def __init__(self):
-        self.counts = {"decode steps checked": 0, "covered": 0, "selected": 0, "dropped rows": 0,
+        self.counts = {"tokens hashed": 0, "decode steps checked": 0, "covered": 0, "selected": 0, "dropped rows": 0,
                        "mixed batches": 0, "code bytes": 0, "code bytes differing": 0,
                        "max covered error": 0.0, "max selected error": 0.0, "max selected vs dense": 0.0,
                        "max rows attended": 0, "min context when selected": None}
@@ -73,7 +74,14 @@ class StepChecker:
         from . import backend
 
         original = self.original = backend.DashKVCPUImpl.forward
+        original_update = self.original_update = backend.DashKVCPUImpl.do_kv_cache_update
         checker = self
+
+        def counting(impl, layer, key, value, kv_cache, slot_mapping):
+            original_update(impl, layer, key, value, kv_cache, slot_mapping)
+            state = getattr(layer, "dashkv", None)
+            if state is not None and state.layer_idx == 0:  # tokens whose codes layer 0 wrote
+                checker.counts["tokens hashed"] += int((slot_mapping[: key.shape[0]] >= 0).sum())
 
         def checking(impl, layer, query, key, value, kv_cache, md, output, *args, **kwargs):
             output = original(impl, layer, query, key, value, kv_cache, md, output, *args, **kwargs)
@@ -82,11 +90,13 @@ class StepChecker:
             return output
 
         backend.DashKVCPUImpl.forward = checking
+        backend.DashKVCPUImpl.do_kv_cache_update = counting
 
     def uninstall(self):
         from . import backend
 
         backend.DashKVCPUImpl.forward = self.original
+        backend.DashKVCPUImpl.do_kv_cache_update = self.original_update
 
     def check(self, impl, state, query, kv_cache, md, output) -> None:
         import torch
@@ -159,11 +169,13 @@ def run_one(run: dict) -> dict:
     impls = sorted({type(layer.impl).__name__ for layer in context.values() if hasattr(layer, "impl")})
     dashkv_layers = sorted(name for name, layer in context.items() if getattr(layer, "dashkv", None) is not None)
     codes = {name: list(layer.kv_cache.shape) for name, layer in context.items() if name.endswith(".codes")}
-    prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in run["prompts"]]
-    outs = llm.generate(prompts, SamplingParams(max_tokens=run.get("max_tokens", 8), temperature=0.0,
-                                                ignore_eos=True), use_tqdm=False)
+    sampling = SamplingParams(max_tokens=run.get("max_tokens", 8), temperature=0.0, ignore_eos=True)
+    batches = [run["prompts"], *run.get("then", [])]  # later batches on the same engine: prefix-cache hits
+    tokens = [[list(o.outputs[0].token_ids) for o in llm.generate(
+        [TokensPrompt(prompt_token_ids=list(p)) for p in batch], sampling, use_tqdm=False)] for batch in batches]
     done = time.perf_counter()
-    result = {"tokens": [list(o.outputs[0].token_ids) for o in outs], "impls": impls, "dashkv_layers": dashkv_layers,
+    result = {"tokens": tokens[0], "then_tokens": tokens[1:], "impls": impls, "dashkv_layers": dashkv_layers,
+              "prefix_caching": bool(llm.llm_engine.vllm_config.cache_config.enable_prefix_caching),
               "codes_shapes": codes, "build_seconds": built - start, "generate_seconds": done - built,
               "checks": checker.counts if checker else None}
     if checker:

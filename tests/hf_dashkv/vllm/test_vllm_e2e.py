@@ -124,3 +124,21 @@ def test_smollm2_at_1_32_with_shipped_encoders_matches_generate(tmp_path, smollm
     # fp32 kernels round differently (~1e-6 in the hidden states), which can flip a key-code bit near zero and so
     # change a selected row; the bound leaves room for one late divergence per prompt on another CPU.
     assert min(prefix) >= new_tokens // 2 and sum(agree) >= 2 * new_tokens - 4
+
+
+def test_prefix_cache_hits_reuse_the_codes_with_the_kv(tmp_path):
+    # a second request shares the first one's 3 full blocks (96 tokens): vLLM reuses those blocks' K/V, and so
+    # their codes (same block ids); with prefix caching off, both are recomputed. Same tokens, every step checked.
+    shared = [(5 * i) % 251 + 1 for i in range(100)]
+    policy = DecodePolicy(budget=8, sink_tokens=4, recent_tokens=8)
+    run = {"model": str(tmp_path / "tiny-llama"), "prompts": [shared], "then": [[shared[:96] + list(range(1, 41))]],
+           "max_tokens": 10, "check": True, "dashkv": tiny_dashkv(tmp_path, policy)}
+    uncached = {**run, "llm": {"enable_prefix_caching": False}}
+    cached, recomputed = selftest(tmp_path, "prefix", [run, uncached], **tiny_spec(tmp_path))
+    print(cached["checks"], recomputed["checks"])
+    assert cached["prefix_caching"] and not recomputed["prefix_caching"]
+    assert recomputed["checks"]["tokens hashed"] - cached["checks"]["tokens hashed"] == 96  # the hit was real
+    assert cached["then_tokens"] == recomputed["then_tokens"] and cached["tokens"] == recomputed["tokens"]
+    for checks in (cached["checks"], recomputed["checks"]):
+        assert checks["selected"] > 0 and checks["code bytes differing"] == 0
+        assert checks["max selected error"] < 1e-5
