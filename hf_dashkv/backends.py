@@ -15,7 +15,7 @@ import contextlib
 
 import torch
 
-from . import kernels, triton_kernels
+from . import triton_kernels
 from .plans import CodePlan, Plan, RerankPlan
 from .selection import Selection
 from .step import DecodeStep
@@ -64,6 +64,10 @@ class NumbaBackend(Backend):
     left_padding_only = True
 
     def refusal(self, plan_type, device, dtype):
+        # imported at first use, not with hf_dashkv: vLLM 0.32's CPU worker start fails once numba (llvmlite.binding)
+        # is in sys.modules, and hf_dashkv's vLLM plugin imports the library there
+        from . import kernels
+
         if kernels.numba is None:
             return "numba is not installed (pip install numba)"
         if device.type != "cpu":
@@ -78,6 +82,8 @@ class NumbaBackend(Backend):
         if step.left_padded is False:
             raise ValueError(f"The numba backend takes left padding only, and this batch is padded elsewhere: "
                              f"{PADDING_FIX}.")
+        from . import kernels
+
         shortlist = plan.shortlist if isinstance(plan, RerankPlan) else None
         out, rows, valid = kernels.decode_attention(
             step.query, plan.query_codes, step.key, step.value, step.key_codes, step.first, plan.sinks, plan.recent,

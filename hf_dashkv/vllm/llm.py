@@ -1,0 +1,63 @@
+"""``hf_dashkv.vllm.LLM``: vLLM's ``LLM`` with DASH-KV decode on.
+
+    from hf_dashkv.vllm import LLM
+    llm = LLM("smollm2-135m", dtype="float32")      # the embedded SmolLM2 with its shipped encoders and policy
+    llm = LLM("path/or/hub-id", encoders="encoders/folder", policy=DecodePolicy(budget=0.0625))
+
+The encoders and policy are checked here, in the caller's process, exactly as the engine will load them
+(``settings.load``), and reach the engine as ``hf_overrides`` fields (``settings``). vLLM itself is imported only when
+this is called.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from ..embedded import DEFAULT_MODEL, EMBEDDED_MODELS, embedded_model_dir, shipped_encoders
+from ..policy import DecodePolicy
+from . import settings
+
+
+def LLM(model: str = DEFAULT_MODEL, encoders: str | Path | None = None, policy: DecodePolicy | dict | None = None,
+        **vllm_kwargs):
+    """vLLM's ``LLM`` for ``model`` with DASH-KV decode on its hashed layers.
+
+    Args:
+        model: an embedded model name (``"smollm2-135m"``), a local folder or a Hub id; Llama-family architectures
+            only for now (others are refused, naming those supported).
+        encoders: a folder or Hub id of hash encoders for this model; default: the encoders shipped for the
+            embedded SmolLM2 (refused, by ``HashEncoders.check_compatible``, for any other model).
+        policy: a :class:`DecodePolicy` (or its dict); default: the encoders' recommended one, else
+            ``DecodePolicy()``. Tier 2 and calibration are refused (not run by the paged path yet).
+        vllm_kwargs: passed to ``vllm.LLM`` (``dtype``, ``max_model_len``, ...); an ``hf_overrides`` dict is kept and
+            extended.
+    """
+    from transformers import AutoConfig
+
+    path = str(embedded_model_dir(model)) if model in EMBEDDED_MODELS else str(model)
+    hf_config = AutoConfig.from_pretrained(path, trust_remote_code=vllm_kwargs.get("trust_remote_code", False))
+    architecture = settings.supported_architecture(getattr(hf_config, "architectures", None))
+    if encoders is None:
+        encoders = shipped_encoders(DEFAULT_MODEL)
+    if isinstance(policy, dict):
+        policy = DecodePolicy.from_dict(policy)
+    if policy is not None and not isinstance(policy, DecodePolicy):
+        raise TypeError(f"LLM(policy=...) takes a DecodePolicy or a dict, not {type(policy).__name__}.")
+    extra = vllm_kwargs.pop("hf_overrides", None) or {}
+    if not isinstance(extra, dict):
+        raise TypeError("LLM(hf_overrides=...) must be a dict here (DASH-KV adds its fields to it).")
+    # the engine's own loading path, run here first so that mistakes surface in the caller's process
+    probe = copy.deepcopy(hf_config)
+    setattr(probe, settings.ENCODERS_FIELD, str(encoders))
+    if policy is not None:
+        setattr(probe, settings.POLICY_FIELD, settings.policy_json(policy))
+    _, policy, _ = settings.load(probe)
+    from vllm import LLM as VllmLLM  # only now: every refusal above runs without vLLM
+
+    from .plugin import register
+
+    register()  # idempotent; worker processes load it through the entry point
+    hf_overrides = {**extra, **settings.overrides(encoders, policy, architecture)}
+    return VllmLLM(model=path, hf_overrides=hf_overrides, **vllm_kwargs)
+

@@ -1,0 +1,59 @@
+"""``hf_dashkv.vllm.LLM`` checks the model, encoders and policy before it imports vLLM (so these run without it),
+and the settings travel as ``hf_overrides`` fields that load back to the same encoders and policy."""
+
+import subprocess
+import sys
+
+import pytest
+
+from hf_dashkv import DecodePolicy, EncoderConfig, HashEncoders
+from hf_dashkv.embedded import shipped_encoders
+from hf_dashkv.vllm import LLM, settings
+from tests.tiny import CONFIGS
+
+
+def saved_config(tmp_path, name, architecture):
+    config = CONFIGS[name]()
+    config.architectures = [architecture]
+    config.save_pretrained(tmp_path / name)
+    return str(tmp_path / name)
+
+
+def test_other_architectures_are_refused_naming_the_supported_ones(tmp_path):
+    with pytest.raises(ValueError, match=r"supports the architectures \['LlamaForCausalLM'\].*Qwen2ForCausalLM"):
+        LLM(saved_config(tmp_path, "qwen2-gqa", "Qwen2ForCausalLM"))
+
+
+def test_encoders_for_another_model_are_refused(tmp_path):
+    # the default encoders are SmolLM2's: a 4-layer tiny Llama does not fit them
+    with pytest.raises(ValueError, match="do not fit this model"):
+        LLM(saved_config(tmp_path, "llama-gqa", "LlamaForCausalLM"))
+
+
+def test_learned_terms_are_refused(tmp_path):
+    model = saved_config(tmp_path, "llama-gqa", "LlamaForCausalLM")
+    HashEncoders.random(CONFIGS["llama-gqa"](), EncoderConfig(bits=16, query_hidden=0)).save_pretrained(tmp_path / "e")
+    with pytest.raises(ValueError, match="not the learned terms"):
+        LLM(model, encoders=tmp_path / "e", policy=DecodePolicy(spatial_calibration=True))
+
+
+def test_overrides_load_back_the_encoders_and_policy():
+    encoders = HashEncoders.from_pretrained(shipped_encoders("smollm2-135m"))
+    from transformers import AutoConfig
+
+    from hf_dashkv.embedded import embedded_model_dir
+
+    config = AutoConfig.from_pretrained(embedded_model_dir("smollm2-135m"))
+    policy = DecodePolicy(budget=0.0625, rerank=1)
+    config.update(settings.overrides(shipped_encoders("smollm2-135m"), policy, "DashKVLlamaForCausalLM"))
+    loaded, loaded_policy, layout = settings.load(config)
+    assert loaded_policy == policy
+    assert layout.hashed_layers == encoders.layout.hashed_layers
+    assert all((a == b).all() for a, b in zip(loaded.state_dict().values(), encoders.state_dict().values()))
+
+
+def test_importing_the_library_does_not_import_numba():
+    # vLLM 0.32's CPU worker fails to start once llvmlite.binding is imported (its kernel-override scan trips over
+    # llvmlite's library wrapper), and the plugin imports hf_dashkv in that process: the numba kernels load at first use
+    code = "import sys, hf_dashkv, hf_dashkv.vllm.settings; assert 'numba' not in sys.modules, 'numba was imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,144 @@
+"""The vLLM plugin end to end: vLLM engines run in the vLLM environment (``.venv-vllm``, made by
+``scripts/install.sh``: vLLM pins its own torch and transformers) through ``python -m hf_dashkv.vllm.selftest``;
+this environment compares what they return. Every engine is single-process, eager and small.
+"""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from hf_dashkv.policy import DecodePolicy
+
+REPO = Path(__file__).resolve().parents[3]
+VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
+TINY_PROMPTS = [list(range(1, 41)), list(range(5, 75))]
+
+
+def selftest(tmp_path: Path, name: str, runs: list[dict], plugins: str | None = None, timeout: int = 150,
+             **spec) -> list[dict]:
+    """Run ``hf_dashkv.vllm.selftest`` in the vLLM environment; ``plugins=""`` turns every vLLM plugin off."""
+    if not VLLM_PYTHON.exists():
+        pytest.fail(f"{VLLM_PYTHON} is missing: run scripts/install.sh, which makes the vLLM environment these "
+                    "tests need.")
+    out = tmp_path / f"{name}.json"
+    spec_path = tmp_path / f"{name}-spec.json"
+    spec_path.write_text(json.dumps({"out": str(out), "runs": runs, **spec}))
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1"}
+    if plugins is not None:
+        env["VLLM_PLUGINS"] = plugins
+    done = subprocess.run([str(VLLM_PYTHON), "-m", "hf_dashkv.vllm.selftest", str(spec_path)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+    assert done.returncode == 0, f"selftest {name} failed:\n{done.stderr[-6000:]}"
+    return json.loads(out.read_text())["runs"]
+
+
+def tiny_dashkv(tmp_path: Path, policy: DecodePolicy) -> dict:
+    return {"encoders": str(tmp_path / "encoders"), "policy": policy.to_dict()}
+
+
+def tiny_spec(tmp_path: Path) -> dict:
+    model = str(tmp_path / "tiny-llama")
+    return {"tiny": model, "random_encoders": {"folder": str(tmp_path / "encoders"), "model": model, "bits": 32}}
+
+
+def test_installed_but_not_asked_for_is_stock_and_a_covering_budget_gives_stock_tokens(tmp_path):
+    model = str(tmp_path / "tiny-llama")
+    plain = {"model": model, "prompts": TINY_PROMPTS, "max_tokens": 12}
+    (stock,) = selftest(tmp_path, "stock", [plain], plugins="", tiny=model)
+    covering = {**plain, "dashkv": tiny_dashkv(tmp_path, DecodePolicy(budget=10_000, sink_tokens=4, recent_tokens=8))}
+    installed, dashkv = selftest(tmp_path, "plugin", [plain, covering], **tiny_spec(tmp_path))
+
+    assert stock["impls"] == ["CPUAttentionBackendImpl"]
+    # (f) the plugin is loaded (its impl serves every layer) but nothing asked for DASH-KV: stock tokens
+    assert installed["impls"] == ["DashKVCPUImpl"] and installed["dashkv_layers"] == []
+    assert installed["tokens"] == stock["tokens"]
+    # (b) DASH-KV on both layers, codes paged beside K/V, a budget that covers every context: stock tokens
+    assert dashkv["dashkv_layers"] == ["model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn"]
+    assert all(shape[1:] == [2, 32, 4] for shape in dashkv["codes_shapes"].values())  # [blocks, Hkv, 32, 32 bits]
+    assert dashkv["tokens"] == stock["tokens"]
+
+
+def test_small_budget_each_decode_step_is_the_librarys_selection(tmp_path):
+    # a long third prompt, prefilled in chunks of 64 tokens while the others decode: mixed batches; a short one
+    # whose context the budget covers throughout
+    prompts = TINY_PROMPTS + [list(range(3, 9)), [(7 * i) % 251 + 1 for i in range(300)]]
+    policy = DecodePolicy(budget=8, sink_tokens=4, recent_tokens=8)
+    run = {"model": str(tmp_path / "tiny-llama"), "prompts": prompts, "max_tokens": 10, "check": True,
+           "dashkv": tiny_dashkv(tmp_path, policy),
+           "llm": {"max_num_batched_tokens": 64, "enable_chunked_prefill": True, "max_num_seqs": 4}}
+    (result,) = selftest(tmp_path, "small", [run], **tiny_spec(tmp_path))
+    checks = result["checks"]
+    print(checks)
+    assert checks["selected"] > 0 and checks["covered"] > 0 and checks["mixed batches"] > 0
+    assert checks["code bytes differing"] == 0  # codes written at the K/V's slots, read back through the table
+    assert checks["max covered error"] < 1e-4  # the stock kernel vs dense attention in PyTorch
+    assert checks["max selected error"] < 1e-5  # = HashSelector's plan on the contiguous cache (generate's)
+    assert checks["dropped rows"] == checks["selected"]  # every selected step attends to fewer rows than it has
+    assert checks["max rows attended"] <= 4 + 8 + 8
+    assert checks["max selected vs dense"] > 1e-3  # and that changes the output
+
+
+@pytest.mark.slow
+def test_smollm2_at_1_32_with_shipped_encoders_matches_generate(tmp_path, smollm2):
+    import torch
+
+    from hf_dashkv import DashKVCache, HashEncoders, with_cache
+    from hf_dashkv.corpora import sotu_text
+    from hf_dashkv.embedded import embedded_model_dir, shipped_encoders
+
+    model, tokenizer = smollm2
+    ids = tokenizer(sotu_text(), return_tensors="pt").input_ids[0]
+    prompts = [ids[:2000].tolist(), ids[6000:8100].tolist()]
+    new_tokens = 16
+    encoders = HashEncoders.from_pretrained(shipped_encoders("smollm2-135m"))
+    assert encoders.policy.budget == 1 / 32
+    reference = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            cache = DashKVCache(model.config, encoders)
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.eos_token_id, **with_cache(cache))
+            reference.append(out[0, len(prompt):].tolist())
+    run = {"model": str(embedded_model_dir("smollm2-135m")), "prompts": prompts, "max_tokens": new_tokens,
+           "dashkv": {"encoders": None, "policy": None}, "check": True,
+           "llm": {"max_model_len": 2304, "kv_cache_memory_bytes": 320 << 20}}
+    (result,) = selftest(tmp_path, "smollm2", [run], timeout=240)
+    # the layers the shipped encoders hash (all but 12, 14, 26, 29, which run stock), each with a codes cache
+    hashed = encoders.layout.hashed_layers
+    assert result["dashkv_layers"] == sorted(f"model.layers.{i}.self_attn.attn" for i in hashed)
+    assert len(result["codes_shapes"]) == len(hashed) == 26
+    agree = [sum(a == b for a, b in zip(mine, theirs)) for mine, theirs in zip(result["tokens"], reference)]
+    prefix = [next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), new_tokens)
+              for mine, theirs in zip(result["tokens"], reference)]
+    checks = result["checks"]
+    print("vLLM", result["tokens"], "generate", reference, "agree", agree, "common prefix", prefix, checks,
+          {k: v for k, v in result.items() if k.endswith("seconds")})
+    # every hashed layer's decode steps select (2k contexts, 63 + 4 + 64 rows) and equal the library's plan
+    # (HashSelector with re-ranking, on vLLM's own K/V read back) to float rounding
+    assert checks["selected"] == checks["dropped rows"] == 26 * 2 * (new_tokens - 1)
+    assert checks["code bytes differing"] == 0 and checks["max selected error"] < 1e-5
+    # Against transformers' generate: measured 32 of 32 tokens equal (both prompts, all 16 steps). The two engines'
+    # fp32 kernels round differently (~1e-6 in the hidden states), which can flip a key-code bit near zero and so
+    # change a selected row; the bound leaves room for one late divergence per prompt on another CPU.
+    assert min(prefix) >= new_tokens // 2 and sum(agree) >= 2 * new_tokens - 4
+
+
+def test_prefix_cache_hits_reuse_the_codes_with_the_kv(tmp_path):
+    # a second request shares the first one's 3 full blocks (96 tokens): vLLM reuses those blocks' K/V, and so
+    # their codes (same block ids); with prefix caching off, both are recomputed. Same tokens, every step checked.
+    shared = [(5 * i) % 251 + 1 for i in range(100)]
+    policy = DecodePolicy(budget=8, sink_tokens=4, recent_tokens=8)
+    run = {"model": str(tmp_path / "tiny-llama"), "prompts": [shared], "then": [[shared[:96] + list(range(1, 41))]],
+           "max_tokens": 10, "check": True, "dashkv": tiny_dashkv(tmp_path, policy)}
+    uncached = {**run, "llm": {"enable_prefix_caching": False}}
+    cached, recomputed = selftest(tmp_path, "prefix", [run, uncached], **tiny_spec(tmp_path))
+    print(cached["checks"], recomputed["checks"])
+    assert cached["prefix_caching"] and not recomputed["prefix_caching"]
+    assert recomputed["checks"]["tokens hashed"] - cached["checks"]["tokens hashed"] == 96  # the hit was real
+    assert cached["then_tokens"] == recomputed["then_tokens"] and cached["tokens"] == recomputed["tokens"]
+    for checks in (cached["checks"], recomputed["checks"]):
+        assert checks["selected"] > 0 and checks["code bytes differing"] == 0
+        assert checks["max selected error"] < 1e-5
