@@ -103,7 +103,9 @@ def test_serve_answers_a_completion_with_dashkv_on(tmp_path):
     server = subprocess.Popen(
         [sys.executable, "-m", "hf_dashkv.apps.cli", "serve", str(model), "--encoders", str(tmp_path / "encoders"),
          "--budget", "8", "--sink-tokens", "4", "--recent-tokens", "8", "--host", "127.0.0.1", "--port", str(port),
-         "--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--served-model-name", "tiny"],
+         "--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--served-model-name", "tiny",
+         # a fixed K/V budget: by default vLLM reserves a share of all memory, which a busy machine may not have free
+         "--kv-cache-memory-bytes", str(64 << 20)],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"
