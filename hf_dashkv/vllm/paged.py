@@ -134,13 +134,6 @@ def paged_decode(
     return out, selections
 
 
-def physical_slots(selection: Selection, block_row: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Where a request's selected rows ``[..., M]`` lie in the paged cache: slot ids ``block * block_size + offset``
-    (what a paged kernel reads, and what ``slot_mapping`` writes)."""
-    rows = selection.rows
-    return block_row.long()[rows // block_size] * block_size + rows % block_size
-
-
 def write_codes(key_codes: torch.Tensor, slot_mapping: torch.Tensor, new_codes: torch.Tensor) -> None:
     """Store the codes of new tokens where vLLM stores their K/V: ``key_codes [num_blocks, Hkv, block_size,
     nbytes]``, ``slot_mapping [T]`` (negative: padding, skipped), ``new_codes [T, Hkv, nbytes]`` uint8."""

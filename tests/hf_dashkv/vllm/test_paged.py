@@ -15,7 +15,7 @@ from hf_dashkv.codes import pack_signs
 from hf_dashkv.policy import DecodePolicy
 from hf_dashkv.selectors.hash import hash_plan
 from hf_dashkv.step import DecodeStep
-from hf_dashkv.vllm.paged import PagedLayer, cpu_kv_views, paged_decode, physical_slots, write_codes
+from hf_dashkv.vllm.paged import PagedLayer, cpu_kv_views, paged_decode, write_codes
 
 KV_HEADS, GROUP, DIM, BITS, BLOCK = 2, 3, 16, 32, 8
 
@@ -138,16 +138,6 @@ def test_a_covering_budget_is_plain_attention_over_the_whole_context():
         query.view(1, KV_HEADS, GROUP, DIM), key, value, scale=0.25).reshape(-1, DIM)
     torch.testing.assert_close(out[0], dense)
     assert selections[0] is None and selections[1] is not None
-
-
-def test_physical_slots_point_at_the_selected_rows_in_the_pool():
-    requests = contiguous([35], seed=5)
-    layer, table, seq_lens = paged(requests, seed=5)
-    (selection,) = run_paged(requests, layer, table, seq_lens, POLICY)[1]
-    slots = physical_slots(selection, table[0], BLOCK)
-    flat = layer.key.transpose(1, 2).reshape(-1, KV_HEADS, DIM)  # [slots, Hkv, D]
-    for h in range(KV_HEADS):
-        torch.testing.assert_close(flat[slots[0, h], h], requests[0][0][0, h, selection.rows[0, h]])
 
 
 def test_write_codes_stores_at_the_slots_and_skips_padding():
