@@ -78,9 +78,11 @@ def nearest_codes(
     batch, heads = query_codes.shape[:2]
     rows = np.zeros((batch, heads, budget), dtype=np.int64)
     valid = np.zeros((batch, heads, budget), dtype=np.bool_)
-    q, k, max_distance = _code_arrays(query_codes, key_codes, reduce)
+    q, k, max_distance = _code_arrays(query_codes, _row_buffer(key_codes), reduce)
+    tables = np.arange(batch, dtype=np.int64)[:, None]  # one block per sequence, as in decode_attention
     with _LAUNCH:
-        _nearest_kernel(q, k, lo.to(torch.int64).numpy(), hi, budget, reduce == "sum", max_distance, rows, valid)
+        _nearest_kernel(q, k, tables, k.shape[2], lo.to(torch.int64).numpy(), hi, budget, reduce == "sum",
+                        max_distance, rows, valid)
     return torch.from_numpy(rows), torch.from_numpy(valid)
 
 
@@ -114,33 +116,94 @@ def decode_attention(
         ``(output [B, 1, Hq, D] in the query's dtype, rows [B, Hkv, M], row_valid [B, Hkv, M])``,
         ``M = sinks + recent + budget``, the same rows ``selection.select`` returns.
     """
-    batch, heads, _, head_dim = query.shape
-    kv_heads, n = key.shape[1], key.shape[2]
+    batch, heads = query.shape[:2]
+    n = key.shape[2]
+    k, v, k_codes = _row_buffer(key), _row_buffer(value), _row_buffer(key_codes)
+    # a contiguous cache is a paged one with a block per sequence: block b holds all of sequence b
+    tables = np.arange(batch, dtype=np.int64)[:, None]
+    per_row = lambda x: torch.full((batch,), x, dtype=torch.int64)  # noqa: E731
+    out, rows, valid = _fused_decode(query[:, :, 0], query_codes, k_codes, k, v, tables, k.shape[2],
+                                     first.to(torch.int64), per_row(n), sinks, recent, per_row(budget),
+                                     None if shortlist is None else per_row(shortlist), reduce, scale)
+    return out.reshape(batch, heads, 1, -1).transpose(1, 2), rows, valid
+
+
+def paged_decode_attention(
+    query: torch.Tensor,
+    query_codes: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_codes: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    sinks: int,
+    recent: int,
+    budgets: torch.Tensor,
+    reduce: str,
+    scale: float,
+    rerank: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`decode_attention` for ``R`` requests over a paged cache, each block read in place by its slot.
+
+    The result is ``hf_dashkv.vllm.paged.paged_decode``'s for requests the budget does not cover (tested equal).
+
+    Args:
+        query: ``[R, Hq, D]``, one decode token per request; query_codes: ``[R, Hkv, G, nbytes]``.
+        key, value: ``[num_blocks, Hkv, block_size, D]``, any strides (vLLM's CPU keys are transposed per block);
+            key_codes: ``[num_blocks, Hkv, block_size, nbytes]`` uint8, contiguous, the same block ids.
+        block_table: int ``[R, max_blocks]``: request ``r``'s position ``p`` is at block
+            ``block_table[r, p // block_size]``, offset ``p % block_size``; seq_lens: int ``[R]``, each context,
+            the decode token's own key included.
+        sinks, recent, reduce, scale: as :func:`decode_attention`; budgets: int ``[R]``, each request's budget in
+            tokens (``policy.budget_tokens(seq_lens[r])``); rerank: the policy's re-ranking factor (``> 1``: each
+            request shortlists ``rerank * budget`` candidates, as ``plans.RerankPlan``).
+
+    Returns:
+        ``(output [R, Hq, D], rows [R, Hkv, M], row_valid [R, Hkv, M])``, ``M = sinks + recent + max(budgets)``;
+        a request's slots past its own budget are not valid.
+    """
+    budgets, seq_lens = budgets.to(torch.int64), seq_lens.to(torch.int64)
+    return _fused_decode(query, query_codes, _array(key_codes), _array(key), _array(value),
+                         block_table.to(torch.int64).numpy(), key.shape[2], torch.zeros_like(seq_lens), seq_lens,
+                         sinks, recent, budgets, None if rerank == 1 else rerank * budgets, reduce, scale)
+
+
+def _fused_decode(query, query_codes, k_codes, k, v, tables, block_size, first, ends, sinks, recent, budgets,
+                  shortlists, reduce, scale):
+    """The one launch behind both entry points.
+
+    ``query [R, Hq, D]``, ``query_codes [R, Hkv, G, nbytes]``; ``k_codes``, ``k``, ``v``: arrays ``[num_blocks, Hkv,
+    block_size, X]``; ``tables`` int64 ``[R, max_blocks]``; ``first``, ``ends``, ``budgets`` int64 ``[R]``;
+    ``shortlists`` int64 ``[R]`` or ``None`` (no re-ranking). Returns ``(out [R, Hq, D], rows, valid)``.
+    """
+    count, heads, head_dim = query.shape
+    kv_heads = k.shape[1]
     group = heads // kv_heads
-    slots = sinks + recent + budget
-    rows = np.zeros((batch, kv_heads, slots), dtype=np.int64)
-    valid = np.zeros((batch, kv_heads, slots), dtype=np.bool_)
-    fixed, fixed_ok = fixed_rows(sinks, recent, first, torch.full((1,), n), n)  # [B, 1, S + R]: the one layout
-    rows[:, :, : sinks + recent], valid[:, :, : sinks + recent] = fixed.numpy(), fixed_ok.numpy()
-    out = np.zeros((batch, kv_heads, group, value.shape[-1]), dtype=np.float32)
-    q_codes, k_codes, max_distance = _code_arrays(query_codes, key_codes, reduce)
+    fixed = sinks + recent
+    rows = np.zeros((count, kv_heads, fixed + int(budgets.max())), dtype=np.int64)
+    valid = np.zeros_like(rows, dtype=np.bool_)
+    fixed_at, fixed_ok = fixed_rows(sinks, recent, first, ends, int(ends.max()))  # [R, R, S + R]: r's at [r, r]
+    own = torch.arange(count)
+    rows[:, :, :fixed], valid[:, :, :fixed] = fixed_at[own, own, None].numpy(), fixed_ok[own, own, None].numpy()
+    out = np.zeros((count, kv_heads, group, v.shape[-1]), dtype=np.float32)
+    q_codes, k_words, max_distance = _code_arrays(query_codes, k_codes, reduce)
+    shortlists = budgets if shortlists is None else torch.maximum(shortlists, budgets)
     with _LAUNCH:
         _decode_kernel(
-            query.reshape(batch, kv_heads, group, head_dim).float().numpy(), q_codes, k_codes,
-            _row_buffer(key), _row_buffer(value), first.to(torch.int64).numpy(), n, sinks, recent, budget,
-            budget if shortlist is None else max(shortlist, budget), reduce == "sum", max_distance,
-            np.float32(scale), rows, valid, out,
+            query.reshape(count, kv_heads, group, head_dim).float().numpy(), q_codes, k_words, k, v, tables,
+            block_size, first.numpy(), ends.numpy(), sinks, recent, budgets.numpy(), shortlists.numpy(),
+            reduce == "sum", max_distance, np.float32(scale), rows, valid, out,
         )
-    output = torch.from_numpy(out).reshape(batch, heads, 1, -1).transpose(1, 2).to(query.dtype)
+    output = torch.from_numpy(out).reshape(count, heads, -1).to(query.dtype)
     return output, torch.from_numpy(rows), torch.from_numpy(valid)
 
 
-def _code_arrays(query_codes: torch.Tensor, key_codes: torch.Tensor, reduce: str):
+def _code_arrays(query_codes: torch.Tensor, key_codes: np.ndarray, reduce: str):
     """Codes as arrays of the widest whole word (uint64 for 64-bit multiples), and the largest distance."""
     word = _word_dtype(query_codes.shape[-1])
     bits, group = query_codes.shape[-1] * 8, query_codes.shape[2]
     max_distance = bits * group if reduce == "sum" else bits
-    return query_codes.contiguous().numpy().view(word), _row_buffer(key_codes).view(word), max_distance
+    return query_codes.contiguous().numpy().view(word), key_codes.view(word), max_distance
 
 
 def _row_buffer(x: torch.Tensor) -> np.ndarray:
@@ -154,9 +217,12 @@ def _row_buffer(x: torch.Tensor) -> np.ndarray:
     contiguous_strides = (heads * capacity * dim, capacity * dim, dim, 1)
     fits = (x.storage_offset() + batch * heads * capacity * dim) * x.element_size() <= x.untyped_storage().nbytes()
     if x.stride() == contiguous_strides and capacity >= x.shape[2] and fits:
-        x = x.as_strided(whole, contiguous_strides)
-    else:
-        x = x.contiguous()
+        return _array(x.as_strided(whole, contiguous_strides))
+    return _array(x.contiguous())
+
+
+def _array(x: torch.Tensor) -> np.ndarray:
+    """``x`` as an array over the same memory, strides kept; bf16 as its bits (uint16)."""
     if x.dtype == torch.bfloat16:
         return x.view(torch.int16).numpy().view(np.uint16)
     return x.numpy()
@@ -216,16 +282,19 @@ if numba is not None:
         return types.void(array, b, h, row, col), codegen
 
     @numba.njit(inline="always")
-    def _prefetch_row(array, b, h, rows, m):
+    def _prefetch_row(array, table, block_size, h, rows, b, m):
+        """Start loading the row ``_PREFETCH_ROWS_AHEAD`` slots after slot ``m`` of (b, h)'s ``rows``: each cache
+        line of it (one element per line where the row is strided, as vLLM's transposed CPU keys are)."""
         if m + _PREFETCH_ROWS_AHEAD < rows.shape[2]:
-            row = rows[b, h, m + _PREFETCH_ROWS_AHEAD]
-            for col in range(0, array.shape[3], _CACHE_LINE // array.itemsize):
-                _prefetch(array, b, h, row, col)
+            p = rows[b, h, m + _PREFETCH_ROWS_AHEAD]
+            block, offset = table[p // block_size], p % block_size
+            for col in range(0, array.shape[3], max(1, _CACHE_LINE // array.strides[3])):
+                _prefetch(array, block, h, offset, col)
 
     @numba.njit(cache=True, nogil=True, fastmath=True)
-    def _group_distances(q, k, b, h, lo, hi, reduce_sum, max_distance):
-        """Each candidate's distance to (b, h)'s query group (``selection.combine_group`` of ``codes.head_distances``):
-        int32 ``[hi - lo]``.
+    def _run_distances(q, keys, b, h, reduce_sum, max_distance, dist, start):
+        """Fold the distances of a run of consecutive keys (``keys [count, words]``, contiguous) to (b, h)'s query
+        group into ``dist[start:start + count]`` (``selection.combine_group`` of ``codes.head_distances``).
 
         Codes of one or two words (up to 64 and 128 bits): one pass over the keys serves four query heads, each key
         word loaded once and the heads' query words held in registers; a pass with fewer heads repeats the last one,
@@ -233,9 +302,9 @@ if numba is not None:
         branches; a pass per head re-read the keys and, at two words, did not vectorise (~10x slower at 128k).
         Wider codes take a pass per head and word (a third branch in the loop above stops its vectorisation)."""
         group, words = q.shape[2], q.shape[3]
-        count = max(hi - lo, 0)
-        keys = k[b, h, lo:lo + count].reshape(count * words)
-        dist = np.zeros(count, np.int32) if reduce_sum else np.full(count, max_distance, np.int32)
+        count = keys.shape[0]
+        flat = keys.reshape(count * words)
+        out = dist[start:start + count]
         if words > 2:
             part = np.empty(count, np.int32)
             for g in range(group):
@@ -243,10 +312,10 @@ if numba is not None:
                 for w in range(words):
                     qw = q[b, h, g, w]
                     for i in range(count):
-                        part[i] += _popcount(qw ^ keys[i * words + w])
+                        part[i] += _popcount(qw ^ flat[i * words + w])
                 for i in range(count):
-                    dist[i] = dist[i] + part[i] if reduce_sum else min(dist[i], part[i])
-            return dist
+                    out[i] = out[i] + part[i] if reduce_sum else min(out[i], part[i])
+            return
         two = words == 2
         for g in range(0, group, 4):
             h1, h2, h3 = min(g + 1, group - 1), min(g + 2, group - 1), min(g + 3, group - 1)
@@ -257,25 +326,40 @@ if numba is not None:
             a1, b1, c1, d1 = q[b, h, g, last], q[b, h, h1, last], q[b, h, h2, last], q[b, h, h3, last]
             for i in range(count):
                 if two:
-                    k0, k1 = keys[2 * i], keys[2 * i + 1]
+                    k0, k1 = flat[2 * i], flat[2 * i + 1]
                     x0 = _popcount(a0 ^ k0) + _popcount(a1 ^ k1)
                     x1 = _popcount(b0 ^ k0) + _popcount(b1 ^ k1)
                     x2 = _popcount(c0 ^ k0) + _popcount(c1 ^ k1)
                     x3 = _popcount(d0 ^ k0) + _popcount(d1 ^ k1)
                 else:
-                    k0 = keys[i]
+                    k0 = flat[i]
                     x0, x1, x2, x3 = _popcount(a0 ^ k0), _popcount(b0 ^ k0), _popcount(c0 ^ k0), _popcount(d0 ^ k0)
                 if reduce_sum:
-                    dist[i] += x0 + w1 * x1 + w2 * x2 + w3 * x3
+                    out[i] += x0 + w1 * x1 + w2 * x2 + w3 * x3
                 else:
-                    dist[i] = min(dist[i], x0, x1 + o1, x2 + o2, x3 + o3)
+                    out[i] = min(out[i], x0, x1 + o1, x2 + o2, x3 + o3)
+
+    @numba.njit(cache=True, nogil=True, fastmath=True)
+    def _group_distances(q, k, table, block_size, b, h, lo, hi, reduce_sum, max_distance):
+        """Each candidate ``lo <= p < hi``'s distance to (b, h)'s query group: int32 ``[hi - lo]``, block by block
+        (``k [num_blocks, Hkv, block_size, words]``; position ``p`` at ``table[p // block_size]``)."""
+        count = max(hi - lo, 0)
+        dist = np.zeros(count, np.int32) if reduce_sum else np.full(count, max_distance, np.int32)
+        p = lo
+        while p < hi:
+            offset = p % block_size
+            stop = min(hi, p - offset + block_size)
+            _run_distances(q, k[table[p // block_size], h, offset:offset + stop - p], b, h, reduce_sum,
+                           max_distance, dist, p - lo)
+            p = stop
         return dist
 
     @numba.njit(cache=True, nogil=True, fastmath=True)
-    def _select_nearest(q, k, b, h, lo, hi, budget, reduce_sum, max_distance, rows_out, valid_out, offset):
+    def _select_nearest(q, k, table, block_size, b, h, lo, hi, budget, reduce_sum, max_distance, rows_out,
+                        valid_out, offset):
         """The ``budget`` positions in ``[lo, hi)`` nearest to (b, h)'s query group, into slots ``offset...``."""
         count = max(hi - lo, 0)
-        dist = _group_distances(q, k, b, h, lo, hi, reduce_sum, max_distance)
+        dist = _group_distances(q, k, table, block_size, b, h, lo, hi, reduce_sum, max_distance)
         # four interleaved histograms: distances cluster, and one counter would serialise the increments
         hists = np.zeros((4, max_distance + 1), np.int64)
         for i in range(count):
@@ -304,19 +388,20 @@ if numba is not None:
                 slot += 1
 
     @numba.njit(cache=True, nogil=True, fastmath=True)
-    def _row_logits(q, k, b, h, rows, row_valid, scale, stop):
+    def _row_logits(q, k, table, block_size, b, h, rows, row_valid, scale, stop):
         """``q . k * scale`` of each query head of (b, h)'s group with the valid rows among ``rows[b, h, :stop]``
         (-inf at the others and at slots ``>= stop``): ``[G, M]``. Each key row is read once, with prefetch ahead."""
         group, dim = q.shape[2], q.shape[3]
         logits = np.full((group, rows.shape[2]), -np.inf, np.float32)
         for m in range(stop):
-            _prefetch_row(k, b, h, rows, m)
+            _prefetch_row(k, table, block_size, h, rows, b, m)
             if row_valid[b, h, m]:
-                row = rows[b, h, m]
+                p = rows[b, h, m]
+                block, offset = table[p // block_size], p % block_size
                 for g in range(group):
                     acc = np.float32(0.0)
                     for d in range(dim):
-                        acc += q[b, h, g, d] * _as_float(k[b, h, row, d])
+                        acc += q[b, h, g, d] * _as_float(k[block, h, offset, d])
                     logits[g, m] = acc * scale
         return logits
 
@@ -333,35 +418,38 @@ if numba is not None:
             logits[g] /= total
 
     @numba.njit(cache=True, nogil=True, fastmath=True)
-    def _attend(v, b, h, rows, row_valid, logits, out):
+    def _attend(v, table, block_size, b, h, rows, row_valid, logits, out):
         """Softmax attention of (b, h)'s query group over its selected rows, given their ``logits`` ``[G, M]``
         (consumed), into ``out[b, h]``."""
         _softmax(logits)
         for m in range(rows.shape[2]):
-            _prefetch_row(v, b, h, rows, m)
+            _prefetch_row(v, table, block_size, h, rows, b, m)
             if row_valid[b, h, m]:
-                row = rows[b, h, m]
+                p = rows[b, h, m]
+                block, offset = table[p // block_size], p % block_size
                 for g in range(logits.shape[0]):
                     w = logits[g, m]
                     for d in range(v.shape[3]):
-                        out[b, h, g, d] += w * _as_float(v[b, h, row, d])
+                        out[b, h, g, d] += w * _as_float(v[block, h, offset, d])
 
     @numba.njit(parallel=True, cache=True, nogil=True)
-    def _nearest_kernel(q, k, lo, hi, budget, reduce_sum, max_distance, rows_out, valid_out):
+    def _nearest_kernel(q, k, tables, block_size, lo, hi, budget, reduce_sum, max_distance, rows_out, valid_out):
         batch, heads = q.shape[:2]
         for r in numba.prange(batch * heads):
             b, h = r // heads, r % heads
-            _select_nearest(q, k, b, h, lo[b], hi, budget, reduce_sum, max_distance, rows_out, valid_out, 0)
+            _select_nearest(q, k, tables[b], block_size, b, h, lo[b], hi, budget, reduce_sum, max_distance,
+                            rows_out, valid_out, 0)
 
     @numba.njit(cache=True, nogil=True, fastmath=True)
-    def _rerank(q, k, b, h, short_rows, short_valid, budget, scale, rows_out, valid_out, logits_out, offset):
+    def _rerank(q, k, table, block_size, b, h, short_rows, short_valid, budget, scale, rows_out, valid_out,
+                logits_out, offset):
         """Of (b, h)'s shortlist (``short_rows[b, h]``, valid ones first, ascending), the ``budget`` rows of most exact
         attention, into slots ``offset...`` in ascending position, with their logits into ``logits_out`` (attention
         then reads no key row twice): the group's summed softmax over the shortlist, ties to the later position."""
         count = short_valid[b, h].sum()
         if count == 0:
             return
-        logits = _row_logits(q, k, b, h, short_rows, short_valid, scale, count)
+        logits = _row_logits(q, k, table, block_size, b, h, short_rows, short_valid, scale, count)
         probs = logits.copy()
         _softmax(probs)
         score = np.zeros(count, np.float32)
@@ -385,23 +473,27 @@ if numba is not None:
                 slot += 1
 
     @numba.njit(parallel=True, cache=True, nogil=True)
-    def _decode_kernel(query, q_codes, k_codes, k, v, first, n, sinks, recent, budget, shortlist, reduce_sum,
-                       max_distance, scale, rows, valid, out):
+    def _decode_kernel(query, q_codes, k_codes, k, v, tables, block_size, first, ends, sinks, recent, budgets,
+                       shortlists, reduce_sum, max_distance, scale, rows, valid, out):
+        """Per (request, KV head): select (and re-rank where ``shortlists[b] > budgets[b]``), then attend; the
+        caches ``[num_blocks, Hkv, block_size, X]`` are read through ``tables[b]``."""
         batch, heads = q_codes.shape[:2]
-        width = shortlist if shortlist > budget else 0  # re-ranking's shortlist, before the exact scores cut it
+        width = shortlists.max() if (shortlists > budgets).any() else 0  # re-ranking's shortlist slots
         short_rows = np.zeros((batch, heads, width), np.int64)
         short_valid = np.zeros((batch, heads, width), np.bool_)
         for r in numba.prange(batch * heads):
             b, h = r // heads, r % heads
+            table, budget, shortlist = tables[b], budgets[b], shortlists[b]
             # slots 0 .. sinks + recent came filled (selection.fixed_rows); the nearest candidates follow
-            lo, hi = first[b] + sinks, n - recent
+            lo, hi = first[b] + sinks, ends[b] - recent
             if shortlist == budget:
-                _select_nearest(q_codes, k_codes, b, h, lo, hi, budget, reduce_sum, max_distance, rows, valid,
-                                sinks + recent)
-                logits = _row_logits(query, k, b, h, rows, valid, scale, rows.shape[2])
+                _select_nearest(q_codes, k_codes, table, block_size, b, h, lo, hi, budget, reduce_sum, max_distance,
+                                rows, valid, sinks + recent)
+                logits = _row_logits(query, k, table, block_size, b, h, rows, valid, scale, rows.shape[2])
             else:
-                _select_nearest(q_codes, k_codes, b, h, lo, hi, shortlist, reduce_sum, max_distance, short_rows,
-                                short_valid, 0)
-                logits = _row_logits(query, k, b, h, rows, valid, scale, sinks + recent)
-                _rerank(query, k, b, h, short_rows, short_valid, budget, scale, rows, valid, logits, sinks + recent)
-            _attend(v, b, h, rows, valid, logits, out)
+                _select_nearest(q_codes, k_codes, table, block_size, b, h, lo, hi, shortlist, reduce_sum,
+                                max_distance, short_rows, short_valid, 0)
+                logits = _row_logits(query, k, table, block_size, b, h, rows, valid, scale, sinks + recent)
+                _rerank(query, k, table, block_size, b, h, short_rows, short_valid, budget, scale, rows, valid,
+                        logits, sinks + recent)
+            _attend(v, table, block_size, b, h, rows, valid, logits, out)

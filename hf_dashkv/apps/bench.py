@@ -433,12 +433,12 @@ class GenerateResult:
     dashkv_tok_s: float
 
 
-def _filled_cache(cache, layer_kv: list[tuple[torch.Tensor, torch.Tensor]], context: int):
-    """``cache`` holding ``context`` tokens: the real K/V of a prefill, tiled along the sequence."""
+def _filled_cache(cache, layer_kv: list[tuple[torch.Tensor, torch.Tensor]], context: int, batch: int = 1):
+    """``cache`` holding ``batch`` rows of ``context`` tokens: the real K/V of a prefill, tiled along the sequence."""
     for layer_idx, (keys, values) in enumerate(layer_kv):
         reps = -(-context // keys.shape[2])
-        tiled_k = keys.repeat(1, 1, reps, 1)[:, :, :context]
-        tiled_v = values.repeat(1, 1, reps, 1)[:, :, :context]
+        tiled_k = keys.repeat(batch, 1, reps, 1)[:, :, :context]
+        tiled_v = values.repeat(batch, 1, reps, 1)[:, :, :context]
         layer = cache.layers[layer_idx]
         # outside a forward pass: a hashed layer stores without leaving itself for an attention call
         (layer.store if isinstance(layer, DashKVLayer) else layer.update)(tiled_k, tiled_v)
@@ -447,12 +447,12 @@ def _filled_cache(cache, layer_kv: list[tuple[torch.Tensor, torch.Tensor]], cont
 
 @torch.inference_mode()
 def generate_speed(model, tokenizer, encoders: HashEncoders, policy: DecodePolicy, contexts: list[int],
-                   new_tokens: int = 16, prefill_tokens: int = 2048) -> list[GenerateResult]:
+                   new_tokens: int = 16, prefill_tokens: int = 2048, batch: int = 1) -> list[GenerateResult]:
     """End-to-end greedy ``generate`` decode tokens/s at long contexts: transformers' default, full, DASH-KV.
 
     A real prefill of ``prefill_tokens`` gives every layer real K/V; the caches are then filled to each context
-    length by tiling those K/V (a real prefill of 32k tokens takes many minutes on a CPU), and ``generate``
-    decodes ``new_tokens`` after it. ``full`` is exact attention over DashKVCache's non-copying storage (all
+    length by tiling those K/V (a real prefill of 32k tokens takes many minutes on a CPU), ``batch`` rows of it
+    (each its own copy), and ``generate`` decodes ``new_tokens`` after it; tokens/s counts every row's. ``full`` is exact attention over DashKVCache's non-copying storage (all
     layers dense); ``hf-default`` is ``DynamicCache`` + SDPA.
     """
     from transformers import DynamicCache
@@ -466,15 +466,15 @@ def generate_speed(model, tokenizer, encoders: HashEncoders, policy: DecodePolic
     layer_kv = [(layer.keys, layer.values) for layer in prefill.layers]
     results = []
     for context in contexts:
-        prompt = torch.cat([ids[:, :1].repeat(1, context), ids[:, -1:]], dim=1)  # N cached + the next token
+        prompt = torch.cat([ids[:, :1].repeat(batch, context), ids[:, -1:].repeat(batch, 1)], dim=1)  # N + next
         rates = {}
         for name, make in (
             ("hf_default", lambda: DynamicCache(config=model.config)),
             ("full", lambda: DashKVCache(model.config, policy=policy, selector=DenseSelector())),
             ("dashkv", lambda: DashKVCache(model.config, encoders, policy)),
         ):
-            cache = _filled_cache(make(), layer_kv, context)
-            rates[name] = _decode_rate(model, prompt, cache, new_tokens)
+            cache = _filled_cache(make(), layer_kv, context, batch)
+            rates[name] = batch * _decode_rate(model, prompt, cache, new_tokens)
         results.append(GenerateResult(context, policy.budget, rates["hf_default"], rates["full"], rates["dashkv"]))
     return results
 
@@ -534,3 +534,110 @@ def selection_speed(contexts: list[int], budget: float = 1 / 32, bits: int = 32,
         ms = {name: statistics.median(t) for name, t in times.items()}
         lines.append(f"| {n // 1024}k | {ms['kernel']:.2f} | {ms['torch']:.2f} | **{ms['torch'] / ms['kernel']:.0f}x** |")
     return "\n".join(lines)
+
+
+@dataclass
+class ServingResult:
+    """Decode tokens/s (all requests' output tokens after prefill) of ``batch`` requests at ``context`` tokens:
+    vLLM's own attention against DASH-KV's on one engine (medians of the repeats, each repeat's values kept), and
+    transformers' ``generate`` with full attention against ``DashKVCache`` at the same shape."""
+
+    batch: int
+    context: int
+    vllm_tok_s: list[float]
+    vllm_dashkv_tok_s: list[float]
+    generate_full_tok_s: float
+    generate_dashkv_tok_s: float
+
+    @property
+    def vllm_ratio(self) -> float:
+        return statistics.median(self.vllm_dashkv_tok_s) / statistics.median(self.vllm_tok_s)
+
+    @property
+    def generate_ratio(self) -> float:
+        return self.generate_dashkv_tok_s / self.generate_full_tok_s
+
+
+def serving_speed(model_name: str, encoders: str, policy: DecodePolicy, batches: list[int], contexts: list[int],
+                  out_dir: Path, new_tokens: int = 32, repeats: int = 3) -> tuple[list[ServingResult], dict]:
+    """The serving benchmark: ``hf_dashkv.vllm.bench`` in the vLLM environment (its docstring has the method), then
+    ``generate_speed`` at the same shapes here. Prompts: distinct windows of the embedded SOTU text (tokenised
+    once), so no two requests share a cached block. Returns the results and the vLLM side's record."""
+    import os
+    import subprocess
+
+    from ..corpora import sotu_text
+    from ..embedded import EMBEDDED_MODELS, embedded_model_dir, load_model
+    from ..vllm.serve import vllm_python
+
+    model, tokenizer = load_model(model_name)
+    ids = tokenizer(sotu_text()).input_ids
+    longest, count = max(contexts), max(batches)
+    if longest > len(ids):
+        raise SystemExit(f"dashkv bench --engine vllm: contexts up to {len(ids)} tokens (the SOTU text), not {longest}.")
+    stride = max(1, (len(ids) - 1) // count)
+    prompts = [(ids[r * stride:] + ids[: r * stride])[:longest] for r in range(count)]  # windows, wrapped around
+    path = str(embedded_model_dir(model_name)) if model_name in EMBEDDED_MODELS else model_name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec = {"out": str(out_dir / "vllm.json"), "model": path, "encoders": encoders, "policy": policy.to_dict(),
+            "prompts": prompts, "batches": batches, "contexts": contexts, "new_tokens": new_tokens,
+            "repeats": repeats, "kv_cache_bytes": _kv_bytes(model.config, count * (longest + new_tokens + 64))}
+    spec_path = out_dir / "vllm-spec.json"
+    spec_path.write_text(json.dumps(spec))
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    subprocess.run([vllm_python(), "-m", "hf_dashkv.vllm.bench", str(spec_path)], env=env, check=True)
+    vllm = json.loads((out_dir / "vllm.json").read_text())
+    generate = {batch: {r.context: r for r in generate_speed(model, tokenizer, HashEncoders.from_pretrained(encoders),
+                                                             policy, contexts, batch=batch)}
+                for batch in batches}
+    results = [ServingResult(row["batch"], row["context"], row["vllm"], row["dashkv"],
+                             generate[row["batch"]][row["context"]].full_tok_s,
+                             generate[row["batch"]][row["context"]].dashkv_tok_s) for row in vllm["rows"]]
+    return results, vllm
+
+
+def _kv_bytes(config, tokens: int) -> int:
+    """Room for ``tokens`` tokens of fp32 K/V in every layer, plus a quarter for the codes and vLLM's slack."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_token = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * 4
+    return int(tokens * per_token * 1.25)
+
+
+def serving_table(results: list[ServingResult]) -> str:
+    lines = [
+        "| batch x context | vLLM tok/s | vLLM + DASH-KV tok/s | ratio | generate full tok/s | generate DASH-KV tok/s "
+        "| ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.batch} x {r.context // 1024}k | {statistics.median(r.vllm_tok_s):.1f} | "
+            f"{statistics.median(r.vllm_dashkv_tok_s):.1f} | **{r.vllm_ratio:.2f}x** | {r.generate_full_tok_s:.1f} | "
+            f"{r.generate_dashkv_tok_s:.1f} | **{r.generate_ratio:.2f}x** |"
+        )
+    return "\n".join(lines)
+
+
+def plot_serving(results: list[ServingResult], path: Path) -> None:
+    """Decode tokens/s per shape: vLLM and vLLM + DASH-KV, generate full and DASH-KV, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r.batch} x {r.context // 1024}k" for r in results]
+    series = [("vLLM", [statistics.median(r.vllm_tok_s) for r in results]),
+              ("vLLM + DASH-KV", [statistics.median(r.vllm_dashkv_tok_s) for r in results]),
+              ("generate, full", [r.generate_full_tok_s for r in results]),
+              ("generate, DASH-KV", [r.generate_dashkv_tok_s for r in results])]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.2
+    for i, (name, values) in enumerate(series):
+        ax.bar([x + (i - 1.5) * width for x in range(len(results))], values, width, label=name)
+    ax.set_xticks(range(len(results)), labels)
+    ax.set_ylabel("decode tokens/s (all requests)")
+    ax.set_title("SmolLM2-135M fp32, CPU: decode throughput after prefill")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

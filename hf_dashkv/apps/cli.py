@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 
 def _budget(text: str) -> int | float:
@@ -110,6 +111,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                         selection_speed, step_table)
     from ..embedded import load_model
 
+    if args.engine == "vllm":
+        return _bench_serving(args)
+    args.contexts = args.contexts or [8192, 131072]
     custom = EncoderSpec("custom", args.bits, args.query_hidden, args.rerank)
     specs = encoder_specs(args.configs, custom)
     cases = [
@@ -123,7 +127,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out_dir = Path(args.out_dir)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("dashkv bench --device cuda: no CUDA device here (torch.cuda.is_available() is False).")
-    results = run(cases, out_dir, repeats=args.repeats, whole_step=args.whole_step, device=args.device)
+    results = run(cases, out_dir, repeats=args.repeats or 15, whole_step=args.whole_step, device=args.device)
     print("\nThe attention call, one layer, one step (ms, median ± IQR; parts timed alone); ratios > 1: DASH-KV is "
           f"faster\n\n{markdown_table(results)}")
     if args.whole_step:
@@ -147,6 +151,33 @@ def cmd_bench(args: argparse.Namespace) -> int:
         (out_dir / "generate.md").write_text(text + "\n")
         written.append("generate.md")
     print(f"\nwrote {out_dir}/: {', '.join(written)}")
+    return 0
+
+
+def _bench_serving(args: argparse.Namespace) -> int:
+    """``dashkv bench --engine vllm``: decode throughput in vLLM, stock vs DASH-KV, and generate at the same shapes."""
+    from pathlib import Path
+
+    from .. import DecodePolicy
+    from ..embedded import shipped_encoders
+    from .bench import plot_serving, serving_speed, serving_table
+
+    source = str(args.encoders or shipped_encoders(args.model) or "")
+    encoders = _trained_encoders(args.model, args.encoders)
+    policy = replace(encoders.policy or DecodePolicy(), budget=args.budgets[0])
+    contexts, out_dir = args.contexts or [4096, 16384], Path(args.out_dir)
+    results, record = serving_speed(args.model, source, policy, args.batches, contexts, out_dir,
+                                    new_tokens=args.new_tokens, repeats=args.repeats or 3)
+    text = (f"Decode tokens/s after prefill, {args.model} fp32 on this CPU ({record['threads']} threads), "
+            f"{args.new_tokens} new tokens per request; vLLM: median of {args.repeats or 3} interleaved repeats on "
+            f"one engine (hf_dashkv/vllm/bench.py); generate: transformers with full attention vs DashKVCache. "
+            f"Policy: {describe_policy(policy)}.\n\n{serving_table(results)}")
+    print("\n" + text)
+    (out_dir / "serving.md").write_text(text + "\n")
+    (out_dir / "serving.json").write_text(json.dumps({"results": [asdict(r) for r in results], "vllm": record,
+                                                      "policy": policy.to_dict()}, indent=1))
+    plot_serving(results, out_dir / "serving.png")
+    print(f"\nwrote {out_dir}/: serving.md, serving.json, serving.png, vllm.json")
     return 0
 
 
@@ -288,8 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="decode attention latency and generate tokens/s, full vs DASH-KV")
     bench.add_argument("--shapes", nargs="+", default=["llama3-8b", "smollm2"], choices=["llama3-8b", "smollm2"])
     bench.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
-    bench.add_argument("--contexts", nargs="+", type=_tokens, default=[8192, 131072],
-                       help="context lengths, e.g. 4k 16k 128k")
+    bench.add_argument("--engine", default="transformers", choices=["transformers", "vllm"],
+                       help="vllm: decode throughput in vLLM (stock vs DASH-KV) and generate at --batches x --contexts")
+    bench.add_argument("--contexts", nargs="+", type=_tokens, default=None,
+                       help="context lengths, e.g. 4k 16k 128k (default: 8k 128k; with --engine vllm, 4k 16k)")
+    bench.add_argument("--batches", nargs="+", type=int, default=[1, 8], help="with --engine vllm: concurrent requests")
+    bench.add_argument("--new-tokens", type=int, default=32, help="with --engine vllm: tokens decoded per request")
     bench.add_argument("--budgets", nargs="+", type=_budget, default=[1 / 32])
     bench.add_argument("--configs", nargs="+", default=["default", "shipped"], choices=["default", "shipped", "custom"],
                        help="encoder settings: EncoderConfig()'s, the shipped SmolLM2 encoders', or --bits/--query-hidden/"
@@ -301,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also time one whole decoder-layer step (projections, MLP block, cache update)")
     bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                        help="cuda: the Triton kernels against SDPA on the GPU (end-to-end generate runs on cpu only)")
-    bench.add_argument("--repeats", type=int, default=15)
+    bench.add_argument("--repeats", type=int, default=None, help="default: 15 (attention call), 3 (--engine vllm)")
     bench.add_argument("--out-dir", default="runs/bench")
     bench.add_argument("--generate-contexts", nargs="*", type=_tokens, default=[8192, 32768],
                        help="end-to-end generate with --model and its trained encoders at these contexts (none: skip)")

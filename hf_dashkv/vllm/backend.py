@@ -15,15 +15,15 @@ On a DASH-KV layer:
   the policy's budget does not cover: ``Selector.covers``, as in ``generate``) from the others (prefills, prefill
   chunks, covered decodes), and builds the stock kernel's metadata for the others alone;
 - ``forward``: the stock kernel on the others (exact, as ``generate`` runs prefill and covered steps), and the
-  library's rule over the paged cache on the selected decodes (``paged.paged_decode``: gather through the block
-  table, then ``Plan.attend``). Layers without DASH-KV state use the stock metadata of the whole batch.
-
-First version, correctness before speed: the reference gathers each request's rows in PyTorch (a paged kernel
-comes next: ``docs/vllm-plan.md`` §4).
+  library's rule over the paged cache on the selected decodes: the compiled paged kernel
+  (``kernels.paged_decode_attention``, reading each selected row in place by its slot), tested equal to the
+  reference ``paged.paged_decode`` (gather through the block table, then ``Plan.attend``), which runs where the
+  kernel cannot (fp16). Layers without DASH-KV state use the stock metadata of the whole batch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -48,14 +48,24 @@ READABLE_ISAS = ("vec", "vec16")
 
 
 @dataclass
-class DashKVCPUMetadata(CPUAttentionMetadata):
-    """The stock metadata (what dense layers use) and, when some requests decode with selection, the split:
-    ``decode_rows`` (those requests, ``[S]``) and ``decode_tokens`` (their query tokens, ``[S]``); ``rest_tokens``
-    (every other token, ``[T - S]``) and ``rest``, the stock metadata of the other requests alone (``None`` if there
-    are none)."""
+class SelectedDecodes:
+    """The requests of a step that decode with selection, gathered once per step for every DASH-KV layer: their
+    query tokens ``[S]``, block-table rows ``[S, max_blocks]``, contexts ``[S]`` (the decode token included) and
+    budgets in tokens ``[S]`` (``policy.budget_tokens``: a fractional budget differs per request)."""
 
-    decode_rows: torch.Tensor | None = None
-    decode_tokens: torch.Tensor | None = None
+    tokens: torch.Tensor
+    block_table: torch.Tensor
+    seq_lens: torch.Tensor
+    budgets: torch.Tensor
+
+
+@dataclass
+class DashKVCPUMetadata(CPUAttentionMetadata):
+    """The stock metadata (what dense layers use) and, when some requests decode with selection, those
+    (``selected``); ``rest_tokens`` (every other token, ``[T - S]``) and ``rest``, the stock metadata of the other
+    requests alone (``None`` if there are none)."""
+
+    selected: SelectedDecodes | None = None
     rest_tokens: torch.Tensor | None = None
     rest: CPUAttentionMetadata | None = None
 
@@ -82,10 +92,13 @@ class DashKVCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         rows = selected_decodes(starts, seq_lens, self.policy)
         if not rows:
             return md
+        chosen = torch.tensor(rows, dtype=torch.long)
+        seq_lens_chosen = seq_lens[chosen]
+        md.selected = SelectedDecodes(
+            starts[chosen].long(), stock.block_table[chosen], seq_lens_chosen,
+            torch.tensor([self.policy.budget_tokens(n) for n in seq_lens_chosen.tolist()], dtype=torch.long))
         selected = set(rows)
         others = [r for r in range(seq_lens.shape[0]) if r not in selected]
-        md.decode_rows = torch.tensor(rows, dtype=torch.long)
-        md.decode_tokens = starts[md.decode_rows].long()
         if others:
             md.rest_tokens, md.rest = self._rest(stock, torch.tensor(others, dtype=torch.long))
         return md
@@ -114,6 +127,8 @@ class DashKVCPUMetadataBuilder(CPUAttentionMetadataBuilder):
 class DashKVCPUImpl(CPUAttentionBackendImpl):
     """``CPU_ATTN``'s impl; on a layer with ``layer.dashkv``, codes are written with K/V and decode steps select."""
 
+    decode: Callable | None = None  # how selected decodes run: choose_decode, at the layer's first one
+
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
         state: LayerState | None = getattr(layer, "dashkv", None)
@@ -127,25 +142,61 @@ class DashKVCPUImpl(CPUAttentionBackendImpl):
                 output_block_scale=None):
         state: LayerState | None = getattr(layer, "dashkv", None)
         md = attn_metadata
-        if state is None or not isinstance(md, DashKVCPUMetadata) or md.decode_rows is None:
+        if state is None or not isinstance(md, DashKVCPUMetadata) or md.selected is None:
             return super().forward(layer, query, key, value, kv_cache, md, output, output_scale, output_block_scale)
-        if getattr(layer, "isa", "vec") not in READABLE_ISAS:
-            raise NotImplementedError(
-                f"DASH-KV reads vLLM's CPU K/V layout of the {READABLE_ISAS} ISAs; this engine uses {layer.isa!r} "
-                "(bf16 on AMX). Use dtype='float32' (or float16)."
-            )
         if md.rest is not None:  # prefills and covered decodes: the stock kernel on those requests alone
             rest = output.new_empty(md.rest_tokens.shape[0], *output.shape[1:])
             super().forward(layer, query[md.rest_tokens], None, None, kv_cache, md.rest, rest, output_scale,
                             output_block_scale)
             output[md.rest_tokens] = rest
-        q = query[md.decode_tokens]  # [S, Hq, D]
-        key_view, value_view = cpu_kv_views(kv_cache)
-        out, _ = paged_decode(q, state.encoders.encode_query(q), PagedLayer(key_view, value_view, state.codes.kv_cache),
-                              md.block_table[md.decode_rows], md.seq_lens[md.decode_rows], state.policy, self.scale,
-                              state.layer_idx)
-        output[md.decode_tokens] = out.to(output.dtype)
+        if self.decode is None:
+            self.decode = choose_decode(getattr(layer, "isa", "vec"), kv_cache.dtype)
+        selected = md.selected
+        q = query[selected.tokens]  # [S, Hq, D]
+        paged = PagedLayer(*cpu_kv_views(kv_cache), state.codes.kv_cache)
+        out = self.decode(q, state.encoders.encode_query(q), paged, selected, state.policy, self.scale, state.layer_idx)
+        output[selected.tokens] = out.to(output.dtype)
         return output
+
+
+def choose_decode(isa: str, dtype: torch.dtype) -> Callable:
+    """How a DASH-KV layer runs its selected decodes, chosen once per layer (at its first one): the compiled paged
+    kernel (``kernels.paged_decode_attention``) for fp32 and bf16, else the PyTorch reference (``paged.paged_decode``);
+    the two are tested equal. Both read vLLM's CPU K/V layout of the ``vec``/``vec16`` ISAs only."""
+    if isa not in READABLE_ISAS:
+        raise NotImplementedError(
+            f"DASH-KV reads vLLM's CPU K/V layout of the {READABLE_ISAS} ISAs; this engine uses {isa!r} "
+            "(bf16 on AMX). Use dtype='float32' (or float16)."
+        )
+    from .. import kernels  # at first use: vLLM's worker start must not find numba loaded (docs/vllm-plan.md §5)
+
+    if kernels.numba is None or dtype not in kernels.FLOAT_DTYPES:
+        return reference_decode
+    # vLLM 0.32 reads vars() of every module attribute when a worker starts (triton_utils.dispatcher), and
+    # llvmlite's ffi.lib answers `__dict__` with a C function: give it a dict, or a later engine in this process
+    # fails to start
+    from llvmlite.binding import ffi
+
+    ffi.lib._fntab.setdefault("__dict__", {})
+    return kernel_decode
+
+
+def kernel_decode(query, query_codes, paged: PagedLayer, selected: SelectedDecodes, policy: DecodePolicy,
+                  scale: float, layer_idx: int) -> torch.Tensor:
+    """The selected decodes through the compiled paged kernel: ``query [S, Hq, D]`` -> ``[S, Hq, D]``."""
+    from .. import kernels
+
+    out, _, _ = kernels.paged_decode_attention(
+        query, query_codes, paged.key, paged.value, paged.key_codes, selected.block_table, selected.seq_lens,
+        policy.sink_tokens, policy.recent_tokens, selected.budgets, policy.group_reduce, scale, policy.rerank)
+    return out
+
+
+def reference_decode(query, query_codes, paged: PagedLayer, selected: SelectedDecodes, policy: DecodePolicy,
+                     scale: float, layer_idx: int) -> torch.Tensor:
+    """The selected decodes through the PyTorch reference (``paged.paged_decode``): ``[S, Hq, D]``."""
+    out, _ = paged_decode(query, query_codes, paged, selected.block_table, selected.seq_lens, policy, scale, layer_idx)
+    return out
 
 
 def selected_decodes(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, policy: DecodePolicy) -> list[int]:

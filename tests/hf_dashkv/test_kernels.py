@@ -247,3 +247,35 @@ def test_a_process_forked_after_the_kernel_ran_can_decode():
     forked = results.get(timeout=120)
     child.join(timeout=30)
     assert child.exitcode == 0 and forked == expected.tolist()
+
+
+@pytest.mark.parametrize("policy", [
+    DecodePolicy(budget=5, sink_tokens=2, recent_tokens=4),
+    DecodePolicy(budget=0.25, sink_tokens=1, recent_tokens=3),  # each request its own budget
+    DecodePolicy(budget=4, sink_tokens=2, recent_tokens=4, group_reduce="min"),
+    DecodePolicy(budget=3, sink_tokens=2, recent_tokens=4, rerank=3),
+], ids=["fixed budget", "fractional budget", "min over the group", "rerank"])
+@pytest.mark.parametrize("layout", ["plain", "vllm cpu"])
+def test_paged_kernel_equals_the_paged_reference(policy, layout):
+    # shuffled blocks with NaN in the unused ones, partial last blocks, three requests sharing two prefix blocks
+    from hf_dashkv.vllm.paged import PagedLayer, cpu_kv_views
+    from tests.hf_dashkv.vllm.test_paged import DIM, contiguous, paged, run_paged, share_prefix
+
+    requests = contiguous([26, 45, 19, 38], seed=3)
+    share_prefix(requests, 1, 3, 16)
+    layer, table, seq_lens = paged(requests, shared=[(1, 3, 2)], seed=3)
+    if layout == "vllm cpu":  # keys transposed per block, in one tensor with the values
+        physical = torch.cat([layer.key.transpose(-1, -2).flatten(2), layer.value.flatten(2)], dim=-1)
+        layer = PagedLayer(*cpu_kv_views(physical.view(*layer.key.shape[:3], 2 * DIM)), layer.key_codes)
+    ref_out, selections = run_paged(requests, layer, table, seq_lens, policy)
+    budgets = torch.tensor([policy.budget_tokens(int(n)) for n in seq_lens])
+    out, rows, valid = kernels.paged_decode_attention(
+        torch.cat([r[3] for r in requests]), torch.cat([r[4] for r in requests]), layer.key, layer.value,
+        layer.key_codes, table, seq_lens, policy.sink_tokens, policy.recent_tokens, budgets, policy.group_reduce,
+        0.25, rerank=policy.rerank)
+    torch.testing.assert_close(out, ref_out)
+    for r, selection in enumerate(selections):
+        width = selection.rows.shape[-1]
+        assert not valid[r, :, width:].any()  # a smaller budget than the batch's largest: the rest unused
+        assert torch.equal(valid[r, :, :width], selection.valid[0])
+        assert torch.equal(rows[r, :, :width][valid[r, :, :width]], selection.rows[0][selection.valid[0]])

@@ -1,0 +1,87 @@
+"""The serving benchmark's vLLM side: decode throughput of vLLM's own attention against DASH-KV's, interleaved on
+one engine. ``dashkv bench --engine vllm`` runs it in the vLLM environment and writes the tables::
+
+    python -m hf_dashkv.vllm.bench spec.json
+
+``spec.json``: ``{"out": "result.json", "model": folder, "encoders": folder, "policy": {...} | null,
+"prompts": [[token ids], ...], "batches": [1, 8], "contexts": [4096, 16384], "new_tokens": 32, "repeats": 3,
+"kv_cache_bytes": int}``; ``prompts`` holds ``max(batches)`` distinct prompts of ``max(contexts)`` tokens.
+
+Method. One engine with DASH-KV (single process, eager, fp32, block size 32, prefix caching on) prefills every
+prompt once, at its longest context; the shorter contexts are prefixes of it, so each measurement finds its prompt's
+full blocks cached and recomputes at most the last partial one. A measurement of ``batch`` requests at ``context``
+is ``generate(max_tokens=1 + new_tokens)`` minus ``generate(max_tokens=1)`` on the same prompts: the time of
+``new_tokens`` decode steps, hence output tokens/s after prefill. "vLLM" is the same engine with every layer's
+DASH-KV state detached (``attn.dashkv = None``): the impl then runs the stock ``CPU_ATTN`` kernel on every layer
+with the stock metadata, as an engine without DASH-KV does (the builder still makes its per-step split, a few
+list operations per step); "DASH-KV" re-attaches it. Modes alternate within each repeat, so drift on a shared
+machine hits both. One engine serves both because a prefill of 8 x 16k tokens takes tens of minutes on two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")  # 16k contexts exceed SmolLM2's 8k: speed, not quality
+
+
+def measure(spec: dict) -> dict:
+    from tqdm import tqdm
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from . import LLM
+
+    batches, contexts, new_tokens = spec["batches"], spec["contexts"], spec["new_tokens"]
+    llm = LLM(spec["model"], encoders=spec["encoders"], policy=spec.get("policy"), dtype="float32",
+              skip_tokenizer_init=True, enforce_eager=True, block_size=32, enable_prefix_caching=True,
+              max_model_len=max(contexts) + new_tokens + 32, max_num_seqs=max(batches),
+              max_num_batched_tokens=8192, kv_cache_memory_bytes=spec["kv_cache_bytes"])
+    context = llm.llm_engine.vllm_config.compilation_config.static_forward_context
+    states = {name: layer.dashkv for name, layer in context.items() if getattr(layer, "dashkv", None) is not None}
+
+    def attach(on: bool) -> None:
+        for name, state in states.items():
+            context[name].dashkv = state if on else None
+
+    def timed(prompts: list[list[int]], tokens: int) -> float:
+        sampling = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+        start = time.perf_counter()
+        llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sampling, use_tqdm=False)
+        return time.perf_counter() - start
+
+    prompts = spec["prompts"]
+    start = time.perf_counter()
+    for prompt in tqdm(prompts, desc="prefill (once)", file=sys.stderr):
+        timed([prompt], 1)
+    prefill_seconds = time.perf_counter() - start
+    rows = []
+    shapes = [(batch, n) for n in contexts for batch in batches]
+    for batch, n in tqdm(shapes, desc="shapes", file=sys.stderr):
+        batch_prompts = [p[:n] for p in prompts[:batch]]
+        rates = {"vllm": [], "dashkv": []}
+        for _ in range(spec["repeats"]):
+            for mode in rates:
+                attach(mode == "dashkv")
+                decode = timed(batch_prompts, 1 + new_tokens) - timed(batch_prompts, 1)
+                rates[mode].append(batch * new_tokens / decode)
+        attach(True)
+        rows.append({"batch": batch, "context": n, **rates})
+    return {"rows": rows, "prefill_seconds": prefill_seconds, "hashed_layers": len(states),
+            "threads": int(os.environ.get("OMP_NUM_THREADS", "0"))}
+
+
+def main(spec_path: str) -> None:
+    with open(spec_path) as f:
+        spec = json.load(f)
+    result = measure(spec)
+    with open(spec["out"], "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
