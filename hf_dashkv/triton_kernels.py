@@ -196,6 +196,7 @@ def _nearest(query_codes, key_codes, block_table, lens, lo, seen, recent, budget
     distances = torch.empty(requests, kv_heads, width, dtype=torch.int32, device=device)
     rows = torch.zeros(requests, kv_heads, max(slots, 1), dtype=torch.int64, device=device)
     counts = torch.zeros(requests, kv_heads, dtype=torch.int32, device=device)
+    # without a mask the kernel reads no seen pointer (HAS_SEEN is off); any tensor fills the argument
     seen_i8 = distances if seen is None else seen.to(device=device, dtype=torch.int8).contiguous()
     with _on(key_codes):
         _distances_kernel[(requests * kv_heads, triton.cdiv(width, block))](
