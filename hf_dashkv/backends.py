@@ -11,8 +11,6 @@ backend over a serving engine's block tables is to implement the same two method
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from . import triton_kernels
@@ -110,13 +108,10 @@ class TritonBackend(Backend):
         return None
 
     def run(self, plan: CodePlan, step):
-        # Triton launches on the current CUDA device, not the tensors': a model split over GPUs needs this
-        on = torch.cuda.device(step.key.device) if step.key.is_cuda else contextlib.nullcontext()
-        with on:
-            out, rows, valid = triton_kernels.decode_attention(
-                step.query, plan.query_codes, step.key, step.value, step.key_codes, step.first, plan.sinks,
-                plan.recent, plan.budget, plan.group_reduce, step.scale, seen=step.valid,
-            )
+        out, rows, valid = triton_kernels.decode_attention(
+            step.query, plan.query_codes, step.key, step.value, step.key_codes, step.first, plan.sinks, plan.recent,
+            plan.budget, plan.group_reduce, step.scale, seen=step.valid,
+        )
         return out, Selection(rows, valid)
 
 

@@ -3,7 +3,8 @@
 # with its own timeout and timing. How to call it through the device tool, and what to carry: docs/gpu-check.md.
 #
 #   1. the Triton kernels' tests compiled for the GPU (TRITON_INTERPRET=0; tests/conftest.py sets the interpreter
-#      only where there is no CUDA), the half-precision generate test, and the bench's small GPU case;
+#      only where there is no CUDA), contiguous and paged caches, the half-precision generate test, and the bench's
+#      small GPU case;
 #   2. `dashkv bench --device cuda`: llama3-8b shapes, bf16, 32k and 128k, the shipped encoders' config:
 #      the Triton decode kernels against SDPA (results.json, results.md, latency.png);
 #   3. a vLLM GPU smoke with DASH-KV: only where vLLM imports AND the plugin has a CUDA backend; else it says why
@@ -105,11 +106,12 @@ step() {
 
 # ---- 1. the Triton paths, compiled ------------------------------------------------------------------------------
 # test_triton_kernels.py: every kernel test on CUDA tensors (the interpreter-only generate test skips itself), plus
-# the ahead-of-time sm_90 compile; test_sparse_generate.py -k half: fp16 picks the torch backend when not
-# interpreting; test_bench.py: one small bench case on the GPU with the Triton kernels.
+# the ahead-of-time sm_90 compile; test_triton_paged.py: the same kernels over paged caches (block tables) against
+# the paged reference, and each launch on its tensors' device; test_sparse_generate.py -k half: fp16 picks the torch
+# backend when not interpreting; test_bench.py: one small bench case on the GPU with the Triton kernels.
 step "1 triton tests (compiled)" "$T_TESTS" \
     "$PY" -m pytest -q -p no:cacheprovider -o addopts="" \
-    tests/hf_dashkv/test_triton_kernels.py \
+    tests/hf_dashkv/test_triton_kernels.py tests/hf_dashkv/test_triton_paged.py \
     "tests/hf_dashkv/test_sparse_generate.py::test_half_precision_caches_decode_sparsely_as_the_definition_does" \
     "tests/hf_dashkv/apps/test_bench.py::test_a_small_case_runs_on_the_gpu_with_the_triton_kernels"
 

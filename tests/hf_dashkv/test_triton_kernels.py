@@ -169,7 +169,9 @@ def test_a_cache_that_names_triton_for_reranking_is_refused_at_the_first_store()
 
 def compile_for_sm90() -> list[str]:
     """Compile each kernel ahead of time for an H100/H200-class GPU (sm_90) with Triton's own compiler, no GPU
-    needed; run in a process where ``TRITON_INTERPRET=0`` (the interpreter skips compilation)."""
+    needed; run in a process where ``TRITON_INTERPRET=0`` (the interpreter skips compilation). The kernels address
+    slots through a block table: these are the paged kernels, which the contiguous entry points run too; distances
+    compile with a padding mask (the contiguous cache) and without (a paged one)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -179,23 +181,28 @@ def compile_for_sm90() -> list[str]:
         compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32))
         return f"{kernel.__name__}: {len(compiled.asm['cubin'])} bytes"
 
-    strides = lambda *names: {name: "i32" for name in names}  # noqa: E731
+    ints = lambda *names: {name: "i32" for name in names}  # noqa: E731
     done = [
         compile_(triton_kernels._distances_kernel,
-                 {"q_ptr": "*u8", "k_ptr": "*u8", "out_ptr": "*i32", "lo_ptr": "*i32", "seen_ptr": "*i8",
-                  **strides("hi", "n", "kv_heads", "sqb", "sqh", "sqg", "sqc", "skb", "skh", "skn", "skc")},
-                 {"GROUP": 4, "NBYTES": 16, "SUM": True, "NOT_CANDIDATE": 513, "BLOCK": 128}),
-        compile_(triton_kernels._select_kernel,
-                 {"dist_ptr": "*i32", "rows_ptr": "*i64", "count_ptr": "*i32", **strides("n", "budget")},
-                 {"BINS": 1024, "NOT_CANDIDATE": 513, "BLOCK": 128}),
+                 {"q_ptr": "*u8", "k_ptr": "*u8", "table_ptr": "*i32", "lens_ptr": "*i32", "lo_ptr": "*i32",
+                  "seen_ptr": "*i8" if seen else "*i32", "out_ptr": "*i32",
+                  **ints("recent", "width", "kv_heads", "block_size", "sqr", "sqh", "sqg", "sqc", "skb", "skh", "skn",
+                         "skc", "stb", "stw", "ssr")},
+                 {"GROUP": 4, "NBYTES": 16, "SUM": True, "HAS_SEEN": seen, "NOT_CANDIDATE": 513, "BLOCK": 128})
+        for seen in (True, False)
     ]
+    done.append(compile_(
+        triton_kernels._select_kernel,
+        {"dist_ptr": "*i32", "lens_ptr": "*i32", "budget_ptr": "*i32", "rows_ptr": "*i64", "count_ptr": "*i32",
+         **ints("width", "slots", "kv_heads")},
+        {"BINS": 1024, "NOT_CANDIDATE": 513, "BLOCK": 128}))
     for dtype in ("*bf16", "*fp16", "*fp32"):
         done.append(compile_(
             triton_kernels._attend_kernel,
-            {"q_ptr": dtype, "k_ptr": dtype, "v_ptr": dtype, "rows_ptr": "*i64", "valid_ptr": "*i8",
-             "out_ptr": "*fp32", "scale": "fp32",
-             **strides("slots", "kv_heads", "group", "head_dim", "sqb", "sqh", "sqg", "sqd", "skb", "skh", "skn",
-                       "skd", "svb", "svh", "svn", "svd")},
+            {"q_ptr": dtype, "k_ptr": dtype, "v_ptr": dtype, "table_ptr": "*i32", "rows_ptr": "*i64",
+             "valid_ptr": "*i8", "out_ptr": "*fp32", "scale": "fp32",
+             **ints("slots", "kv_heads", "group", "head_dim", "block_size", "sqr", "sqh", "sqg", "sqd", "skb", "skh",
+                    "skn", "skd", "svb", "svh", "svn", "svd", "stb", "stw")},
             {"GROUP_P2": 4, "D_P2": 128, "BLOCK_M": 32}))
     return done
 
@@ -209,4 +216,4 @@ def test_the_kernels_compile_for_an_h100_class_gpu_without_one():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("bytes") == 5, done.stdout
+    assert done.stdout.count("bytes") == 6, done.stdout
