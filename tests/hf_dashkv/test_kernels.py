@@ -259,7 +259,7 @@ def test_a_process_forked_after_the_kernel_ran_can_decode():
 def test_paged_kernel_equals_the_paged_reference(policy, layout):
     # shuffled blocks with NaN in the unused ones, partial last blocks, three requests sharing two prefix blocks
     from hf_dashkv.vllm.paged import PagedLayer, cpu_kv_views
-    from tests.hf_dashkv.vllm.test_paged import DIM, contiguous, paged, run_paged, share_prefix
+    from tests.paged_cases import DIM, contiguous, paged, run_paged, share_prefix
 
     requests = contiguous([26, 45, 19, 38], seed=3)
     share_prefix(requests, 1, 3, 16)
