@@ -24,8 +24,9 @@ def LLM(model: str = DEFAULT_MODEL, encoders: str | Path | None = None, policy: 
     """vLLM's ``LLM`` for ``model`` with DASH-KV decode on its hashed layers.
 
     Args:
-        model: an embedded model name (``"smollm2-135m"``), a local folder or a Hub id; Llama-family architectures
-            only for now (others are refused, naming those supported).
+        model: an embedded model name (``"smollm2-135m"``), a local folder or a Hub id of a supported architecture
+            (``settings.ARCHITECTURES``: Llama, Mistral without a sliding window, Qwen2/2.5, Qwen3; others are
+            refused, naming those supported).
         encoders: a folder or Hub id of hash encoders for this model; default: the encoders shipped for the
             embedded SmolLM2 (refused, by ``HashEncoders.check_compatible``, for any other model).
         policy: a :class:`DecodePolicy` (or its dict); default: the encoders' recommended one, else
@@ -62,8 +63,10 @@ def prepare(model: str = DEFAULT_MODEL, encoders: str | Path | None = None, poli
     extra = extra or {}
     if not isinstance(extra, dict):
         raise TypeError("LLM(hf_overrides=...) must be a dict here (DASH-KV adds its fields to it).")
-    # the engine's own loading path, run here first so that mistakes surface in the caller's process
+    # the engine's own loading path, run here first so that mistakes surface in the caller's process; on the config
+    # the engine will see (the caller's overrides applied, e.g. {"sliding_window": None})
     probe = copy.deepcopy(hf_config)
+    probe.update({key: value for key, value in extra.items() if key != "architectures"})
     setattr(probe, settings.ENCODERS_FIELD, str(encoders))
     if policy is not None:
         setattr(probe, settings.POLICY_FIELD, settings.policy_json(policy))

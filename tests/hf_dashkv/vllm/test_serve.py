@@ -64,9 +64,9 @@ def save_tiny_llama_with_tokenizer(folder: Path) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from hf_dashkv.vllm.selftest import save_tiny_llama
+    from hf_dashkv.vllm.selftest import save_tiny
 
-    save_tiny_llama(str(folder))
+    save_tiny(str(folder))
     words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(256)}, unk_token="w0"))
     words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     PreTrainedTokenizerFast(tokenizer_object=words, unk_token="w0").save_pretrained(str(folder))

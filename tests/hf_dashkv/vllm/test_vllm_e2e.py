@@ -81,6 +81,29 @@ def test_small_budget_each_decode_step_is_the_librarys_selection(tmp_path):
     assert checks["max selected vs dense"] > 1e-3  # and that changes the output
 
 
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_qwen_families_give_stock_tokens_when_covered_and_the_librarys_selection_otherwise(tmp_path, family):
+    # tiny random Qwen2 (q/k/v biases) and Qwen3 (q/k norms before RoPE), their biases and norms random: the codes
+    # read back must be encode_keys of the keys vLLM cached, and those are the keys after norm and RoPE
+    model = str(tmp_path / f"tiny-{family}")
+    plain = {"model": model, "prompts": TINY_PROMPTS, "max_tokens": 12}
+    covering = {**plain, "dashkv": tiny_dashkv(tmp_path, DecodePolicy(budget=10_000, sink_tokens=4, recent_tokens=8))}
+    small = {**plain, "max_tokens": 10, "check": True,
+             "dashkv": tiny_dashkv(tmp_path, DecodePolicy(budget=8, sink_tokens=4, recent_tokens=8))}
+    spec = {"tiny": model, "family": family,
+            "random_encoders": {"folder": str(tmp_path / "encoders"), "model": model, "bits": 32}}
+    stock, dashkv, selected = selftest(tmp_path, family, [plain, covering, small], **spec)
+    checks = selected["checks"]
+    print(family, checks, [(run["build_seconds"], run["generate_seconds"]) for run in (stock, dashkv, selected)])
+    assert stock["dashkv_layers"] == []
+    assert dashkv["dashkv_layers"] == selected["dashkv_layers"] == [f"model.layers.{i}.self_attn.attn" for i in (0, 1)]
+    assert dashkv["tokens"] == stock["tokens"]
+    # 2 layers x 2 prompts x 9 decode steps, each selecting 4 + 8 + 8 of >= 41 rows, = the library's plan
+    assert checks["selected"] == checks["dropped rows"] == 2 * 2 * 9
+    assert checks["code bytes differing"] == 0 and checks["max selected error"] < 1e-5
+    assert checks["max rows attended"] <= 4 + 8 + 8 and checks["max selected vs dense"] > 1e-3
+
+
 @pytest.mark.slow
 def test_smollm2_at_1_32_with_shipped_encoders_matches_generate(tmp_path, smollm2):
     import torch
