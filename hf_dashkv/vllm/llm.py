@@ -35,7 +35,8 @@ def LLM(model: str = DEFAULT_MODEL, encoders: str | Path | None = None, policy: 
             extended.
     """
     extra = vllm_kwargs.pop("hf_overrides", None) or {}
-    path, hf_overrides = prepare(model, encoders, policy, vllm_kwargs.get("trust_remote_code", False), extra)
+    path, hf_overrides = prepare(model, encoders, policy, vllm_kwargs.get("trust_remote_code", False), extra,
+                                 vllm_kwargs.get("tensor_parallel_size", 1))
     from vllm import LLM as VllmLLM  # only now: every refusal above runs without vLLM
 
     from .plugin import register
@@ -45,10 +46,11 @@ def LLM(model: str = DEFAULT_MODEL, encoders: str | Path | None = None, policy: 
 
 
 def prepare(model: str = DEFAULT_MODEL, encoders: str | Path | None = None, policy: DecodePolicy | dict | None = None,
-            trust_remote_code: bool = False, extra: dict | None = None) -> tuple[str, dict]:
+            trust_remote_code: bool = False, extra: dict | None = None,
+            tensor_parallel_size: int = 1) -> tuple[str, dict]:
     """The model path and the ``hf_overrides`` that turn DASH-KV on for it (``extra`` kept and extended), after every
-    check the engine will run (``settings.load``); ``ValueError`` for what DASH-KV in vLLM refuses. No vLLM import:
-    ``LLM`` and ``dashkv serve`` both start here."""
+    check the engine will run (``settings.load``, and the split of KV heads over ``tensor_parallel_size`` ranks);
+    ``ValueError`` for what DASH-KV in vLLM refuses. No vLLM import: ``LLM`` and ``dashkv serve`` both start here."""
     from transformers import AutoConfig
 
     path = str(embedded_model_dir(model)) if model in EMBEDDED_MODELS else str(model)
@@ -70,5 +72,6 @@ def prepare(model: str = DEFAULT_MODEL, encoders: str | Path | None = None, poli
     setattr(probe, settings.ENCODERS_FIELD, str(encoders))
     if policy is not None:
         setattr(probe, settings.POLICY_FIELD, settings.policy_json(policy))
-    _, policy, _ = settings.load(probe)
+    _, policy, layout = settings.load(probe)
+    settings.rank_kv_heads(layout.num_kv_heads, tensor_parallel_size, 0)
     return path, {**extra, **settings.overrides(encoders, policy, architecture)}

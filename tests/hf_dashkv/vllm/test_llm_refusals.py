@@ -55,6 +55,13 @@ def test_learned_terms_are_refused(tmp_path):
         LLM(model, encoders=tmp_path / "e", policy=DecodePolicy(spatial_calibration=True))
 
 
+def test_more_tensor_parallel_ranks_than_kv_heads_are_refused(tmp_path):
+    model = saved_config(tmp_path, "llama-gqa", "LlamaForCausalLM")  # 2 KV heads
+    HashEncoders.random(CONFIGS["llama-gqa"](), EncoderConfig(bits=16, query_hidden=0)).save_pretrained(tmp_path / "e")
+    with pytest.raises(ValueError, match=r"each GQA group's query heads on one rank.*tensor_parallel_size <= 2"):
+        LLM(model, encoders=tmp_path / "e", tensor_parallel_size=4)
+
+
 def test_overrides_load_back_the_encoders_and_policy():
     encoders = HashEncoders.from_pretrained(shipped_encoders("smollm2-135m"))
     from transformers import AutoConfig

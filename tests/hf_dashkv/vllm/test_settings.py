@@ -3,8 +3,8 @@
 vLLM gives tensor-parallel rank ``r`` of ``tp`` the KV heads ``[r * Hkv / tp, (r + 1) * Hkv / tp)`` and their query
 heads (``LlamaAttention``, ``Qwen2Attention``: ``num_kv_heads // tp`` per rank); each rank's attention only sees its
 heads. Here each rank runs the paged reference on its heads with its shard of the encoders, and must give the head
-slice of the whole model's run. An end-to-end TP run needs several GPUs (vLLM's CPU build runs TP as several worker
-processes, which this 2-core machine does not run in a test's time): not done here.
+slice of the whole model's run. End to end, ``test_vllm_e2e.py`` runs 2 ranks as vLLM's CPU worker processes (tokens
+equal to the single process's); a run on several GPUs needs a GPU attention backend, which the plugin does not have.
 """
 
 import pytest

@@ -26,7 +26,8 @@ def selftest(tmp_path: Path, name: str, runs: list[dict], plugins: str | None = 
     out = tmp_path / f"{name}.json"
     spec_path = tmp_path / f"{name}-spec.json"
     spec_path.write_text(json.dumps({"out": str(out), "runs": runs, **spec}))
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1"}
+    # PYTHONPATH: worker processes (tensor parallelism) import this checkout too, not the editable install's
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     if plugins is not None:
         env["VLLM_PLUGINS"] = plugins
     done = subprocess.run([str(VLLM_PYTHON), "-m", "hf_dashkv.vllm.selftest", str(spec_path)], cwd=REPO, env=env,
@@ -102,6 +103,26 @@ def test_qwen_families_give_stock_tokens_when_covered_and_the_librarys_selection
     assert checks["selected"] == checks["dropped rows"] == 2 * 2 * 9
     assert checks["code bytes differing"] == 0 and checks["max selected error"] < 1e-5
     assert checks["max rows attended"] <= 4 + 8 + 8 and checks["max selected vs dense"] > 1e-3
+
+
+def test_two_tensor_parallel_ranks_give_the_single_process_dashkv_tokens(tmp_path, monkeypatch):
+    # vLLM's CPU build runs tensor parallelism as worker processes (gloo); with 2 KV heads, each rank holds one KV
+    # head, its two query heads and their encoders (LayerEncoders.shard). The per-step checker cannot reach the
+    # workers, so the claim is on tokens: the budget-8 tokens of 2 ranks are the single process's, which differ from
+    # stock (so selection ran on the ranks). Thread binding off: 2 workers on one NUMA node otherwise refuse to start.
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    model = str(tmp_path / "tiny-qwen3")
+    dashkv = {"model": model, "prompts": TINY_PROMPTS, "max_tokens": 10,
+              "dashkv": tiny_dashkv(tmp_path, DecodePolicy(budget=8, sink_tokens=4, recent_tokens=8))}
+    runs = [{**dashkv, "llm": {"tensor_parallel_size": 2, "distributed_executor_backend": "mp"}},
+            {**dashkv, "check": True}, {"model": model, "prompts": TINY_PROMPTS, "max_tokens": 10}]
+    spec = {"tiny": model, "family": "qwen3",
+            "random_encoders": {"folder": str(tmp_path / "encoders"), "model": model, "bits": 32}}
+    ranks, single, stock = selftest(tmp_path, "tp", runs, timeout=240, **spec)
+    print(ranks["tokens"], single["tokens"], stock["tokens"], ranks["build_seconds"], ranks["generate_seconds"])
+    assert single["checks"]["selected"] > 0 and single["checks"]["max selected error"] < 1e-5
+    assert single["tokens"] != stock["tokens"]
+    assert ranks["tokens"] == single["tokens"]
 
 
 @pytest.mark.slow
