@@ -38,7 +38,7 @@ def test_mistral_with_a_sliding_window_is_refused_and_the_override_lifts_it(tmp_
     with pytest.raises(ValueError, match=r"sets sliding_window=4096.*hf_overrides=\{'sliding_window': None\}"):
         LLM(model, encoders=tmp_path / "e")
     # a Mistral that attends to the whole context: the caller's override reaches the checks and the engine
-    path, overrides = prepare(model, encoders=tmp_path / "e", extra={"sliding_window": None})
+    _, overrides = prepare(model, encoders=tmp_path / "e", extra={"sliding_window": None})
     assert overrides["sliding_window"] is None and overrides["architectures"] == ["DashKVMistralForCausalLM"]
 
 

@@ -21,7 +21,7 @@ KV_HEADS, GROUP, DIM, BLOCK = 6, 2, 16, 8
 
 
 @pytest.mark.parametrize("tp, expected", [
-    (1, [range(0, 6)]), (2, [range(0, 3), range(3, 6)]), (3, [range(0, 2), range(2, 4), range(4, 6)]),
+    (1, [range(6)]), (2, [range(3), range(3, 6)]), (3, [range(2), range(2, 4), range(4, 6)]),
     (6, [range(i, i + 1) for i in range(6)]),
 ])
 def test_each_rank_holds_consecutive_kv_heads_as_vllm_splits_them(tp, expected):
