@@ -31,8 +31,8 @@ def no_exec(monkeypatch):
 
 
 def test_other_architectures_are_refused_before_anything_starts(tmp_path, no_exec):
-    with pytest.raises(SystemExit, match=r"dashkv serve: DASH-KV in vLLM supports .*Qwen2ForCausalLM"):
-        cli.main(["serve", saved_config(tmp_path, "qwen2-gqa", "Qwen2ForCausalLM"), "--dtype", "float32"])
+    with pytest.raises(SystemExit, match=r"dashkv serve: DASH-KV in vLLM supports .*PhiForCausalLM"):
+        cli.main(["serve", saved_config(tmp_path, "llama-gqa", "PhiForCausalLM"), "--dtype", "float32"])
     assert no_exec == []
 
 
