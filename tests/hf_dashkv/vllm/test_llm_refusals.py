@@ -1,6 +1,7 @@
 """``hf_dashkv.vllm.LLM`` checks the model, encoders and policy before it imports vLLM (so these run without it),
 and the settings travel as ``hf_overrides`` fields that load back to the same encoders and policy."""
 
+import re
 import subprocess
 import sys
 
@@ -9,19 +10,36 @@ import pytest
 from hf_dashkv import DecodePolicy, EncoderConfig, HashEncoders
 from hf_dashkv.embedded import shipped_encoders
 from hf_dashkv.vllm import LLM, settings
+from hf_dashkv.vllm.llm import prepare
 from tests.tiny import CONFIGS
 
 
-def saved_config(tmp_path, name, architecture):
+def saved_config(tmp_path, name, architecture, **changes):
     config = CONFIGS[name]()
     config.architectures = [architecture]
+    config.update(changes)
     config.save_pretrained(tmp_path / name)
     return str(tmp_path / name)
 
 
 def test_other_architectures_are_refused_naming_the_supported_ones(tmp_path):
-    with pytest.raises(ValueError, match=r"supports the architectures \['LlamaForCausalLM'\].*Qwen2ForCausalLM"):
-        LLM(saved_config(tmp_path, "qwen2-gqa", "Qwen2ForCausalLM"))
+    supported = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"]
+    assert sorted(settings.ARCHITECTURES) == supported
+    with pytest.raises(ValueError, match=re.escape(f"supports the architectures {supported}") + ".*PhiForCausalLM"):
+        LLM(saved_config(tmp_path, "llama-gqa", "PhiForCausalLM"))
+    # tried in vLLM 0.32 and refused: the message says why
+    with pytest.raises(ValueError, match=re.escape(f"{supported} for now") + ".*Gemma3ForCausalLM.*block ids"):
+        LLM(saved_config(tmp_path, "llama-gqa", "Gemma3ForCausalLM"))
+
+
+def test_mistral_with_a_sliding_window_is_refused_and_the_override_lifts_it(tmp_path):
+    model = saved_config(tmp_path, "mistral-gqa", "MistralForCausalLM", sliding_window=4096)
+    HashEncoders.random(CONFIGS["mistral-gqa"](), EncoderConfig(bits=16, query_hidden=0)).save_pretrained(tmp_path / "e")
+    with pytest.raises(ValueError, match=r"sets sliding_window=4096.*hf_overrides=\{'sliding_window': None\}"):
+        LLM(model, encoders=tmp_path / "e")
+    # a Mistral that attends to the whole context: the caller's override reaches the checks and the engine
+    _, overrides = prepare(model, encoders=tmp_path / "e", extra={"sliding_window": None})
+    assert overrides["sliding_window"] is None and overrides["architectures"] == ["DashKVMistralForCausalLM"]
 
 
 def test_encoders_for_another_model_are_refused(tmp_path):
@@ -35,6 +53,13 @@ def test_learned_terms_are_refused(tmp_path):
     HashEncoders.random(CONFIGS["llama-gqa"](), EncoderConfig(bits=16, query_hidden=0)).save_pretrained(tmp_path / "e")
     with pytest.raises(ValueError, match="not the learned terms"):
         LLM(model, encoders=tmp_path / "e", policy=DecodePolicy(spatial_calibration=True))
+
+
+def test_more_tensor_parallel_ranks_than_kv_heads_are_refused(tmp_path):
+    model = saved_config(tmp_path, "llama-gqa", "LlamaForCausalLM")  # 2 KV heads
+    HashEncoders.random(CONFIGS["llama-gqa"](), EncoderConfig(bits=16, query_hidden=0)).save_pretrained(tmp_path / "e")
+    with pytest.raises(ValueError, match=r"each GQA group's query heads on one rank.*tensor_parallel_size <= 2"):
+        LLM(model, encoders=tmp_path / "e", tensor_parallel_size=4)
 
 
 def test_overrides_load_back_the_encoders_and_policy():

@@ -31,8 +31,8 @@ def no_exec(monkeypatch):
 
 
 def test_other_architectures_are_refused_before_anything_starts(tmp_path, no_exec):
-    with pytest.raises(SystemExit, match=r"dashkv serve: DASH-KV in vLLM supports .*Qwen2ForCausalLM"):
-        cli.main(["serve", saved_config(tmp_path, "qwen2-gqa", "Qwen2ForCausalLM"), "--dtype", "float32"])
+    with pytest.raises(SystemExit, match=r"dashkv serve: DASH-KV in vLLM supports .*PhiForCausalLM"):
+        cli.main(["serve", saved_config(tmp_path, "llama-gqa", "PhiForCausalLM"), "--dtype", "float32"])
     assert no_exec == []
 
 
@@ -64,9 +64,9 @@ def save_tiny_llama_with_tokenizer(folder: Path) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from hf_dashkv.vllm.selftest import save_tiny_llama
+    from hf_dashkv.vllm.selftest import save_tiny
 
-    save_tiny_llama(str(folder))
+    save_tiny(str(folder))
     words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(256)}, unk_token="w0"))
     words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     PreTrainedTokenizerFast(tokenizer_object=words, unk_token="w0").save_pretrained(str(folder))

@@ -26,7 +26,8 @@ def selftest(tmp_path: Path, name: str, runs: list[dict], plugins: str | None = 
     out = tmp_path / f"{name}.json"
     spec_path = tmp_path / f"{name}-spec.json"
     spec_path.write_text(json.dumps({"out": str(out), "runs": runs, **spec}))
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1"}
+    # PYTHONPATH: worker processes (tensor parallelism) import this checkout too, not the editable install's
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     if plugins is not None:
         env["VLLM_PLUGINS"] = plugins
     done = subprocess.run([str(VLLM_PYTHON), "-m", "hf_dashkv.vllm.selftest", str(spec_path)], cwd=REPO, env=env,
@@ -79,6 +80,49 @@ def test_small_budget_each_decode_step_is_the_librarys_selection(tmp_path):
     assert checks["dropped rows"] == checks["selected"]  # every selected step attends to fewer rows than it has
     assert checks["max rows attended"] <= 4 + 8 + 8
     assert checks["max selected vs dense"] > 1e-3  # and that changes the output
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_qwen_families_give_stock_tokens_when_covered_and_the_librarys_selection_otherwise(tmp_path, family):
+    # tiny random Qwen2 (q/k/v biases) and Qwen3 (q/k norms before RoPE), their biases and norms random: the codes
+    # read back must be encode_keys of the keys vLLM cached, and those are the keys after norm and RoPE
+    model = str(tmp_path / f"tiny-{family}")
+    plain = {"model": model, "prompts": TINY_PROMPTS, "max_tokens": 12}
+    covering = {**plain, "dashkv": tiny_dashkv(tmp_path, DecodePolicy(budget=10_000, sink_tokens=4, recent_tokens=8))}
+    small = {**plain, "max_tokens": 10, "check": True,
+             "dashkv": tiny_dashkv(tmp_path, DecodePolicy(budget=8, sink_tokens=4, recent_tokens=8))}
+    spec = {"tiny": model, "family": family,
+            "random_encoders": {"folder": str(tmp_path / "encoders"), "model": model, "bits": 32}}
+    stock, dashkv, selected = selftest(tmp_path, family, [plain, covering, small], **spec)
+    checks = selected["checks"]
+    print(family, checks, [(run["build_seconds"], run["generate_seconds"]) for run in (stock, dashkv, selected)])
+    assert stock["dashkv_layers"] == []
+    assert dashkv["dashkv_layers"] == selected["dashkv_layers"] == [f"model.layers.{i}.self_attn.attn" for i in (0, 1)]
+    assert dashkv["tokens"] == stock["tokens"]
+    # 2 layers x 2 prompts x 9 decode steps, each selecting 4 + 8 + 8 of >= 41 rows, = the library's plan
+    assert checks["selected"] == checks["dropped rows"] == 2 * 2 * 9
+    assert checks["code bytes differing"] == 0 and checks["max selected error"] < 1e-5
+    assert checks["max rows attended"] <= 4 + 8 + 8 and checks["max selected vs dense"] > 1e-3
+
+
+def test_two_tensor_parallel_ranks_give_the_single_process_dashkv_tokens(tmp_path, monkeypatch):
+    # vLLM's CPU build runs tensor parallelism as worker processes (gloo); with 2 KV heads, each rank holds one KV
+    # head, its two query heads and their encoders (LayerEncoders.shard). The per-step checker cannot reach the
+    # workers, so the claim is on tokens: the budget-8 tokens of 2 ranks are the single process's, which differ from
+    # stock (so selection ran on the ranks). Thread binding off: 2 workers on one NUMA node otherwise refuse to start.
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    model = str(tmp_path / "tiny-qwen3")
+    dashkv = {"model": model, "prompts": TINY_PROMPTS, "max_tokens": 10,
+              "dashkv": tiny_dashkv(tmp_path, DecodePolicy(budget=8, sink_tokens=4, recent_tokens=8))}
+    runs = [{**dashkv, "llm": {"tensor_parallel_size": 2, "distributed_executor_backend": "mp"}},
+            {**dashkv, "check": True}, {"model": model, "prompts": TINY_PROMPTS, "max_tokens": 10}]
+    spec = {"tiny": model, "family": "qwen3",
+            "random_encoders": {"folder": str(tmp_path / "encoders"), "model": model, "bits": 32}}
+    ranks, single, stock = selftest(tmp_path, "tp", runs, timeout=240, **spec)
+    print(ranks["tokens"], single["tokens"], stock["tokens"], ranks["build_seconds"], ranks["generate_seconds"])
+    assert single["checks"]["selected"] > 0 and single["checks"]["max selected error"] < 1e-5
+    assert single["tokens"] != stock["tokens"]
+    assert ranks["tokens"] == single["tokens"]
 
 
 @pytest.mark.slow
