@@ -115,6 +115,7 @@ def test_smollm2_at_1_32_with_shipped_encoders_matches_generate(tmp_path, smollm
               for mine, theirs in zip(result["tokens"], reference)]
     checks = result["checks"]
     print("vLLM", result["tokens"], "generate", reference, "agree", agree, "common prefix", prefix, checks,
+          result["cache"],
           {k: v for k, v in result.items() if k.endswith("seconds")})
     # every hashed layer's decode steps select (2k contexts, 63 + 4 + 64 rows) and equal the library's plan
     # (HashSelector with re-ranking, on vLLM's own K/V read back) to float rounding
@@ -124,6 +125,11 @@ def test_smollm2_at_1_32_with_shipped_encoders_matches_generate(tmp_path, smollm
     # fp32 kernels round differently (~1e-6 in the hidden states), which can flip a key-code bit near zero and so
     # change a selected row; the bound leaves room for one late divergence per prompt on another CPU.
     assert min(prefix) >= new_tokens // 2 and sum(agree) >= 2 * new_tokens - 4
+    # memory, as vLLM bound the caches: K/V 30 layers x 3 heads x 2 x 64 fp32 = 46,080 bytes per token; codes
+    # 26 layers x 3 heads x 16 bytes = 1,248 (2.7%), both inside the kv_cache_memory_bytes budget
+    cache = result["cache"]
+    assert cache["kv_bytes_per_token"] == 30 * 3 * 2 * 64 * 4 and cache["codes_bytes_per_token"] == 26 * 3 * 16
+    assert cache["codes_bytes_per_token"] <= 0.03 * cache["kv_bytes_per_token"] and cache["bytes"] <= 320 << 20
 
 
 def test_prefix_cache_hits_reuse_the_codes_with_the_kv(tmp_path):
