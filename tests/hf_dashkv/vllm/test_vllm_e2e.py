@@ -166,6 +166,9 @@ BATCH_PROMPTS = [distinct_prompt(n, k) for k, n in enumerate([5, 17, 40, 60, 100
     SHARED_PREFIX + distinct_prompt(30, 7), SHARED_PREFIX + distinct_prompt(62, 8)]
 
 
+NEXT_TURN = [distinct_prompt(10, k) for k in range(9, 17)]
+
+
 @pytest.fixture(scope="module")
 def batching(tmp_path_factory):
     """One selftest process, four engines, every DASH-KV decode step checked:
@@ -179,14 +182,18 @@ def batching(tmp_path_factory):
       which no step reads (a fresh engine per prompt would cost 8 builds and prove no more);
     - ``continued``: each preempted request alone again, its prompt followed by the tokens it had generated when
       it was preempted (what RECOMPUTE prefills), for the tokens it still had to generate.
+
+    ``batched`` and ``alone`` then run a next turn (``NEXT_TURN``): each prompt followed by its output and 10 new
+    tokens, batched with caching on (hits on the first turn's blocks) and alone with caching off.
     """
     tmp_path = tmp_path_factory.mktemp("batching")
     policy = DecodePolicy(budget=8, sink_tokens=4, recent_tokens=8)
     run = {"model": str(tmp_path / "tiny-llama"), "prompts": BATCH_PROMPTS, "max_tokens": BATCH_TOKENS,
            "check": True, "dashkv": tiny_dashkv(tmp_path, policy)}
     off = {"max_model_len": 256, "enable_prefix_caching": False}
-    runs = [{**run, "llm": {"max_model_len": 256}}, {**run, "llm": {**off, "num_gpu_blocks_override": 27}},
-            {**run, "alone": True, "llm": off}, {**run, "alone": True, "continues": 1, "llm": off}]
+    turn = {"next_turn": NEXT_TURN}
+    runs = [{**run, **turn, "llm": {"max_model_len": 256}}, {**run, "llm": {**off, "num_gpu_blocks_override": 27}},
+            {**run, **turn, "alone": True, "llm": off}, {**run, "alone": True, "continues": 1, "llm": off}]
     results = selftest(tmp_path, "batching", runs, timeout=240, **tiny_spec(tmp_path))
     return dict(zip(["batched", "pressure", "alone", "continued"], results))
 
@@ -259,3 +266,32 @@ def test_codes_are_paged_in_vllms_kv_cache_budget(batching):
     per_block = (cache["kv_bytes_per_token"] + cache["codes_bytes_per_token"]) * cache["block_size"]
     assert cache["num_blocks"] == (64 << 20) // per_block < (64 << 20) // (cache["kv_bytes_per_token"] * 32)
     assert cache["bytes"] <= 64 << 20
+
+
+
+def test_a_next_turn_hits_the_blocks_of_its_first_turn_and_on_prompt_blocks_equals_its_run_alone(batching):
+    # next turn: each prompt + its 10 generated tokens + 10 new ones. With caching on, it finds every full block of
+    # its first turn's computed tokens (prompt + 9 fed back) cached; alone, with caching off, it recomputes them.
+    cached, recomputed = batching["batched"]["next_turn"], batching["alone"]["next_turn"]
+    lengths = [len(p) for p in BATCH_PROMPTS]
+    hits = [32 * ((n + BATCH_TOKENS - 1) // 32) for n in lengths]
+    turn = sum(n + 2 * 10 + BATCH_TOKENS - 1 for n in lengths)  # tokens hashed by the next turn alone
+    assert recomputed["checks"]["tokens hashed"] - batching["alone"]["checks"]["tokens hashed"] == turn
+    assert cached["checks"]["tokens hashed"] - batching["batched"]["checks"]["tokens hashed"] == turn - sum(hits)
+    # hit blocks that hold only prompt tokens were prefilled in both runs: same K/V, same codes, same tokens
+    # (blocks that hold generated tokens: next test)
+    prompt_only = [i for i, (n, hit) in enumerate(zip(lengths, hits)) if hit <= n]
+    assert len(prompt_only) == 4 and len(hits) - len(prompt_only) == 4
+    for i in prompt_only:
+        assert cached["tokens"][i] == recomputed["tokens"][i]
+    for checks in (cached["checks"], recomputed["checks"]):
+        assert_every_step_checked(checks)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "vLLM caches full blocks of generated tokens too; their K/V in layers >= 1 were computed by DASH-KV decode "
+    "steps (selected attention below), where the run alone prefills them (exact attention). Measured: 1 of the 4 "
+    "next turns that hit such blocks (the 125-token prompt, 3 generated positions in its last hit block) diverges "
+    "(a covering budget: all equal)."))
+def test_a_next_turn_that_hits_blocks_of_generated_tokens_equals_its_run_alone(batching):
+    assert batching["batched"]["next_turn"]["tokens"] == batching["alone"]["next_turn"]["tokens"]
