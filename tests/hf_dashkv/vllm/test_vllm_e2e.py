@@ -159,6 +159,7 @@ def test_smollm2_at_1_32_with_shipped_encoders_matches_generate(tmp_path, smollm
               for mine, theirs in zip(result["tokens"], reference)]
     checks = result["checks"]
     print("vLLM", result["tokens"], "generate", reference, "agree", agree, "common prefix", prefix, checks,
+          result["cache"],
           {k: v for k, v in result.items() if k.endswith("seconds")})
     # every hashed layer's decode steps select (2k contexts, 63 + 4 + 64 rows) and equal the library's plan
     # (HashSelector with re-ranking, on vLLM's own K/V read back) to float rounding
@@ -168,6 +169,11 @@ def test_smollm2_at_1_32_with_shipped_encoders_matches_generate(tmp_path, smollm
     # fp32 kernels round differently (~1e-6 in the hidden states), which can flip a key-code bit near zero and so
     # change a selected row; the bound leaves room for one late divergence per prompt on another CPU.
     assert min(prefix) >= new_tokens // 2 and sum(agree) >= 2 * new_tokens - 4
+    # memory, as vLLM bound the caches: K/V 30 layers x 3 heads x 2 x 64 fp32 = 46,080 bytes per token; codes
+    # 26 layers x 3 heads x 16 bytes = 1,248 (2.7%), both inside the kv_cache_memory_bytes budget
+    cache = result["cache"]
+    assert cache["kv_bytes_per_token"] == 30 * 3 * 2 * 64 * 4 and cache["codes_bytes_per_token"] == 26 * 3 * 16
+    assert cache["codes_bytes_per_token"] <= 0.03 * cache["kv_bytes_per_token"] and cache["bytes"] <= 320 << 20
 
 
 def test_prefix_cache_hits_reuse_the_codes_with_the_kv(tmp_path):
@@ -186,3 +192,150 @@ def test_prefix_cache_hits_reuse_the_codes_with_the_kv(tmp_path):
     for checks in (cached["checks"], recomputed["checks"]):
         assert checks["selected"] > 0 and checks["code bytes differing"] == 0
         assert checks["max selected error"] < 1e-5
+
+
+# (d) continuous batching. Eight prompts of different lengths (5 and 17 tokens: covered by the budget of 4 + 8 + 8
+# rows for some or all steps; the rest select), the last two sharing a 4-block prefix; none shares a block otherwise.
+# Lengths 60, 125, 158 and 190 reach a new block while decoding: under a cache of 26 blocks the running requests
+# outgrow it and the scheduler must preempt one.
+SHARED_PREFIX = [(5 * i) % 251 + 1 for i in range(128)]
+BATCH_TOKENS = 10
+
+
+def distinct_prompt(n: int, k: int) -> list[int]:
+    return [(k * 37 + 11 * i * (k + 1)) % 251 + 1 for i in range(n)]
+
+
+BATCH_PROMPTS = [distinct_prompt(n, k) for k, n in enumerate([5, 17, 40, 60, 100, 125], start=1)] + [
+    SHARED_PREFIX + distinct_prompt(30, 7), SHARED_PREFIX + distinct_prompt(62, 8)]
+
+
+NEXT_TURN = [distinct_prompt(10, k) for k in range(9, 17)]
+
+
+@pytest.fixture(scope="module")
+def batching(tmp_path_factory):
+    """One selftest process, four engines, every DASH-KV decode step checked:
+
+    - ``batched``: the eight prompts in one ``generate`` call, prefix caching on (vLLM's default), a roomy cache;
+    - ``pressure``: the same call, prefix caching off, 27 blocks (26 usable): requests are preempted and
+      recomputed from scratch (caching off, so nothing of a preempted request survives in the cache: every one of
+      its tokens is prefilled and hashed again);
+    - ``alone``: each prompt in a ``generate`` call of its own, prefix caching off, a roomy cache: the reference.
+      On one engine: with caching off nothing carries over from one call to the next but stale block contents,
+      which no step reads (a fresh engine per prompt would cost 8 builds and prove no more);
+    - ``continued``: each preempted request alone again, its prompt followed by the tokens it had generated when
+      it was preempted (what RECOMPUTE prefills), for the tokens it still had to generate.
+
+    ``batched`` and ``alone`` then run a next turn (``NEXT_TURN``): each prompt followed by its output and 10 new
+    tokens, batched with caching on (hits on the first turn's blocks) and alone with caching off.
+    """
+    tmp_path = tmp_path_factory.mktemp("batching")
+    policy = DecodePolicy(budget=8, sink_tokens=4, recent_tokens=8)
+    run = {"model": str(tmp_path / "tiny-llama"), "prompts": BATCH_PROMPTS, "max_tokens": BATCH_TOKENS,
+           "check": True, "dashkv": tiny_dashkv(tmp_path, policy)}
+    off = {"max_model_len": 256, "enable_prefix_caching": False}
+    turn = {"next_turn": NEXT_TURN}
+    runs = [{**run, **turn, "llm": {"max_model_len": 256}}, {**run, "llm": {**off, "num_gpu_blocks_override": 27}},
+            {**run, **turn, "alone": True, "llm": off}, {**run, "alone": True, "continues": 1, "llm": off}]
+    results = selftest(tmp_path, "batching", runs, timeout=240, **tiny_spec(tmp_path))
+    return dict(zip(["batched", "pressure", "alone", "continued"], results))
+
+
+def tokens_hashed_alone() -> int:
+    """Tokens whose codes are written when each prompt runs alone: its prompt, then each fed-back token."""
+    return sum(len(p) + BATCH_TOKENS - 1 for p in BATCH_PROMPTS)
+
+
+def assert_every_step_checked(checks: dict) -> None:
+    assert checks["selected"] > 0 and checks["covered"] > 0
+    assert checks["code bytes differing"] == 0  # codes read through the block table = codes of the K/V read
+    assert checks["max selected error"] < 1e-5 and checks["max covered error"] < 1e-4
+    assert checks["dropped rows"] == checks["selected"]  # each selected step attends to fewer rows than it has
+
+
+def test_eight_batched_requests_two_sharing_a_cached_prefix_each_equal_their_run_alone(batching):
+    batched, alone = batching["batched"], batching["alone"]
+    print({name: (r["checks"], r["preempted"], r["generate_seconds"]) for name, r in batching.items()})
+    assert batched["prefix_caching"] and not alone["prefix_caching"]
+    assert batched["preempted"] == [] and alone["preempted"] == []
+    assert alone["checks"]["tokens hashed"] == tokens_hashed_alone()
+    # the second sharer found the first one's 4 prefix blocks cached within the same generate call (scheduled in
+    # the same step: each layer writes K/V and codes of the whole batch before any request attends)
+    assert batched["checks"]["tokens hashed"] == tokens_hashed_alone() - len(SHARED_PREFIX)
+    assert batched["tokens"] == alone["tokens"]
+    for run in (batched, alone):
+        assert_every_step_checked(run["checks"])
+
+
+def test_a_preempted_request_is_recomputed_with_its_codes_and_continues_as_prefilled(batching):
+    pressure, alone, continued = batching["pressure"], batching["alone"], batching["continued"]
+    print(pressure["preempted"], pressure["checks"], pressure["zeroing"])
+    preempted = {p["prompt"]: p["output_tokens"] for p in pressure["preempted"]}
+    assert preempted and len(preempted) == len(pressure["preempted"])  # at least one, each once
+    # RECOMPUTE with caching off: every token a preempted request had computed (its prompt and all but the last
+    # token it had generated) is hashed again, its codes rewritten with its K/V in the blocks it gets anew
+    recomputed = sum(len(BATCH_PROMPTS[i]) + k - 1 for i, k in preempted.items())
+    assert pressure["checks"]["tokens hashed"] == tokens_hashed_alone() + recomputed
+    # no block is zeroed: freed blocks come back with the codes of their last owner, and every step still reads
+    # only codes written for its own tokens (the checks below run on every decode step)
+    assert pressure["zeroing"]["blocks"] == 0
+    assert_every_step_checked(pressure["checks"])
+    for i, tokens in enumerate(pressure["tokens"]):
+        if i not in preempted:
+            assert tokens == alone["tokens"][i]
+    # a preempted request: its run alone up to the preemption, then the run alone of its prompt followed by the
+    # tokens it had generated (the recompute prefills those exactly: next test)
+    for (i, k), rest in zip(sorted(preempted.items()), continued["tokens"]):
+        assert pressure["tokens"][i] == alone["tokens"][i][:k] + rest
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "vLLM's RECOMPUTE prefills a preempted request's generated tokens: their K/V in layers >= 1 then come from "
+    "exact attention in the layers below, where the uninterrupted run decoded them with selection; DASH-KV "
+    "(hf_dashkv.vllm.backend) does not yet replay those positions as decode steps. Measured: the preempted request "
+    "diverges from its run alone 2 tokens after the preemption (a covering budget: equal)."))
+def test_a_preempted_request_equals_its_run_alone(batching):
+    pressure, alone = batching["pressure"], batching["alone"]
+    assert pressure["preempted"]
+    for p in pressure["preempted"]:
+        assert pressure["tokens"][p["prompt"]] == alone["tokens"][p["prompt"]]
+
+
+def test_codes_are_paged_in_vllms_kv_cache_budget(batching):
+    # 2 layers x 2 KV heads: K/V 2 x 32 fp32 = 256 bytes per head and token, codes 32 bits = 4 bytes
+    cache = batching["batched"]["cache"]
+    assert cache["kv_bytes_per_token"] == 2 * 2 * 256 and cache["codes_bytes_per_token"] == 2 * 2 * 4
+    # the 64 MiB budget (the selftest's default) is divided by K/V and codes together: 2,016 blocks, not 2,048
+    per_block = (cache["kv_bytes_per_token"] + cache["codes_bytes_per_token"]) * cache["block_size"]
+    assert cache["num_blocks"] == (64 << 20) // per_block < (64 << 20) // (cache["kv_bytes_per_token"] * 32)
+    assert cache["bytes"] <= 64 << 20
+
+
+
+def test_a_next_turn_hits_the_blocks_of_its_first_turn_and_on_prompt_blocks_equals_its_run_alone(batching):
+    # next turn: each prompt + its 10 generated tokens + 10 new ones. With caching on, it finds every full block of
+    # its first turn's computed tokens (prompt + 9 fed back) cached; alone, with caching off, it recomputes them.
+    cached, recomputed = batching["batched"]["next_turn"], batching["alone"]["next_turn"]
+    lengths = [len(p) for p in BATCH_PROMPTS]
+    hits = [32 * ((n + BATCH_TOKENS - 1) // 32) for n in lengths]
+    turn = sum(n + 2 * 10 + BATCH_TOKENS - 1 for n in lengths)  # tokens hashed by the next turn alone
+    assert recomputed["checks"]["tokens hashed"] - batching["alone"]["checks"]["tokens hashed"] == turn
+    assert cached["checks"]["tokens hashed"] - batching["batched"]["checks"]["tokens hashed"] == turn - sum(hits)
+    # hit blocks that hold only prompt tokens were prefilled in both runs: same K/V, same codes, same tokens
+    # (blocks that hold generated tokens: next test)
+    prompt_only = [i for i, (n, hit) in enumerate(zip(lengths, hits)) if hit <= n]
+    assert len(prompt_only) == 4 and len(hits) - len(prompt_only) == 4
+    for i in prompt_only:
+        assert cached["tokens"][i] == recomputed["tokens"][i]
+    for checks in (cached["checks"], recomputed["checks"]):
+        assert_every_step_checked(checks)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "vLLM caches full blocks of generated tokens too; their K/V in layers >= 1 were computed by DASH-KV decode "
+    "steps (selected attention below), where the run alone prefills them (exact attention). Measured: 1 of the 4 "
+    "next turns that hit such blocks (the 125-token prompt, 3 generated positions in its last hit block) diverges "
+    "(a covering budget: all equal)."))
+def test_a_next_turn_that_hits_blocks_of_generated_tokens_equals_its_run_alone(batching):
+    assert batching["batched"]["next_turn"]["tokens"] == batching["alone"]["next_turn"]["tokens"]
