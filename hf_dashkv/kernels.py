@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -120,12 +121,58 @@ def decode_attention(
     n = key.shape[2]
     k, v, k_codes = _row_buffer(key), _row_buffer(value), _row_buffer(key_codes)
     # a contiguous cache is a paged one with a block per sequence: block b holds all of sequence b
-    tables = np.arange(batch, dtype=np.int64)[:, None]
     per_row = lambda x: torch.full((batch,), x, dtype=torch.int64)  # noqa: E731
-    out, rows, valid = _fused_decode(query[:, :, 0], query_codes, k_codes, k, v, tables, k.shape[2],
-                                     first.to(torch.int64), per_row(n), sinks, recent, per_row(budget),
-                                     None if shortlist is None else per_row(shortlist), reduce, scale)
+    steps = PagedBatch.of(torch.arange(batch)[:, None], k.shape[2], first, per_row(n), sinks, recent,
+                          per_row(budget), None if shortlist is None else per_row(shortlist))
+    out, rows, valid = _fused_decode(query[:, :, 0], query_codes, k_codes, k, v, steps, reduce, scale)
     return out.reshape(batch, heads, 1, -1).transpose(1, 2), rows, valid
+
+
+@dataclass(frozen=True)
+class PagedBatch:
+    """What a batch of decode steps needs from the kernel's side, the same for every layer of a model step (a serving
+    engine builds it once per step): where each request's positions live and which rows it attends whatever the
+    scores. Arrays, ``R`` requests: ``tables`` int64 ``[R, max_blocks]`` (position ``p`` of request ``r`` at block
+    ``tables[r, p // block_size]``, offset ``p % block_size``), ``first``, ``ends`` int64 ``[R]`` (the first real
+    position, the context length), ``budgets``, ``shortlists`` int64 ``[R]`` (a shortlist above the budget:
+    re-ranking), ``rows`` int64 / ``valid`` bool ``[R, 1, M]``: the sinks and recent window in the first slots
+    (``selection.fixed_rows``, the one layout of those slots), the rest for the chosen rows."""
+
+    tables: np.ndarray
+    block_size: int
+    first: np.ndarray
+    ends: np.ndarray
+    sinks: int
+    recent: int
+    budgets: np.ndarray
+    shortlists: np.ndarray
+    rows: np.ndarray
+    valid: np.ndarray
+
+    @classmethod
+    def of(cls, tables: torch.Tensor, block_size: int, first: torch.Tensor, ends: torch.Tensor, sinks: int,
+           recent: int, budgets: torch.Tensor, shortlists: torch.Tensor | None) -> PagedBatch:
+        first, ends, budgets = first.to(torch.int64), ends.to(torch.int64), budgets.to(torch.int64)
+        shortlists = budgets if shortlists is None else torch.maximum(shortlists.to(torch.int64), budgets)
+        count, fixed = ends.shape[0], sinks + recent
+        rows = np.zeros((count, 1, fixed + int(budgets.max())), dtype=np.int64)
+        valid = np.zeros_like(rows, dtype=np.bool_)
+        fixed_at, fixed_ok = fixed_rows(sinks, recent, first, ends, int(ends.max()))  # [R, R, S + R]: r's at [r, r]
+        own = torch.arange(count)
+        rows[:, 0, :fixed], valid[:, 0, :fixed] = fixed_at[own, own].numpy(), fixed_ok[own, own].numpy()
+        return cls(tables.to(torch.int64).numpy(), block_size, first.numpy(), ends.numpy(), sinks, recent,
+                   budgets.numpy(), shortlists.numpy(), rows, valid)
+
+    @classmethod
+    def paged(cls, block_table: torch.Tensor, block_size: int, seq_lens: torch.Tensor, sinks: int, recent: int,
+              budgets: torch.Tensor, rerank: int = 1) -> PagedBatch:
+        """Decode steps over a paged cache: ``block_table`` int ``[R, max_blocks]``, ``seq_lens`` int ``[R]`` (each
+        context, the decode token's own key included), ``budgets`` int ``[R]`` (each request's budget in tokens,
+        ``policy.budget_tokens(seq_lens[r])``), ``rerank`` the policy's factor (``> 1``: each request shortlists
+        ``rerank * budget`` candidates, as ``plans.RerankPlan``)."""
+        budgets = budgets.to(torch.int64)
+        return cls.of(block_table, block_size, torch.zeros_like(budgets), seq_lens, sinks, recent, budgets,
+                      None if rerank == 1 else rerank * budgets)
 
 
 def paged_decode_attention(
@@ -134,14 +181,9 @@ def paged_decode_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     key_codes: torch.Tensor,
-    block_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    sinks: int,
-    recent: int,
-    budgets: torch.Tensor,
+    steps: PagedBatch,
     reduce: str,
     scale: float,
-    rerank: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`decode_attention` for ``R`` requests over a paged cache, each block read in place by its slot.
 
@@ -151,47 +193,31 @@ def paged_decode_attention(
         query: ``[R, Hq, D]``, one decode token per request; query_codes: ``[R, Hkv, G, nbytes]``.
         key, value: ``[num_blocks, Hkv, block_size, D]``, any strides (vLLM's CPU keys are transposed per block);
             key_codes: ``[num_blocks, Hkv, block_size, nbytes]`` uint8, contiguous, the same block ids.
-        block_table: int ``[R, max_blocks]``: request ``r``'s position ``p`` is at block
-            ``block_table[r, p // block_size]``, offset ``p % block_size``; seq_lens: int ``[R]``, each context,
-            the decode token's own key included.
-        sinks, recent, reduce, scale: as :func:`decode_attention`; budgets: int ``[R]``, each request's budget in
-            tokens (``policy.budget_tokens(seq_lens[r])``); rerank: the policy's re-ranking factor (``> 1``: each
-            request shortlists ``rerank * budget`` candidates, as ``plans.RerankPlan``).
+        steps: the requests' block tables, contexts, budgets and fixed rows (:meth:`PagedBatch.paged`).
+        reduce, scale: as :func:`decode_attention`.
 
     Returns:
         ``(output [R, Hq, D], rows [R, Hkv, M], row_valid [R, Hkv, M])``, ``M = sinks + recent + max(budgets)``;
         a request's slots past its own budget are not valid.
     """
-    budgets, seq_lens = budgets.to(torch.int64), seq_lens.to(torch.int64)
-    return _fused_decode(query, query_codes, _array(key_codes), _array(key), _array(value),
-                         block_table.to(torch.int64).numpy(), key.shape[2], torch.zeros_like(seq_lens), seq_lens,
-                         sinks, recent, budgets, None if rerank == 1 else rerank * budgets, reduce, scale)
+    return _fused_decode(query, query_codes, _array(key_codes), _array(key), _array(value), steps, reduce, scale)
 
 
-def _fused_decode(query, query_codes, k_codes, k, v, tables, block_size, first, ends, sinks, recent, budgets,
-                  shortlists, reduce, scale):
-    """The one launch behind both entry points.
-
-    ``query [R, Hq, D]``, ``query_codes [R, Hkv, G, nbytes]``; ``k_codes``, ``k``, ``v``: arrays ``[num_blocks, Hkv,
-    block_size, X]``; ``tables`` int64 ``[R, max_blocks]``; ``first``, ``ends``, ``budgets`` int64 ``[R]``;
-    ``shortlists`` int64 ``[R]`` or ``None`` (no re-ranking). Returns ``(out [R, Hq, D], rows, valid)``.
-    """
+def _fused_decode(query, query_codes, k_codes, k, v, steps: PagedBatch, reduce, scale):
+    """The one launch behind both entry points: ``query [R, Hq, D]``, ``query_codes [R, Hkv, G, nbytes]``;
+    ``k_codes``, ``k``, ``v``: arrays ``[num_blocks, Hkv, block_size, X]``. Returns ``(out [R, Hq, D], rows,
+    valid)``."""
     count, heads, head_dim = query.shape
     kv_heads = k.shape[1]
     group = heads // kv_heads
-    fixed = sinks + recent
-    rows = np.zeros((count, kv_heads, fixed + int(budgets.max())), dtype=np.int64)
-    valid = np.zeros_like(rows, dtype=np.bool_)
-    fixed_at, fixed_ok = fixed_rows(sinks, recent, first, ends, int(ends.max()))  # [R, R, S + R]: r's at [r, r]
-    own = torch.arange(count)
-    rows[:, :, :fixed], valid[:, :, :fixed] = fixed_at[own, own, None].numpy(), fixed_ok[own, own, None].numpy()
+    rows = np.repeat(steps.rows, kv_heads, axis=1)  # the kernel fills each head's chosen slots
+    valid = np.repeat(steps.valid, kv_heads, axis=1)
     out = np.zeros((count, kv_heads, group, v.shape[-1]), dtype=np.float32)
     q_codes, k_words, max_distance = _code_arrays(query_codes, k_codes, reduce)
-    shortlists = budgets if shortlists is None else torch.maximum(shortlists, budgets)
     with _LAUNCH:
         _decode_kernel(
-            query.reshape(count, kv_heads, group, head_dim).float().numpy(), q_codes, k_words, k, v, tables,
-            block_size, first.numpy(), ends.numpy(), sinks, recent, budgets.numpy(), shortlists.numpy(),
+            query.reshape(count, kv_heads, group, head_dim).float().numpy(), q_codes, k_words, k, v, steps.tables,
+            steps.block_size, steps.first, steps.ends, steps.sinks, steps.recent, steps.budgets, steps.shortlists,
             reduce == "sum", max_distance, np.float32(scale), rows, valid, out,
         )
     output = torch.from_numpy(out).reshape(count, heads, -1).to(query.dtype)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
 from vllm import _custom_ops as ops
@@ -43,6 +44,9 @@ from ..selectors.base import Selector
 from .paged import PagedLayer, cpu_kv_views, paged_decode, write_codes
 from .settings import LayerState
 
+if TYPE_CHECKING:
+    from ..kernels import PagedBatch
+
 # vLLM's CPU K/V layouts that paged.cpu_kv_views reads (AMX packs bf16 pairs differently)
 READABLE_ISAS = ("vec", "vec16")
 
@@ -51,12 +55,13 @@ READABLE_ISAS = ("vec", "vec16")
 class SelectedDecodes:
     """The requests of a step that decode with selection, gathered once per step for every DASH-KV layer: their
     query tokens ``[S]``, block-table rows ``[S, max_blocks]``, contexts ``[S]`` (the decode token included) and
-    budgets in tokens ``[S]`` (``policy.budget_tokens``: a fractional budget differs per request)."""
+    what the paged kernel takes of them (``kernels.PagedBatch``: budgets per request, since a fractional budget
+    differs, and the sink and recent rows)."""
 
     tokens: torch.Tensor
     block_table: torch.Tensor
     seq_lens: torch.Tensor
-    budgets: torch.Tensor
+    steps: PagedBatch
 
 
 @dataclass
@@ -93,10 +98,11 @@ class DashKVCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         if not rows:
             return md
         chosen = torch.tensor(rows, dtype=torch.long)
-        seq_lens_chosen = seq_lens[chosen]
-        md.selected = SelectedDecodes(
-            starts[chosen].long(), stock.block_table[chosen], seq_lens_chosen,
-            torch.tensor([self.policy.budget_tokens(n) for n in seq_lens_chosen.tolist()], dtype=torch.long))
+        table, lengths, policy = stock.block_table[chosen], seq_lens[chosen], self.policy
+        budgets = torch.tensor([policy.budget_tokens(n) for n in lengths.tolist()], dtype=torch.long)
+        steps = kernels().PagedBatch.paged(table, self.kv_cache_spec.block_size, lengths, policy.sink_tokens,
+                                           policy.recent_tokens, budgets, policy.rerank)
+        md.selected = SelectedDecodes(starts[chosen].long(), table, lengths, steps)
         selected = set(rows)
         others = [r for r in range(seq_lens.shape[0]) if r not in selected]
         if others:
@@ -168,27 +174,31 @@ def choose_decode(isa: str, dtype: torch.dtype) -> Callable:
             f"DASH-KV reads vLLM's CPU K/V layout of the {READABLE_ISAS} ISAs; this engine uses {isa!r} "
             "(bf16 on AMX). Use dtype='float32' (or float16)."
         )
-    from .. import kernels  # at first use: vLLM's worker start must not find numba loaded (docs/vllm-plan.md §5)
-
-    if kernels.numba is None or dtype not in kernels.FLOAT_DTYPES:
+    if kernels().numba is None or dtype not in kernels().FLOAT_DTYPES:
         return reference_decode
-    # vLLM 0.32 reads vars() of every module attribute when a worker starts (triton_utils.dispatcher), and
-    # llvmlite's ffi.lib answers `__dict__` with a C function: give it a dict, or a later engine in this process
-    # fails to start
-    from llvmlite.binding import ffi
-
-    ffi.lib._fntab.setdefault("__dict__", {})
     return kernel_decode
+
+
+def kernels():
+    """``hf_dashkv.kernels``, imported at first use: vLLM's worker start must not find numba loaded
+    (docs/vllm-plan.md §5)."""
+    from .. import kernels as compiled
+
+    if compiled.numba is not None:
+        # vLLM 0.32 reads vars() of every module attribute when a worker starts (triton_utils.dispatcher), and
+        # llvmlite's ffi.lib answers `__dict__` with a C function: give it a dict, or a later engine in this
+        # process fails to start
+        from llvmlite.binding import ffi
+
+        ffi.lib._fntab.setdefault("__dict__", {})
+    return compiled
 
 
 def kernel_decode(query, query_codes, paged: PagedLayer, selected: SelectedDecodes, policy: DecodePolicy,
                   scale: float, layer_idx: int) -> torch.Tensor:
     """The selected decodes through the compiled paged kernel: ``query [S, Hq, D]`` -> ``[S, Hq, D]``."""
-    from .. import kernels
-
-    out, _, _ = kernels.paged_decode_attention(
-        query, query_codes, paged.key, paged.value, paged.key_codes, selected.block_table, selected.seq_lens,
-        policy.sink_tokens, policy.recent_tokens, selected.budgets, policy.group_reduce, scale, policy.rerank)
+    out, _, _ = kernels().paged_decode_attention(query, query_codes, paged.key, paged.value, paged.key_codes,
+                                                 selected.steps, policy.group_reduce, scale)
     return out
 
 

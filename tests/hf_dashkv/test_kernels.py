@@ -269,10 +269,11 @@ def test_paged_kernel_equals_the_paged_reference(policy, layout):
         layer = PagedLayer(*cpu_kv_views(physical.view(*layer.key.shape[:3], 2 * DIM)), layer.key_codes)
     ref_out, selections = run_paged(requests, layer, table, seq_lens, policy)
     budgets = torch.tensor([policy.budget_tokens(int(n)) for n in seq_lens])
+    steps = kernels.PagedBatch.paged(table, layer.block_size, seq_lens, policy.sink_tokens, policy.recent_tokens,
+                                     budgets, policy.rerank)
     out, rows, valid = kernels.paged_decode_attention(
         torch.cat([r[3] for r in requests]), torch.cat([r[4] for r in requests]), layer.key, layer.value,
-        layer.key_codes, table, seq_lens, policy.sink_tokens, policy.recent_tokens, budgets, policy.group_reduce,
-        0.25, rerank=policy.rerank)
+        layer.key_codes, steps, policy.group_reduce, 0.25)
     torch.testing.assert_close(out, ref_out)
     for r, selection in enumerate(selections):
         width = selection.rows.shape[-1]
