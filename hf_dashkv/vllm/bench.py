@@ -7,14 +7,14 @@ one engine. ``dashkv bench --engine vllm`` runs it in the vLLM environment and w
 "prompts": [[token ids], ...], "batches": [1, 8], "contexts": [4096, 16384], "new_tokens": 32, "repeats": 3,
 "kv_cache_bytes": int}``; ``prompts`` holds ``max(batches)`` distinct prompts of ``max(contexts)`` tokens.
 
-Method. One engine with DASH-KV (single process, eager, fp32, vLLM's CPU block size of 128, prefix caching on) prefills every
-prompt once, at its longest context; the shorter contexts are prefixes of it, so each measurement finds its prompt's
+Method. One engine with DASH-KV (single process, eager, fp32, vLLM's default CPU block size, 128; prefix caching
+on) prefills every prompt once, at its longest context; the shorter contexts are prefixes of it, so each measurement finds its prompt's
 full blocks cached and recomputes at most the last partial one. A measurement of ``batch`` requests at ``context``
 is ``generate(max_tokens=1 + new_tokens)`` minus ``generate(max_tokens=1)`` on the same prompts: the time of
 ``new_tokens`` decode steps, hence output tokens/s after prefill. "vLLM" is the same engine with every layer's
 DASH-KV state detached (``attn.dashkv = None``): the impl then runs the stock ``CPU_ATTN`` kernel on every layer
-with the stock metadata, as an engine without DASH-KV does (the builder still makes its per-step split, a few
-list operations per step); "DASH-KV" re-attaches it. Modes alternate within each repeat, so drift on a shared
+with the stock metadata, as an engine without DASH-KV does (the builder still makes its per-step split and the
+paged kernel's per-step arrays, well under a millisecond a step, charged to "vLLM"); "DASH-KV" re-attaches it. Modes alternate within each repeat, so drift on a shared
 machine hits both. One engine serves both because a prefill of 8 x 16k tokens takes tens of minutes on two cores.
 """
 
@@ -65,10 +65,10 @@ def measure(spec: dict) -> dict:
         batch_prompts = [p[:n] for p in prompts[:batch]]
         rates = {"vllm": [], "dashkv": []}
         for _ in range(spec["repeats"]):
-            for mode in rates:
+            for mode, values in rates.items():
                 attach(mode == "dashkv")
                 decode = timed(batch_prompts, 1 + new_tokens) - timed(batch_prompts, 1)
-                rates[mode].append(batch * new_tokens / decode)
+                values.append(batch * new_tokens / decode)
         attach(True)
         rows.append({"batch": batch, "context": n, **rates})
     return {"rows": rows, "prefill_seconds": prefill_seconds, "hashed_layers": len(states),

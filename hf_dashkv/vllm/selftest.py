@@ -267,11 +267,12 @@ def watch_zeroing(core) -> dict:
     worker's config (every layer's spec) may say otherwise. ``blocks`` counts the block ids handed over from now
     on (updated in place)."""
     scheduler = core.scheduler
-    runner = core.model_executor.driver_worker.worker.model_runner
-    zeroing = {"scheduler": bool(scheduler.needs_kv_cache_zeroing),
-               "worker config": bool(runner.kv_cache_config.needs_kv_cache_zeroing),
-               "worker groups": [type(g.kv_cache_spec).__name__ for g in runner.kv_cache_config.kv_cache_groups],
-               "blocks": 0}
+    zeroing = {"scheduler": bool(scheduler.needs_kv_cache_zeroing), "blocks": 0}
+    driver = getattr(core.model_executor, "driver_worker", None)  # none when workers are processes (tensor parallel)
+    if driver is not None:
+        runner = driver.worker.model_runner
+        zeroing["worker config"] = bool(runner.kv_cache_config.needs_kv_cache_zeroing)
+        zeroing["worker groups"] = [type(g.kv_cache_spec).__name__ for g in runner.kv_cache_config.kv_cache_groups]
     original = scheduler._get_new_block_ids_to_zero
 
     def counting():
@@ -283,13 +284,15 @@ def watch_zeroing(core) -> dict:
     return zeroing
 
 
-def bound_cache(context: dict) -> dict:
+def bound_cache(context: dict) -> dict | None:
     """The KV cache as vLLM bound it: blocks, block size, bytes in all, and bytes per token of the attention layers'
-    K/V and of the codes layers (``{layer}.codes``)."""
+    K/V and of the codes layers (``{layer}.codes``); ``None`` where the workers are processes of their own."""
     import torch
 
     tensors = {name: layer.kv_cache for name, layer in context.items()
                if isinstance(getattr(layer, "kv_cache", None), torch.Tensor) and layer.kv_cache.numel()}
+    if not tensors:
+        return None
     num_blocks, _, block_size, _ = next(iter(tensors.values())).shape
     nbytes = {name: t.numel() * t.element_size() for name, t in tensors.items()}
     codes = sum(b for name, b in nbytes.items() if name.endswith(".codes"))

@@ -154,8 +154,9 @@ def load(hf_config) -> tuple[HashEncoders, DecodePolicy, ModelLayout]:
 @dataclass(frozen=True)
 class LayerState:
     """What a hashed attention layer carries in the engine (``attn.dashkv``): its encoders (this tensor-parallel
-    rank's KV heads only: ``LayerEncoders.shard``), the policy, its model layer index and the module whose paged cache holds its key codes (``codes.kv_cache``, ``[num_blocks, Hkv,
-    block_size, nbytes]`` uint8, bound by vLLM after the model is built)."""
+    rank's KV heads only: ``LayerEncoders.shard``), the policy, its model layer index and the module whose paged
+    cache holds its key codes (``codes.kv_cache``, ``[num_blocks, Hkv, block_size, nbytes]`` uint8, bound by vLLM
+    after the model is built)."""
 
     encoders: LayerEncoders
     policy: DecodePolicy
