@@ -168,7 +168,7 @@ def _bench_serving(args: argparse.Namespace) -> int:
     contexts, out_dir = args.contexts or [4096, 16384], Path(args.out_dir)
     results, record = serving_speed(args.model, source, policy, args.batches, contexts, out_dir,
                                     new_tokens=args.new_tokens, repeats=args.repeats or 3)
-    text = (f"Decode tokens/s after prefill, {args.model} fp32 on this CPU ({record['threads']} threads), "
+    text = (f"`dashkv {' '.join(sys.argv[1:])}`\n\nDecode tokens/s after prefill, {args.model} fp32 on this CPU ({record['threads']} threads), "
             f"{args.new_tokens} new tokens per request; vLLM: median of {args.repeats or 3} interleaved repeats on "
             f"one engine (hf_dashkv/vllm/bench.py); generate: transformers with full attention vs DashKVCache. "
             f"Policy: {describe_policy(policy)}.\n\n{serving_table(results)}")
