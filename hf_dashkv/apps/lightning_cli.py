@@ -20,6 +20,13 @@ def main(args: list[str] | None = None) -> None:
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
     )
+    # A DDP run leaves its gloo process group for interpreter teardown, where gloo's worker threads can abort the
+    # process after a finished fit ("terminate called without an active exception", exit -6: seen once in CI;
+    # pytorch/pytorch#179291). Destroying it here, while the interpreter is whole, ends the run cleanly.
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
