@@ -3,7 +3,7 @@
     python scripts/docs_index.py          # from the repository root; rewrites docs/README.md
 
 A run folder is a directory under docs/{eval,recall,bench}/ or docs/archive/{eval,recall,bench}/ that holds a
-results.md or results.json. For each run it reads:
+results.md, results.json or serving.json. For each run it reads:
 
 - date and commit: per record file (results.md, results.json, predictions.jsonl, generate.md, selection.md; not
   setup.json, whose machine path was scrubbed later), the commit that introduced its current content (``git log
@@ -14,6 +14,7 @@ results.md or results.json. For each run it reads:
 - results.md: the headline tables (``dashkv eval``: task-mean ratios and the fidelity table; ``dashkv recall``:
   the title line and the mean R@k per method and length);
 - results.json and generate.md (``dashkv bench``): the encoder configs and the ratios at the longest context;
+- serving.json (``dashkv bench --engine vllm``): the policy and each shape's ratios;
 - the command: the first command in docs/*.md (or generate.md) that writes into the folder (``--out-dir``).
 
 What a run's records do not hold is written as "not recorded". Standard library only; the output depends only on
@@ -32,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 ASSETS = ROOT / "hf_dashkv" / "assets" / "encoders"
 KINDS = ("eval", "recall", "bench")
-RECORDS = ("results.md", "results.json", "predictions.jsonl", "generate.md", "selection.md")
+RECORDS = ("results.md", "results.json", "predictions.jsonl", "generate.md", "selection.md", "serving.json")
 NOT_RECORDED = "not recorded"
 
 
@@ -67,7 +68,7 @@ def run_folders() -> list[Path]:
             if not folder.is_dir():
                 continue
             for d in sorted(folder.iterdir()):
-                if d.is_dir() and ((d / "results.md").is_file() or (d / "results.json").is_file()):
+                if d.is_dir() and any((d / name).is_file() for name in ("results.md", "results.json", "serving.json")):
                     runs.append(d)
     return runs
 
@@ -245,6 +246,30 @@ def bench_facts(run: Path) -> dict:
             if step.get("full") and step.get("dashkv"):
                 line += f", decoder-layer step {step['full'] / step['dashkv']:.2f}x full"
             facts["headline"].append(line)
+    serving = run / "serving.json"
+    if serving.is_file():  # dashkv bench --engine vllm
+        s = json.loads(serving.read_text())
+        facts["model"] = f"SmolLM2-135M fp32 in vLLM and transformers, {s['vllm']['threads']} threads"
+        facts["encoders"] = "the shipped smollm2-135m encoders"
+        facts["policy"] = [", ".join(f"{k} {v}" for k, v in s["policy"].items())]
+        for r in s["results"]:
+            vllm = sorted(r["vllm_tok_s"])[len(r["vllm_tok_s"]) // 2]
+            dash = sorted(r["vllm_dashkv_tok_s"])[len(r["vllm_dashkv_tok_s"]) // 2]
+            facts["headline"].append(
+                f"{r['batch']} x {r['context'] // 1024}k: vLLM + DASH-KV {dash / vllm:.2f}x vLLM; generate "
+                f"{r['generate_dashkv_tok_s'] / r['generate_full_tok_s']:.2f}x full")
+    serving = run / "serving.json"
+    if serving.is_file():  # dashkv bench --engine vllm
+        s = json.loads(serving.read_text())
+        facts["model"] = f"SmolLM2-135M fp32 in vLLM and transformers, {s['vllm']['threads']} threads"
+        facts["encoders"] = "the shipped smollm2-135m encoders"
+        facts["policy"] = [", ".join(f"{k} {v}" for k, v in s["policy"].items())]
+        for r in s["results"]:
+            vllm = sorted(r["vllm_tok_s"])[len(r["vllm_tok_s"]) // 2]
+            dash = sorted(r["vllm_dashkv_tok_s"])[len(r["vllm_dashkv_tok_s"]) // 2]
+            facts["headline"].append(
+                f"{r['batch']} x {r['context'] // 1024}k: vLLM + DASH-KV {dash / vllm:.2f}x vLLM; generate "
+                f"{r['generate_dashkv_tok_s'] / r['generate_full_tok_s']:.2f}x full")
     gen = run / "generate.md"
     if gen.is_file():
         for t in tables(gen.read_text()):
