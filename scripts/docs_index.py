@@ -258,18 +258,6 @@ def bench_facts(run: Path) -> dict:
             facts["headline"].append(
                 f"{r['batch']} x {r['context'] // 1024}k: vLLM + DASH-KV {dash / vllm:.2f}x vLLM; generate "
                 f"{r['generate_dashkv_tok_s'] / r['generate_full_tok_s']:.2f}x full")
-    serving = run / "serving.json"
-    if serving.is_file():  # dashkv bench --engine vllm
-        s = json.loads(serving.read_text())
-        facts["model"] = f"SmolLM2-135M fp32 in vLLM and transformers, {s['vllm']['threads']} threads"
-        facts["encoders"] = "the shipped smollm2-135m encoders"
-        facts["policy"] = [", ".join(f"{k} {v}" for k, v in s["policy"].items())]
-        for r in s["results"]:
-            vllm = sorted(r["vllm_tok_s"])[len(r["vllm_tok_s"]) // 2]
-            dash = sorted(r["vllm_dashkv_tok_s"])[len(r["vllm_dashkv_tok_s"]) // 2]
-            facts["headline"].append(
-                f"{r['batch']} x {r['context'] // 1024}k: vLLM + DASH-KV {dash / vllm:.2f}x vLLM; generate "
-                f"{r['generate_dashkv_tok_s'] / r['generate_full_tok_s']:.2f}x full")
     gen = run / "generate.md"
     if gen.is_file():
         for t in tables(gen.read_text()):
