@@ -102,9 +102,15 @@ def _convert(folder: str, gguf_file: str, target: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def model_path(name_or_path: str) -> str:
+    """The folder of an embedded model name (see ``EMBEDDED_MODELS``, converted on first use), else the transformers
+    path or repo id as given."""
+    return str(embedded_model_dir(name_or_path)) if name_or_path in EMBEDDED_MODELS else str(name_or_path)
+
+
 def load_model(name_or_path: str = DEFAULT_MODEL, attn_implementation: str = ATTN_IMPLEMENTATION, dtype=torch.float32):
     """``(model, tokenizer)`` for an embedded model name (see ``EMBEDDED_MODELS``) or a transformers path/repo id."""
-    path = embedded_model_dir(name_or_path) if name_or_path in EMBEDDED_MODELS else name_or_path
+    path = model_path(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn_implementation, dtype=dtype)
     return model.eval(), tokenizer

@@ -452,8 +452,9 @@ def generate_speed(model, tokenizer, encoders: HashEncoders, policy: DecodePolic
 
     A real prefill of ``prefill_tokens`` gives every layer real K/V; the caches are then filled to each context
     length by tiling those K/V (a real prefill of 32k tokens takes many minutes on a CPU), ``batch`` rows of it
-    (each its own copy), and ``generate`` decodes ``new_tokens`` after it; tokens/s counts every row's. ``full`` is exact attention over DashKVCache's non-copying storage (all
-    layers dense); ``hf-default`` is ``DynamicCache`` + SDPA.
+    (each its own copy), and ``generate`` decodes ``new_tokens`` after it; tokens/s counts every row's. ``full`` is
+    exact attention over DashKVCache's non-copying storage (all layers dense); ``hf-default`` is ``DynamicCache`` +
+    SDPA.
     """
     from transformers import DynamicCache
 
@@ -567,7 +568,7 @@ def serving_speed(model_name: str, encoders: str, policy: DecodePolicy, batches:
     import subprocess
 
     from ..corpora import sotu_text
-    from ..embedded import EMBEDDED_MODELS, embedded_model_dir, load_model
+    from ..embedded import load_model, model_path
     from ..vllm.serve import vllm_python
 
     model, tokenizer = load_model(model_name)
@@ -578,11 +579,10 @@ def serving_speed(model_name: str, encoders: str, policy: DecodePolicy, batches:
                          f"{longest}.")
     stride = max(1, (len(ids) - 1) // count)
     prompts = [(ids[r * stride:] + ids[: r * stride])[:longest] for r in range(count)]  # windows, wrapped around
-    path = str(embedded_model_dir(model_name)) if model_name in EMBEDDED_MODELS else model_name
     out_dir.mkdir(parents=True, exist_ok=True)
-    spec = {"out": str(out_dir / "vllm.json"), "model": path, "encoders": encoders, "policy": policy.to_dict(),
-            "prompts": prompts, "batches": batches, "contexts": contexts, "new_tokens": new_tokens,
-            "repeats": repeats, "kv_cache_bytes": _kv_bytes(model.config, count * (longest + new_tokens + 64))}
+    spec = {"out": str(out_dir / "vllm.json"), "model": model_path(model_name), "encoders": encoders,
+            "policy": policy.to_dict(), "prompts": prompts, "batches": batches, "contexts": contexts,
+            "new_tokens": new_tokens, "repeats": repeats, "kv_cache_bytes": _kv_bytes(model.config, count * (longest + new_tokens + 64))}
     spec_path = out_dir / "vllm-spec.json"
     spec_path.write_text(json.dumps(spec))
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}

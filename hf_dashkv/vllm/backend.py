@@ -23,6 +23,7 @@ On a DASH-KV layer:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
@@ -183,9 +184,10 @@ def choose_decode(isa: str, dtype: torch.dtype) -> Callable:
     return kernel_decode
 
 
+@functools.cache
 def kernels():
     """``hf_dashkv.kernels``, imported at first use: vLLM's worker start must not find numba loaded
-    (docs/vllm-plan.md §5)."""
+    (docs/vllm-plan.md §5). Once per process: the selected decodes of every layer call it."""
     from .. import kernels as compiled
 
     if compiled.numba is not None:

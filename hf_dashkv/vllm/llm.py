@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from ..embedded import DEFAULT_MODEL, EMBEDDED_MODELS, embedded_model_dir, shipped_encoders
+from ..embedded import DEFAULT_MODEL, model_path, shipped_encoders
 from ..policy import DecodePolicy
 from . import settings
 
@@ -53,7 +53,7 @@ def prepare(model: str = DEFAULT_MODEL, encoders: str | Path | None = None, poli
     ``ValueError`` for what DASH-KV in vLLM refuses. No vLLM import: ``LLM`` and ``dashkv serve`` both start here."""
     from transformers import AutoConfig
 
-    path = str(embedded_model_dir(model)) if model in EMBEDDED_MODELS else str(model)
+    path = model_path(model)
     hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     architecture = settings.supported_architecture(getattr(hf_config, "architectures", None))
     if encoders is None:
