@@ -11,9 +11,12 @@ On a DASH-KV layer:
 
 - ``do_kv_cache_update``: the stock K/V write, then the keys (post-RoPE, as ``DashKVCache.store`` sees them) hashed
   once and their codes written at the same slots (``paged.write_codes``): prefill and decode tokens alike;
-- the metadata builder splits, once per step, the requests that decode with selection (one query token, a context
-  the policy's budget does not cover: ``Selector.covers``, as in ``generate``) from the others (prefills, prefill
-  chunks, covered decodes), and builds the stock kernel's metadata for the others alone;
+- the metadata builder splits, once per step, the query tokens that decode with selection from the others. A token
+  decodes with selection where ``generate`` would: at a position past its request's prompt (a generated token: a
+  decode step, or one that vLLM recomputes after a preemption, replayed as the decode step it was) whose context the
+  policy's budget does not cover (``paged.first_selected``). The others (prompt tokens, covered steps) keep the stock
+  kernel's metadata, built for them alone. Prompt lengths come from the engine's input batch
+  (``DashKVCPUMetadataBuilder.prompt_lengths``, wired by :class:`~hf_dashkv.vllm.worker.DashKVCPUWorker`);
 - ``forward``: the stock kernel on the others (exact, as ``generate`` runs prefill and covered steps), and the
   library's rule over the paged cache on the selected decodes: the compiled paged kernel
   (``kernels.paged_decode_attention``, reading each selected row in place by its slot), tested equal to the
@@ -41,9 +44,8 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from ..policy import DecodePolicy
-from ..selectors.base import Selector
-from .paged import PagedLayer, cpu_kv_views, paged_decode, write_codes
-from .settings import LayerState
+from .paged import PagedLayer, cpu_kv_views, first_selected, paged_decode, write_codes
+from .settings import WORKER_CLS, LayerState
 
 if TYPE_CHECKING:
     from ..kernels import PagedBatch
@@ -54,11 +56,12 @@ READABLE_ISAS = ("vec", "vec16")
 
 @dataclass
 class SelectedDecodes:
-    """The requests of a step that decode with selection, gathered once per step for every DASH-KV layer: their
-    query tokens ``[S]``, block-table rows ``[S, max_blocks]``, contexts ``[S]`` (the decode token included) and
-    how every DASH-KV layer runs them (``decode``: :func:`kernel_decode` or :func:`reference_decode`, chosen once by
-    the builder) and, for the kernel, what it takes of them (``steps``, a ``kernels.PagedBatch``: budgets per
-    request, since a fractional budget differs, and the sink and recent rows)."""
+    """The query tokens of a step that decode with selection, gathered once per step for every DASH-KV layer, ``S``
+    rows, one per token: its index in the batch ``tokens [S]``, its request's block-table row ``block_table [S,
+    max_blocks]``, its context ``seq_lens [S]`` (its own position included: a recomputed position sees only its
+    prefix, as when it was decoded), how every DASH-KV layer runs them (``decode``: :func:`kernel_decode` or
+    :func:`reference_decode`, chosen once by the builder) and, for the kernel, what it takes of them (``steps``, a
+    ``kernels.PagedBatch``: budgets per row, since a fractional budget differs, and the sink and recent rows)."""
 
     tokens: torch.Tensor
     block_table: torch.Tensor
@@ -69,9 +72,9 @@ class SelectedDecodes:
 
 @dataclass
 class DashKVCPUMetadata(CPUAttentionMetadata):
-    """The stock metadata (what dense layers use) and, when some requests decode with selection, those
-    (``selected``); ``rest_tokens`` (every other token, ``[T - S]``) and ``rest``, the stock metadata of the other
-    requests alone (``None`` if there are none)."""
+    """The stock metadata (what dense layers use) and, when some tokens decode with selection, those (``selected``);
+    ``rest_tokens`` (every other token, ``[T - S]``) and ``rest``, the stock metadata of those tokens alone, each
+    request cut to its tokens before its first selected one (``None`` if there are none)."""
 
     selected: SelectedDecodes | None = None
     rest_tokens: torch.Tensor | None = None
@@ -79,9 +82,14 @@ class DashKVCPUMetadata(CPUAttentionMetadata):
 
 
 class DashKVCPUMetadataBuilder(CPUAttentionMetadataBuilder):
-    """The stock builder; once per step it also splits the requests that decode with selection (one query token,
-    a context the policy's budget does not cover, as ``generate`` decides) from the rest (prefills, chunks of
-    prefills, covered decodes), and builds the stock kernel's metadata for the rest alone."""
+    """The stock builder; once per step it also splits the query tokens that decode with selection (module
+    docstring) from the rest, and builds the stock kernel's metadata for the rest alone.
+
+    ``prompt_lengths``: a callable returning the prompt length of every row of the engine's batch (``int [>= R]``,
+    rows in the batch's order), set once by :class:`~hf_dashkv.vllm.worker.DashKVCPUWorker` after the builders
+    exist; a row of length 0 holds no request (a warm-up batch) and is prefilled densely."""
+
+    prompt_lengths: Callable[[], torch.Tensor] | None = None
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -97,41 +105,53 @@ class DashKVCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         stock = super().build(common_prefix_len, common_attn_metadata, fast_build)
         if self.policy is None or not stock.causal or stock.encoder_cache is not None:
             return stock
+        if self.prompt_lengths is None:
+            raise RuntimeError(
+                "DASH-KV layers need the prompt length of each request, which vLLM's own worker does not give "
+                f"attention backends: start the engine with worker_cls={WORKER_CLS!r} (hf_dashkv.vllm.LLM and "
+                "`dashkv serve` do)."
+            )
         md = DashKVCPUMetadata(**{f.name: getattr(stock, f.name) for f in fields(CPUAttentionMetadata)})
-        starts, seq_lens = stock.query_start_loc, stock.seq_lens
-        rows = selected_decodes(starts, seq_lens, self.policy)
-        if not rows:
+        starts, seq_lens = stock.query_start_loc.long(), stock.seq_lens.long()
+        prompts = self.prompt_lengths()[: seq_lens.shape[0]].long()
+        split = first_selected(starts, seq_lens, prompts, self.policy)
+        computed = seq_lens - (starts[1:] - starts[:-1])
+        if bool((split == seq_lens).all()):
             return md
-        chosen = torch.tensor(rows, dtype=torch.long)
-        table, lengths, policy = stock.block_table[chosen], seq_lens[chosen], self.policy
+        chosen = [(r, p) for r, (a, b) in enumerate(zip(split.tolist(), seq_lens.tolist())) for p in range(a, b)]
+        rows = torch.tensor([r for r, _ in chosen], dtype=torch.long)
+        positions = torch.tensor([p for _, p in chosen], dtype=torch.long)
+        table, lengths, policy = stock.block_table[rows], positions + 1, self.policy
         steps = None
         if self.decode is kernel_decode:
             budgets = torch.tensor([policy.budget_tokens(n) for n in lengths.tolist()], dtype=torch.long)
             steps = kernels().PagedBatch.paged(table, self.kv_cache_spec.block_size, lengths, policy.sink_tokens,
                                                policy.recent_tokens, budgets, policy.rerank)
-        md.selected = SelectedDecodes(starts[chosen].long(), table, lengths, self.decode, steps)
-        selected = set(rows)
-        others = [r for r in range(seq_lens.shape[0]) if r not in selected]
-        if others:
-            md.rest_tokens, md.rest = self._rest(stock, torch.tensor(others, dtype=torch.long))
+        tokens = starts[rows] + positions - computed[rows]
+        md.selected = SelectedDecodes(tokens, table, lengths, self.decode, steps)
+        dense = (split > computed).nonzero().flatten()
+        if dense.numel():
+            md.rest_tokens, md.rest = self._rest(stock, dense, split[dense] - computed[dense], split[dense])
         return md
 
-    def _rest(self, stock: CPUAttentionMetadata, others: torch.Tensor) -> tuple[torch.Tensor, CPUAttentionMetadata]:
-        """The tokens of requests ``others`` and the stock metadata of those requests alone."""
-        begin, end = stock.query_start_loc[others].long(), stock.query_start_loc[others + 1].long()
-        tokens = torch.cat([torch.arange(a, b) for a, b in zip(begin.tolist(), end.tolist())])
-        starts = torch.zeros(len(others) + 1, dtype=stock.query_start_loc.dtype)
-        torch.cumsum(end - begin, 0, out=starts[1:])
-        seq_lens = stock.seq_lens[others].contiguous()
+    def _rest(self, stock: CPUAttentionMetadata, requests: torch.Tensor, counts: torch.Tensor,
+              seq_lens: torch.Tensor) -> tuple[torch.Tensor, CPUAttentionMetadata]:
+        """The first ``counts [K]`` query tokens of each of ``requests [K]``, and the stock metadata of those tokens
+        alone, each request's context cut to ``seq_lens [K]`` (its last kept token's)."""
+        begin = stock.query_start_loc[requests].long()
+        tokens = torch.cat([torch.arange(a, a + k) for a, k in zip(begin.tolist(), counts.tolist())])
+        starts = torch.zeros(requests.shape[0] + 1, dtype=stock.query_start_loc.dtype)
+        torch.cumsum(counts, 0, out=starts[1:])
+        seq_lens = seq_lens.to(stock.seq_lens.dtype).contiguous()
         scheduler_metadata = ops.cpu_attn_get_scheduler_metadata(
-            num_reqs=len(others), num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-            seq_lens=seq_lens, dtype=self.dtype, query_start_loc=starts, causal=True,
+            num_reqs=requests.shape[0], num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim, seq_lens=seq_lens, dtype=self.dtype, query_start_loc=starts, causal=True,
             sliding_window_size=self.window_size, isa=self.isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
             dynamic_causal=None, kv_cache_dtype=self.kv_cache_dtype,
         )
         rest = CPUAttentionMetadata(
-            num_actual_tokens=tokens.shape[0], max_query_len=int((end - begin).max()), query_start_loc=starts,
-            max_seq_len=int(seq_lens.max()), seq_lens=seq_lens, block_table=stock.block_table[others].contiguous(),
+            num_actual_tokens=tokens.shape[0], max_query_len=int(counts.max()), query_start_loc=starts,
+            max_seq_len=int(seq_lens.max()), seq_lens=seq_lens, block_table=stock.block_table[requests].contiguous(),
             slot_mapping=stock.slot_mapping, scheduler_metadata=scheduler_metadata, causal=True,
         )
         return tokens, rest
@@ -213,15 +233,6 @@ def reference_decode(query, query_codes, paged: PagedLayer, selected: SelectedDe
     """The selected decodes through the PyTorch reference (``paged.paged_decode``): ``[S, Hq, D]``."""
     out, _ = paged_decode(query, query_codes, paged, selected.block_table, selected.seq_lens, policy, scale, layer_idx)
     return out
-
-
-def selected_decodes(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, policy: DecodePolicy) -> list[int]:
-    """The requests of a batch that decode with selection: one query token and a context the policy's budget does
-    not cover (``Selector.covers``, as in ``generate``). ``query_start_loc [R + 1]``, ``seq_lens [R]`` (each
-    request's context, its new tokens included)."""
-    one_token = (query_start_loc[1:] - query_start_loc[:-1]) == 1
-    return [r for r, (single, n) in enumerate(zip(one_token.tolist(), seq_lens.tolist()))
-            if single and not Selector().covers(policy, n)]
 
 
 class DashKVCPUBackend(CPUAttentionBackend):

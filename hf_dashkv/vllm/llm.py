@@ -37,12 +37,13 @@ def LLM(model: str = DEFAULT_MODEL, encoders: str | Path | None = None, policy: 
     extra = vllm_kwargs.pop("hf_overrides", None) or {}
     path, hf_overrides = prepare(model, encoders, policy, vllm_kwargs.get("trust_remote_code", False), extra,
                                  vllm_kwargs.get("tensor_parallel_size", 1))
+    worker = settings.worker_cls(vllm_kwargs.pop("worker_cls", None))
     from vllm import LLM as VllmLLM  # only now: every refusal above runs without vLLM
 
     from .plugin import register
 
     register()  # idempotent; worker processes load it through the entry point
-    return VllmLLM(model=path, hf_overrides=hf_overrides, **vllm_kwargs)
+    return VllmLLM(model=path, hf_overrides=hf_overrides, worker_cls=worker, **vllm_kwargs)
 
 
 def prepare(model: str = DEFAULT_MODEL, encoders: str | Path | None = None, policy: DecodePolicy | dict | None = None,

@@ -1,10 +1,11 @@
 """The paged reference: DASH-KV decode over a serving engine's paged cache, by the library's one selection rule.
 
 vLLM keeps each request's K/V in fixed-size blocks that a block table lists in order; several requests can share
-prefix blocks, and the last block of a request is usually partial. This module defines what a decode step of one
-hashed layer returns over that cache: for each request, the output and the :class:`~hf_dashkv.selection.Selection`
-that :class:`~hf_dashkv.plans.CodePlan` (or :class:`~hf_dashkv.plans.RerankPlan`) gives on the request's contiguous
-cache. It gathers each request's rows through its block table and runs ``Plan.attend`` on them, so it is equal to
+prefix blocks, and the last block of a request is usually partial. This module defines which tokens of a serving
+step decode with selection (:func:`first_selected`: the generated ones whose context the budget does not cover, as
+in ``generate``) and what such a step of one hashed layer returns over that cache: for each request, the output and
+the :class:`~hf_dashkv.selection.Selection` that :class:`~hf_dashkv.plans.CodePlan` (or
+:class:`~hf_dashkv.plans.RerankPlan`) gives on the request's contiguous cache. It gathers each request's rows through its block table and runs ``Plan.attend`` on them, so it is equal to
 the library by construction; a paged kernel reads the blocks in place and is tested equal to this.
 
 Layouts (the logical layout of vLLM 0.32's CPU attention, ``docs/vllm-plan.md``):
@@ -93,6 +94,23 @@ def cpu_kv_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     key = halves[:, :, 0].unflatten(-1, (dim, block_size)).transpose(-1, -2)
     value = halves[:, :, 1].unflatten(-1, (block_size, dim))
     return key, value
+
+
+def first_selected(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, prompt_lens: torch.Tensor,
+                   policy: DecodePolicy) -> torch.Tensor:
+    """Each request's first position that decodes with selection (``seq_lens[r]`` if none): the first of its query
+    positions at or past its prompt whose context the budget does not cover (``Selector.covers``, as in
+    ``generate``); every later query position decodes with selection too (covering is monotone in the context).
+    ``query_start_loc [R + 1]``, ``seq_lens [R]`` (each request's context, its query tokens included),
+    ``prompt_lens [R]`` (0: no request, prefilled densely)."""
+    computed = seq_lens - (query_start_loc[1:] - query_start_loc[:-1])
+    split = []
+    for first, n, prompt in zip(computed.tolist(), seq_lens.tolist(), prompt_lens.tolist()):
+        p = min(max(first, prompt), n) if prompt > 0 else n
+        while p < n and Selector().covers(policy, p + 1):
+            p += 1
+        split.append(p)
+    return torch.tensor(split, dtype=torch.long)
 
 
 def paged_decode(

@@ -14,7 +14,6 @@ them through ``.venv-vllm/bin/python``, which ``scripts/install.sh`` makes)::
                "check": false,            # check every DASH-KV decode step against the library (below)
                "then": [[[token ids], ...], ...],   # optional: later batches on the same engine
                "alone": false,            # each prompt in a generate call of its own (a batch of one)
-               "continues": j,            # optional: prompts and max_tokens from run j's preemptions (continuations)
                "next_turn": [[token ids], ...],   # optional: then each prompt + its output + this suffix
                                           # (result "next_turn": its tokens, and the checks up to its end)
                "llm": {...}}]}            # extra vllm.LLM arguments
@@ -27,11 +26,12 @@ then}``, one entry per preemption), the cache as vLLM bound it (``cache``: block
 attention layers' K/V and of the codes layers) and whether vLLM zeroes newly allocated blocks (``zeroing``).
 ``result.json``: ``{"runs": [...]}``.
 
-The per-step check, on each decode request of each DASH-KV layer, after the impl ran:
+The per-step check, after the impl ran, on each DASH-KV layer's rows that decoded with selection (a decode request's
+token, or a generated position recomputed after a preemption: ``replayed``) and on every other one-token request:
 
 - the key codes read back through the block table equal the codes of the keys read back (``encode_keys``): codes
   are written at the right slots;
-- covered by the budget: the output (the stock kernel's) equals dense attention over the gathered context;
+- run by the stock kernel (``covered``): the output equals dense attention over the gathered context;
 - not covered: the output equals ``HashSelector.plan(step, policy).attend(step)`` on the request's contiguous K/V,
   what ``generate`` runs, and the selection attends to fewer rows than the context.
 """
@@ -86,7 +86,8 @@ class StepChecker:
     """Wraps ``DashKVCPUImpl.forward`` to check each DASH-KV decode step against the library (module docstring)."""
 
     def __init__(self):
-        self.counts = {"tokens hashed": 0, "decode steps checked": 0, "covered": 0, "selected": 0, "dropped rows": 0,
+        self.counts = {"tokens hashed": 0, "decode steps checked": 0, "covered": 0, "selected": 0,
+                       "replayed": 0, "dropped rows": 0,
                        "mixed batches": 0, "code bytes": 0, "code bytes differing": 0,
                        "max covered error": 0.0, "max selected error": 0.0, "max selected vs dense": 0.0,
                        "max rows attended": 0, "min context when selected": None}
@@ -124,7 +125,6 @@ class StepChecker:
 
         from ..exact import attend_rows
         from ..selection import Selection
-        from ..selectors.base import Selector
         from ..selectors.hash import HashSelector
         from ..step import DecodeStep
         from .paged import cpu_kv_views, gather_blocks
@@ -136,21 +136,28 @@ class StepChecker:
         key_view, value_view = cpu_kv_views(kv_cache)
         codes = state.codes.kv_cache
         block_size = codes.shape[2]
-        for r, (length, n) in enumerate(zip(lengths, seq_lens)):
-            if length != 1:
-                continue
+        selected = getattr(md, "selected", None)
+        # (query token, block-table row, context): the selected rows as the builder made them, then every other
+        # one-token request (run by the stock kernel)
+        rows = [] if selected is None else list(zip(selected.tokens.tolist(), selected.block_table,
+                                                    selected.seq_lens.tolist()))
+        chosen = {t for t, _, _ in rows}
+        rows += [(starts[r], md.block_table[r], n) for r, (length, n) in enumerate(zip(lengths, seq_lens))
+                 if length == 1 and starts[r] not in chosen]
+        one_token = {starts[r] for r, length in enumerate(lengths) if length == 1}
+        for token, table, n in rows:
             c["decode steps checked"] += 1
-            blocks = md.block_table[r, : -(-n // block_size)].long()
+            blocks = table[: -(-n // block_size)].long()
             keys, values, stored = (gather_blocks(t, blocks, n) for t in (key_view, value_view, codes))
             recomputed = state.encoders.encode_keys(keys)
             c["code bytes"] += stored.numel()
             c["code bytes differing"] += int((recomputed != stored).sum())
-            out = output[starts[r]]
-            query_r = query[starts[r]][None, :, None]  # [1, Hq, 1, D]
+            out = output[token]
+            query_r = query[token][None, :, None]  # [1, Hq, 1, D]
             heads = keys.shape[1]
             everything = Selection(torch.arange(n).expand(1, heads, n), torch.ones(1, heads, n, dtype=torch.bool))
             dense = attend_rows(query_r, keys, values, everything, impl.scale)[0, 0]
-            if Selector().covers(state.policy, n):
+            if token not in chosen:
                 c["covered"] += 1
                 c["max covered error"] = max(c["max covered error"], float((out - dense).abs().max()))
                 continue
@@ -158,6 +165,7 @@ class StepChecker:
             reference, selection = HashSelector(state.encoders).plan(step, state.policy).attend(step)
             attended = int(selection.mask(n).sum(-1).max())
             c["selected"] += 1
+            c["replayed"] += int(token not in one_token)
             c["dropped rows"] += int(attended < n)
             c["max rows attended"] = max(c["max rows attended"], attended)
             low = c["min context when selected"]
@@ -192,9 +200,8 @@ def run_one(run: dict) -> dict:
     core = llm.llm_engine.engine_core.engine_core  # single-process: the engine core lives in this process
     preemptions = watch_preemptions(core.scheduler)
     zeroing = watch_zeroing(core)
-    max_tokens = run.get("max_tokens", 8)  # one for all prompts, or one per prompt
-    sampling = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True)
-                for m in (max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(run["prompts"]))]
+    sampling = [SamplingParams(max_tokens=run.get("max_tokens", 8), temperature=0.0, ignore_eos=True)] * len(
+        run["prompts"])
     alone = run.get("alone", False)
     if alone:
         tokens, preempted = generate_calls(llm, [list(zip(run["prompts"], sampling))], preemptions, alone)
@@ -302,17 +309,6 @@ def bound_cache(context: dict) -> dict | None:
             "kv_bytes_per_token": kv / tokens, "codes_bytes_per_token": codes / tokens}
 
 
-def continuations(run: dict, result: dict) -> dict:
-    """``prompts`` and ``max_tokens`` that restart each request preempted in ``run``'s first batch (``result``) where
-    its last recompute restarted it: its prompt followed by the tokens it had generated then, for the tokens it
-    still had to generate. (A run with ``"continues": j`` takes them from run ``j``.)"""
-    last = {p["prompt"]: p["output_tokens"] for p in result["preempted"]}
-    max_tokens = run.get("max_tokens", 8)
-    budget = {i: max_tokens[i] if isinstance(max_tokens, list) else max_tokens for i in last}
-    return {"prompts": [run["prompts"][i] + result["tokens"][i][:k] for i, k in sorted(last.items())],
-            "max_tokens": [budget[i] - k for i, k in sorted(last.items())]}
-
-
 def main(spec_path: str) -> None:
     with open(spec_path) as f:
         spec = json.load(f)
@@ -320,11 +316,7 @@ def main(spec_path: str) -> None:
         save_tiny(spec["tiny"], spec.get("family", "llama"))
     if spec.get("random_encoders"):
         save_random_encoders(**spec["random_encoders"])
-    results = []
-    for run in spec["runs"]:
-        if "continues" in run:
-            run = {**run, **continuations(spec["runs"][run["continues"]], results[run["continues"]])}
-        results.append(run_one(run))
+    results = [run_one(run) for run in spec["runs"]]
     with open(spec["out"], "w") as f:
         json.dump({"runs": results}, f)
 

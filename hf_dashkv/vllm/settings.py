@@ -27,6 +27,8 @@ from ..policy import DecodePolicy
 
 ENCODERS_FIELD = "dashkv_encoders"
 POLICY_FIELD = "dashkv_policy"
+# the engine worker DASH-KV needs (hf_dashkv.vllm.worker: it gives the attention builders each request's prompt length)
+WORKER_CLS = "hf_dashkv.vllm.worker.DashKVCPUWorker"
 # the Hugging Face architecture -> the DASH-KV subclass registered with vLLM (hf_dashkv.vllm.model). Each of these
 # vLLM classes gives every decoder layer one full-attention layer at model.layers[i].self_attn.attn and hands it the
 # keys after q/k-norm and RoPE, as transformers hands them to DashKVCache.store.
@@ -115,6 +117,17 @@ def check_policy(policy: DecodePolicy) -> None:
 def overrides(encoders: str | Path, policy: DecodePolicy, architecture: str) -> dict:
     """The ``hf_overrides`` that turn DASH-KV on in the engine."""
     return {"architectures": [architecture], ENCODERS_FIELD: str(encoders), POLICY_FIELD: policy_json(policy)}
+
+
+def worker_cls(given: str | None) -> str:
+    """The ``worker_cls`` of an engine with DASH-KV on: :data:`WORKER_CLS`; ``ValueError`` if the caller asked for
+    another worker (vLLM's ``"auto"`` or none at all is replaced)."""
+    if given not in (None, "auto", WORKER_CLS):
+        raise ValueError(
+            f"DASH-KV runs in its own vLLM worker ({WORKER_CLS}, which tells its attention backend where each "
+            f"prompt ends), but worker_cls={given!r} was given: leave worker_cls out."
+        )
+    return WORKER_CLS
 
 
 def policy_json(policy: DecodePolicy) -> str:

@@ -62,6 +62,15 @@ def test_more_tensor_parallel_ranks_than_kv_heads_are_refused(tmp_path):
         LLM(model, encoders=tmp_path / "e", tensor_parallel_size=4)
 
 
+def test_another_worker_is_refused(tmp_path):
+    # DASH-KV's worker tells the backend where each prompt ends; vLLM's default ("auto") is replaced by it
+    model = saved_config(tmp_path, "llama-gqa", "LlamaForCausalLM")
+    HashEncoders.random(CONFIGS["llama-gqa"](), EncoderConfig(bits=16, query_hidden=0)).save_pretrained(tmp_path / "e")
+    with pytest.raises(ValueError, match=r"worker_cls='my.Worker' was given: leave worker_cls out"):
+        LLM(model, encoders=tmp_path / "e", worker_cls="my.Worker")
+    assert settings.worker_cls("auto") == settings.worker_cls(None) == "hf_dashkv.vllm.worker.DashKVCPUWorker"
+
+
 def test_overrides_load_back_the_encoders_and_policy():
     encoders = HashEncoders.from_pretrained(shipped_encoders("smollm2-135m"))
     from transformers import AutoConfig

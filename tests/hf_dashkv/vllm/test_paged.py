@@ -13,7 +13,7 @@ import torch
 
 from hf_dashkv.policy import DecodePolicy
 from hf_dashkv.step import DecodeStep
-from hf_dashkv.vllm.paged import PagedLayer, cpu_kv_views, write_codes
+from hf_dashkv.vllm.paged import PagedLayer, cpu_kv_views, first_selected, write_codes
 from tests.paged_cases import BITS, BLOCK, DIM, GROUP, KV_HEADS, contiguous, expected, paged, run_paged, share_prefix
 
 
@@ -150,3 +150,28 @@ def test_with_real_encoders_the_paged_reference_is_what_the_hash_selector_does_i
             want, selection = HashSelector(encoders).plan(step, policy).attend(step)
             torch.testing.assert_close(out[r], want[0, 0])
             assert torch.equal(selections[r].rows, selection.rows)
+
+
+def test_first_selected_decodes_generated_positions_the_budget_does_not_cover():
+    # covers a context of n tokens iff n <= 2 + 4 + 5 = 11
+    # request: (computed before this step, query tokens, prompt length) -> its first selected position
+    cases = [
+        ((0, 30, 30), 30),    # a whole prompt: dense
+        ((10, 10, 30), 20),   # a chunk inside the prompt: dense (not capped at the prompt's end)
+        ((29, 1, 30), 30),    # the prompt's last token, alone in its chunk: dense, though one token
+        ((30, 1, 30), 30),    # a decode step past the budget: selected
+        ((8, 1, 8), 9),       # a decode step the budget covers (context 9): dense
+        ((0, 34, 30), 30),    # a preempted request recomputed: its 4 generated positions replay as decode steps
+        ((0, 14, 6), 11),     # the same with a short prompt: positions 6..10 (contexts 7..11) are covered
+        ((0, 12, 0), 12),     # no request (a warm-up row): dense
+    ]
+    computed = torch.tensor([c for (c, _, _), _ in cases])
+    counts = torch.tensor([q for (_, q, _), _ in cases])
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    prompts = torch.tensor([p for (_, _, p), _ in cases])
+    split = first_selected(starts, computed + counts, prompts, POLICY)
+    assert split.tolist() == [want for _, want in cases]
+    # a fractional budget: coverage shrinks as the context grows, so the selected positions are a suffix
+    fractional = DecodePolicy(budget=0.25, sink_tokens=2, recent_tokens=2)
+    (first,) = first_selected(torch.tensor([0, 10]), torch.tensor([10]), torch.tensor([1]), fractional).tolist()
+    assert first == 6  # context 6 is covered by 4 + ceil(1.5) = 6 rows; context 7 (position 6) by 4 + 2 = 6 < 7

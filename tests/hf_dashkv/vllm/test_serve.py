@@ -56,6 +56,11 @@ def test_the_server_command_carries_the_overrides_and_passes_the_rest_through(tm
     overrides = json.loads(argv[argv.index("--hf-overrides") + 1])
     assert overrides["architectures"] == ["DashKVLlamaForCausalLM"] and overrides["rope_theta"] == 10000.0
     assert json.loads(overrides["dashkv_policy"])["budget"] == 8 and argv[argv.index("--port") + 1] == "8123"
+    assert argv[argv.index("--worker-cls") + 1] == "hf_dashkv.vllm.worker.DashKVCPUWorker"
+    # another worker would not tell the backend where prompts end: refused before anything starts
+    with pytest.raises(SystemExit, match="leave worker_cls out"):
+        cli.main(["serve", model, "--encoders", str(tmp_path / "e"), "--budget", "8", "--worker-cls", "my.Worker"])
+    assert len(no_exec) == 1
 
 
 def save_tiny_llama_with_tokenizer(folder: Path) -> None:
