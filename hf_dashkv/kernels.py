@@ -24,7 +24,8 @@ from a process already using GNU OpenMP"); ``workqueue`` aborts when two Python 
 and measured 15-25% slower here. TBB (the ``tbb`` wheel, a dependency) is thread- and fork-safe and as fast as
 OpenMP, so the order is TBB, then ``workqueue``, unless ``NUMBA_THREADING_LAYER(_PRIORITY)`` says otherwise.
 Launches also take one lock, so the ``workqueue`` fallback is thread-safe too: each launch already uses every
-core, so two threads (a web server's two ``generate`` calls) lose nothing by taking turns.
+core, so two threads (a web server's two ``generate`` calls) lose nothing by taking turns. A process that forks no
+child after its first launch can instead share PyTorch's own OpenMP threads (:func:`share_torch_threads`).
 """
 
 from __future__ import annotations
@@ -51,6 +52,16 @@ else:
         numba.config.THREADING_LAYER_PRIORITY = ["tbb", "workqueue", "omp"]  # a permutation of all three
 
 _LAUNCH = threading.Lock()  # one parallel launch at a time (module docstring)
+
+
+def share_torch_threads() -> None:
+    """Run the kernels on PyTorch's OpenMP threads (numba's ``omp`` layer, the same GNU OpenMP runtime that PyTorch
+    loaded) instead of a pool of their own, unless ``NUMBA_THREADING_LAYER(_PRIORITY)`` says otherwise; call it
+    before the first launch. Between two of its parallel ops PyTorch's threads keep spinning on the cores for a
+    while, so a second pool launched right after one (TBB's) waits for them. Only for a process that forks no child
+    after its first launch (GNU OpenMP, module docstring), such as vLLM's engine, which spawns its workers."""
+    if numba is not None and not {"NUMBA_THREADING_LAYER", "NUMBA_THREADING_LAYER_PRIORITY"} & set(os.environ):
+        numba.config.THREADING_LAYER = "omp"
 
 _PREFETCH_ROWS_AHEAD = 8  # the best of 2/4/8/16 for random 512-byte rows (scripts/kernel_ab.py)
 _CACHE_LINE = 64

@@ -207,7 +207,8 @@ def choose_decode(isa: str, dtype: torch.dtype) -> Callable:
 @functools.cache
 def kernels():
     """``hf_dashkv.kernels``, imported at first use: vLLM's worker start must not find numba loaded
-    (docs/vllm-plan.md §5). Once per process: the selected decodes of every layer call it."""
+    (docs/vllm-plan.md §5), and its kernels run on torch's OpenMP threads (``kernels.share_torch_threads``). Once per
+    process: the selected decodes of every layer call it."""
     from .. import kernels as compiled
 
     if compiled.numba is not None:
@@ -217,6 +218,8 @@ def kernels():
         from llvmlite.binding import ffi
 
         ffi.lib._fntab.setdefault("__dict__", {})
+        # every other op of a vLLM step runs on torch's OpenMP threads; the engine spawns its workers (no fork)
+        compiled.share_torch_threads()
     return compiled
 
 
