@@ -55,13 +55,15 @@ _LAUNCH = threading.Lock()  # one parallel launch at a time (module docstring)
 
 
 def share_torch_threads() -> None:
-    """Run the kernels on PyTorch's OpenMP threads (numba's ``omp`` layer, the same GNU OpenMP runtime that PyTorch
-    loaded) instead of a pool of their own, unless ``NUMBA_THREADING_LAYER(_PRIORITY)`` says otherwise; call it
-    before the first launch. Between two of its parallel ops PyTorch's threads keep spinning on the cores for a
-    while, so a second pool launched right after one (TBB's) waits for them. Only for a process that forks no child
-    after its first launch (GNU OpenMP, module docstring), such as vLLM's engine, which spawns its workers."""
+    """Run the kernels on GNU OpenMP threads as PyTorch does (numba's ``omp`` layer), as many as PyTorch uses,
+    instead of a pool of their own, unless ``NUMBA_THREADING_LAYER(_PRIORITY)`` says otherwise; call it before the
+    first launch. Between two of its parallel ops PyTorch's threads keep spinning on the cores for a while, so a
+    second pool launched right after one (TBB's) waits for them. The count matters: each launch sets OpenMP's thread
+    count, which other kernels in the process (vLLM's) read. Only for a process that forks no child after its first
+    launch (GNU OpenMP, module docstring), such as vLLM's engine, which spawns its workers."""
     if numba is not None and not {"NUMBA_THREADING_LAYER", "NUMBA_THREADING_LAYER_PRIORITY"} & set(os.environ):
         numba.config.THREADING_LAYER = "omp"
+        numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
 
 _PREFETCH_ROWS_AHEAD = 8  # the best of 2/4/8/16 for random 512-byte rows (scripts/kernel_ab.py)
 _CACHE_LINE = 64

@@ -9,8 +9,9 @@ SmolLM2's attention shape (3 KV heads, 9 query heads, head_dim 64, fp32, 128-bit
 - ``vLLM CPU_ATTN``: ``ops.cpu_attention_with_kv_cache`` on every request, as a decode step runs it;
 - ``DASH-KV, rerank 1`` / ``rerank 2``: ``kernels.paged_decode_attention`` with the shipped policy's windows and a
   1/32 budget, reading vLLM's layout in place (keys stored transposed per block);
-- the same with the keys copied row-major (a layout vLLM's CPU backend does not use: it shows what the transposed
-  keys cost, since a key read from them touches one cache line per dimension instead of four in all);
+- the same with the keys row-major, the layout DASH-KV's vLLM backend keeps on its layers
+  (``paged.dashkv_kv_views``): a key read from vLLM's transposed layout touches one cache line per dimension
+  instead of four in all;
 - ``codes only``: budget 0, the sinks and recent window (the Hamming pass over every code and the fixed rows).
 
 Prints the median ms of each and its speed-up over vLLM's kernel.

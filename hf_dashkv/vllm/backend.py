@@ -9,19 +9,26 @@ for, nothing changes.
 
 On a DASH-KV layer:
 
-- ``do_kv_cache_update``: the stock K/V write, then the keys (post-RoPE, as ``DashKVCache.store`` sees them) hashed
-  once and their codes written at the same slots (``paged.write_codes``): prefill and decode tokens alike;
+- ``do_kv_cache_update``: K/V written at their slots with the keys row-major (``paged.dashkv_kv_views``: a selected
+  key is one contiguous row, not one value per cache line), and the keys (post-RoPE, as ``DashKVCache.store`` sees
+  them) hashed once and their codes written at the same slots (``paged.write_at_slots``): prefill and decode
+  tokens alike;
 - the metadata builder splits, once per step, the query tokens that decode with selection from the others. A token
   decodes with selection where ``generate`` would: at a position past its request's prompt (a generated token: a
   decode step, or one that vLLM recomputes after a preemption, replayed as the decode step it was) whose context the
-  policy's budget does not cover (``paged.first_selected``). The others (prompt tokens, covered steps) keep the stock
-  kernel's metadata, built for them alone. Prompt lengths come from the engine's input batch
-  (``DashKVCPUMetadataBuilder.prompt_lengths``, wired by :class:`~hf_dashkv.vllm.worker.DashKVCPUWorker`);
-- ``forward``: the stock kernel on the others (exact, as ``generate`` runs prefill and covered steps), and the
-  library's rule over the paged cache on the selected decodes: the compiled paged kernel
+  policy's budget does not cover (``paged.first_selected``). The others (prompt tokens, covered steps) get the stock
+  kernel's metadata, built for them alone over a copy of the blocks they read. Prompt lengths come from the
+  engine's input batch (``DashKVCPUMetadataBuilder.prompt_lengths``, wired by
+  :class:`~hf_dashkv.vllm.worker.DashKVCPUWorker`);
+- ``forward``: the stock kernel on the others, over those blocks copied into its layout (``paged.stock_layout_copy``:
+  exact, as ``generate`` runs prefill and covered steps; the copy is linear in their context, their attention is
+  not), and the library's rule over the paged cache on the selected decodes: the compiled paged kernel
   (``kernels.paged_decode_attention``, reading each selected row in place by its slot), tested equal to the
   reference ``paged.paged_decode`` (gather through the block table, then ``Plan.attend``), which runs where the
-  kernel cannot (fp16). Layers without DASH-KV state use the stock metadata of the whole batch.
+  kernel cannot (fp16).
+
+Layers without DASH-KV state (the policy's dense layers, other models) keep vLLM's layout and the stock metadata of
+the whole batch.
 """
 
 from __future__ import annotations
@@ -44,13 +51,13 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from ..policy import DecodePolicy
-from .paged import PagedLayer, cpu_kv_views, first_selected, paged_decode, write_codes
+from .paged import PagedLayer, dashkv_kv_views, first_selected, paged_decode, stock_layout_copy, write_at_slots
 from .settings import WORKER_CLS, LayerState
 
 if TYPE_CHECKING:
     from ..kernels import PagedBatch
 
-# vLLM's CPU K/V layouts that paged.cpu_kv_views reads (AMX packs bf16 pairs differently)
+# vLLM's CPU K/V layouts that paged.stock_layout_copy writes for the stock kernel (AMX packs bf16 pairs differently)
 READABLE_ISAS = ("vec", "vec16")
 
 
@@ -72,12 +79,14 @@ class SelectedDecodes:
 
 @dataclass
 class DashKVCPUMetadata(CPUAttentionMetadata):
-    """The stock metadata (what dense layers use) and, when some tokens decode with selection, those (``selected``);
-    ``rest_tokens`` (every other token, ``[T - S]``) and ``rest``, the stock metadata of those tokens alone, each
-    request cut to its tokens before its first selected one (``None`` if there are none)."""
+    """The stock metadata (what layers without DASH-KV use) and, for DASH-KV layers, the tokens that decode with
+    selection (``selected``, ``None`` if none) and every other token (``rest_tokens``, ``[T - S]``, ``None`` if
+    none): the blocks they read (``rest_blocks [nb]``) and ``rest``, the stock metadata of those tokens alone, each
+    request cut to its tokens before its first selected one, over a copy of those blocks in vLLM's layout."""
 
     selected: SelectedDecodes | None = None
     rest_tokens: torch.Tensor | None = None
+    rest_blocks: torch.Tensor | None = None
     rest: CPUAttentionMetadata | None = None
 
 
@@ -116,32 +125,45 @@ class DashKVCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         prompts = self.prompt_lengths()[: seq_lens.shape[0]].long()
         split = first_selected(starts, seq_lens, prompts, self.policy)
         computed = seq_lens - (starts[1:] - starts[:-1])
-        if bool((split == seq_lens).all()):
-            return md
-        chosen = [(r, p) for r, (a, b) in enumerate(zip(split.tolist(), seq_lens.tolist())) for p in range(a, b)]
+        if not bool((split == seq_lens).all()):
+            md.selected = self._selected(stock, split, computed)
+        dense = (split > computed).nonzero().flatten()
+        if dense.numel():
+            md.rest_tokens, md.rest_blocks, md.rest = self._rest(stock, dense, split[dense] - computed[dense],
+                                                                 split[dense])
+        return md
+
+    def _selected(self, stock: CPUAttentionMetadata, split: torch.Tensor, computed: torch.Tensor) -> SelectedDecodes:
+        """The rows of the query tokens at or past each request's ``split`` (``paged.first_selected``), ``computed``
+        its tokens before this step."""
+        seq_lens, policy = stock.seq_lens.tolist(), self.policy
+        chosen = [(r, p) for r, (a, b) in enumerate(zip(split.tolist(), seq_lens)) for p in range(a, b)]
         rows = torch.tensor([r for r, _ in chosen], dtype=torch.long)
         positions = torch.tensor([p for _, p in chosen], dtype=torch.long)
-        table, lengths, policy = stock.block_table[rows], positions + 1, self.policy
+        table, lengths = stock.block_table[rows], positions + 1
         steps = None
         if self.decode is kernel_decode:
             budgets = torch.tensor([policy.budget_tokens(n) for n in lengths.tolist()], dtype=torch.long)
             steps = kernels().PagedBatch.paged(table, self.kv_cache_spec.block_size, lengths, policy.sink_tokens,
                                                policy.recent_tokens, budgets, policy.rerank)
-        tokens = starts[rows] + positions - computed[rows]
-        md.selected = SelectedDecodes(tokens, table, lengths, self.decode, steps)
-        dense = (split > computed).nonzero().flatten()
-        if dense.numel():
-            md.rest_tokens, md.rest = self._rest(stock, dense, split[dense] - computed[dense], split[dense])
-        return md
+        tokens = stock.query_start_loc[rows].long() + positions - computed[rows]
+        return SelectedDecodes(tokens, table, lengths, self.decode, steps)
 
     def _rest(self, stock: CPUAttentionMetadata, requests: torch.Tensor, counts: torch.Tensor,
-              seq_lens: torch.Tensor) -> tuple[torch.Tensor, CPUAttentionMetadata]:
-        """The first ``counts [K]`` query tokens of each of ``requests [K]``, and the stock metadata of those tokens
-        alone, each request's context cut to ``seq_lens [K]`` (its last kept token's)."""
+              seq_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, CPUAttentionMetadata]:
+        """The first ``counts [K]`` query tokens of each of ``requests [K]``, the blocks they read (``[nb]``, each
+        once) and the stock metadata of those tokens alone over a copy of those blocks (block ``i`` of the copy is
+        block ``blocks[i]``), each request's context cut to ``seq_lens [K]`` (its last kept token's)."""
         begin = stock.query_start_loc[requests].long()
         tokens = torch.cat([torch.arange(a, a + k) for a, k in zip(begin.tolist(), counts.tolist())])
         starts = torch.zeros(requests.shape[0] + 1, dtype=stock.query_start_loc.dtype)
         torch.cumsum(counts, 0, out=starts[1:])
+        widths = -(-seq_lens // self.kv_cache_spec.block_size)  # blocks each request reads
+        table = stock.block_table[requests][:, : int(widths.max())]
+        read = torch.arange(table.shape[1]) < widths[:, None]
+        blocks, inverse = torch.unique(table[read].long(), return_inverse=True)
+        copy_table = torch.zeros_like(table)
+        copy_table[read] = inverse.to(table.dtype)
         seq_lens = seq_lens.to(stock.seq_lens.dtype).contiguous()
         scheduler_metadata = ops.cpu_attn_get_scheduler_metadata(
             num_reqs=requests.shape[0], num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
@@ -151,52 +173,59 @@ class DashKVCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         )
         rest = CPUAttentionMetadata(
             num_actual_tokens=tokens.shape[0], max_query_len=int(counts.max()), query_start_loc=starts,
-            max_seq_len=int(seq_lens.max()), seq_lens=seq_lens, block_table=stock.block_table[requests].contiguous(),
+            max_seq_len=int(seq_lens.max()), seq_lens=seq_lens, block_table=copy_table,
             slot_mapping=stock.slot_mapping, scheduler_metadata=scheduler_metadata, causal=True,
         )
-        return tokens, rest
+        return tokens, blocks, rest
 
 
 class DashKVCPUImpl(CPUAttentionBackendImpl):
-    """``CPU_ATTN``'s impl; on a layer with ``layer.dashkv``, codes are written with K/V and decode steps select."""
+    """``CPU_ATTN``'s impl; a layer with ``layer.dashkv`` keeps its keys row-major (``paged.dashkv_kv_views``) and
+    their codes beside them, and its decode steps select."""
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
-        super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
         state: LayerState | None = getattr(layer, "dashkv", None)
         if state is None:
-            return
+            return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
         tokens = min(key.shape[0], slot_mapping.shape[0])
-        codes = state.encoders.encode_keys(key[:tokens].transpose(0, 1).unsqueeze(0))  # [1, Hkv, T, nbytes]
-        write_codes(state.codes.kv_cache, slot_mapping[:tokens], codes[0].transpose(0, 1))
+        slots, key = slot_mapping[:tokens], key[:tokens]  # key, value: [T, Hkv, D]
+        key_view, value_view = dashkv_kv_views(kv_cache)
+        write_at_slots(key_view, slots, key)
+        write_at_slots(value_view, slots, value[:tokens])
+        codes = state.encoders.encode_keys(key.transpose(0, 1).unsqueeze(0))  # [1, Hkv, T, nbytes]
+        write_at_slots(state.codes.kv_cache, slots, codes[0].transpose(0, 1))
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
         state: LayerState | None = getattr(layer, "dashkv", None)
-        md = attn_metadata
-        if state is None or not isinstance(md, DashKVCPUMetadata) or md.selected is None:
+        md: DashKVCPUMetadata | None = attn_metadata
+        if state is None or md is None:  # a layer without DASH-KV, or a warm-up pass (no metadata: nothing to read)
             return super().forward(layer, query, key, value, kv_cache, md, output, output_scale, output_block_scale)
-        if md.rest is not None:  # prefills and covered decodes: the stock kernel on those requests alone
+        key_view, value_view = dashkv_kv_views(kv_cache)
+        if md.rest is not None:  # prompt tokens and covered decodes: the stock kernel, on its layout of their blocks
             rest = output.new_empty(md.rest_tokens.shape[0], *output.shape[1:])
-            super().forward(layer, query[md.rest_tokens], None, None, kv_cache, md.rest, rest, output_scale,
+            copy = stock_layout_copy(key_view, value_view, md.rest_blocks)
+            super().forward(layer, query[md.rest_tokens], None, None, copy, md.rest, rest, output_scale,
                             output_block_scale)
             output[md.rest_tokens] = rest
         selected = md.selected
-        q = query[selected.tokens]  # [S, Hq, D]
-        paged = PagedLayer(*cpu_kv_views(kv_cache), state.codes.kv_cache)
-        out = selected.decode(q, state.encoders.encode_query(q), paged, selected, state.policy, self.scale,
-                              state.layer_idx)
-        output[selected.tokens] = out.to(output.dtype)
+        if selected is not None:
+            q = query[selected.tokens]  # [S, Hq, D]
+            paged = PagedLayer(key_view, value_view, state.codes.kv_cache)
+            out = selected.decode(q, state.encoders.encode_query(q), paged, selected, state.policy, self.scale,
+                                  state.layer_idx)
+            output[selected.tokens] = out.to(output.dtype)
         return output
 
 
 def choose_decode(isa: str, dtype: torch.dtype) -> Callable:
     """How the DASH-KV layers of a KV-cache group run their selected decodes, chosen once (by the group's metadata
     builder, when the engine is built): the compiled paged kernel (``kernels.paged_decode_attention``) for fp32 and
-    bf16, else the PyTorch reference (``paged.paged_decode``); the two are tested equal. Both read vLLM's CPU K/V
-    layout of the ``vec``/``vec16`` ISAs only."""
+    bf16, else the PyTorch reference (``paged.paged_decode``); the two are tested equal. The stock kernel reads copies
+    in vLLM's CPU K/V layout of the ``vec``/``vec16`` ISAs (``paged.stock_layout_copy``): those ISAs only."""
     if isa not in READABLE_ISAS:
         raise NotImplementedError(
-            f"DASH-KV reads vLLM's CPU K/V layout of the {READABLE_ISAS} ISAs; this engine uses {isa!r} "
+            f"DASH-KV hands vLLM's kernel K/V in its CPU layout of the {READABLE_ISAS} ISAs; this engine uses {isa!r} "
             "(bf16 on AMX). Use dtype='float32' (or float16)."
         )
     if kernels().numba is None or dtype not in kernels().FLOAT_DTYPES:

@@ -12,9 +12,11 @@ on) prefills every prompt once, at its longest context; the shorter contexts are
 full blocks cached and recomputes at most the last partial one. A measurement of ``batch`` requests at ``context``
 is ``generate(max_tokens=1 + new_tokens)`` minus ``generate(max_tokens=1)`` on the same prompts: the time of
 ``new_tokens`` decode steps, hence output tokens/s after prefill. "vLLM" is the same engine with every layer's
-DASH-KV state detached (``attn.dashkv = None``): the impl then runs the stock ``CPU_ATTN`` kernel on every layer
-with the stock metadata, as an engine without DASH-KV does (the builder still makes its per-step split and the
-paged kernel's per-step arrays, well under a millisecond a step, charged to "vLLM"); "DASH-KV" re-attaches it. Modes alternate within each repeat, so drift on a shared
+DASH-KV state detached (``attn.dashkv = None``) and those layers' keys rewritten in place in vLLM's layout
+(``paged.relayout_keys``; DASH-KV keeps them row-major): the impl then runs the stock ``CPU_ATTN`` kernel on every layer with
+the stock metadata, as an engine without DASH-KV does (the builder still makes its per-step split and the paged
+kernel's per-step arrays, well under a millisecond a step, charged to "vLLM"); "DASH-KV" re-attaches it and
+rewrites the keys back. Modes alternate within each repeat, so drift on a shared
 machine hits both. One engine serves both because a prefill of 8 x 16k tokens takes tens of minutes on two cores.
 """
 
@@ -35,6 +37,7 @@ def measure(spec: dict) -> dict:
     from vllm.inputs import TokensPrompt
 
     from . import LLM
+    from .paged import relayout_keys
 
     batches, contexts, new_tokens = spec["batches"], spec["contexts"], spec["new_tokens"]
     llm = LLM(spec["model"], encoders=spec["encoders"], policy=spec.get("policy"), dtype="float32",
@@ -46,6 +49,8 @@ def measure(spec: dict) -> dict:
 
     def attach(on: bool) -> None:
         for name, state in states.items():
+            if (context[name].dashkv is not None) != on:
+                relayout_keys(context[name].kv_cache, to_stock=not on)
             context[name].dashkv = state if on else None
 
     def timed(prompts: list[list[int]], tokens: int) -> float:

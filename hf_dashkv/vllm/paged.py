@@ -12,7 +12,11 @@ Layouts (the logical layout of vLLM 0.32's CPU attention, ``docs/vllm-plan.md``)
 
 - keys, values: ``[num_blocks, Hkv, block_size, D]`` each, indexed logically (``key[block, head, offset]`` is one
   token's key); any strides. vLLM's CPU cache holds both in one ``[num_blocks, Hkv, block_size, 2 * D]`` tensor
-  with each block's keys transposed in memory; :func:`cpu_kv_views` gives the logical views of it;
+  with each block's keys transposed in memory; :func:`cpu_kv_views` gives the logical views of it. On the layers
+  that DASH-KV serves, the same tensor holds the keys row-major instead (:func:`dashkv_kv_views`): a selected key is
+  then one contiguous row, where vLLM's layout spreads it over ``D`` cache lines, one per dimension, which a
+  selective read pays in full (``docs/speed.md``); vLLM's own kernel reads a copy in its layout
+  (:func:`stock_layout_copy`);
 - key codes: ``[num_blocks, Hkv, block_size, nbytes]`` uint8, paged with the same block ids as K/V (a side cache in
   the same KV-cache group), bits packed as in :mod:`hf_dashkv.codes`;
 - ``slot_mapping`` ``[T]``: token ``t`` lives at block ``slot // block_size``, offset ``slot % block_size``; negative
@@ -96,6 +100,39 @@ def cpu_kv_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return key, value
 
 
+def dashkv_kv_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logical ``(key, value)`` views ``[num_blocks, Hkv, block_size, D]`` of a DASH-KV layer's cache: vLLM's CPU
+    tensor ``[num_blocks, Hkv, block_size, 2 * D]``, each ``[block, head]`` holding the block's keys row-major
+    (``[block_size, D]``), then its values as vLLM stores them. Both views are contiguous rows; no copy."""
+    num_blocks, kv_heads, block_size, twice = kv_cache.shape
+    halves = kv_cache.view(num_blocks, kv_heads, 2, block_size, twice // 2)
+    return halves[:, :, 0], halves[:, :, 1]
+
+
+def stock_layout_copy(key: torch.Tensor, value: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """Blocks ``blocks [nb]`` of logical ``key``/``value`` views, copied into a new ``[nb, Hkv, block_size, 2 * D]``
+    cache in vLLM's CPU layout (keys transposed per block), the copy's block ``i`` being block ``blocks[i]``: what
+    vLLM's kernel reads of a DASH-KV layer."""
+    num_blocks = blocks.shape[0]
+    kv_heads, block_size, dim = key.shape[1:]
+    copy = key.new_empty(num_blocks, kv_heads, block_size, 2 * dim)
+    copy_key, copy_value = cpu_kv_views(copy)
+    copy_key.copy_(key.index_select(0, blocks))
+    copy_value.copy_(value.index_select(0, blocks))
+    return copy
+
+
+def relayout_keys(kv_cache: torch.Tensor, to_stock: bool, blocks_at_once: int = 1024) -> None:
+    """Rewrite a layer's keys in place from DASH-KV's row-major layout to vLLM's (keys transposed per block), or
+    back: what a layer switched between DASH-KV and vLLM's own attention needs (the serving benchmark's baseline).
+    Values are laid out alike in both."""
+    source, target = (dashkv_kv_views, cpu_kv_views) if to_stock else (cpu_kv_views, dashkv_kv_views)
+    for start in range(0, kv_cache.shape[0], blocks_at_once):
+        part = kv_cache[start:start + blocks_at_once]
+        keys = source(part)[0].clone()
+        target(part)[0].copy_(keys)
+
+
 def first_selected(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, prompt_lens: torch.Tensor,
                    policy: DecodePolicy) -> torch.Tensor:
     """Each request's first position that decodes with selection (``seq_lens[r]`` if none): the first of its query
@@ -152,10 +189,10 @@ def paged_decode(
     return out, selections
 
 
-def write_codes(key_codes: torch.Tensor, slot_mapping: torch.Tensor, new_codes: torch.Tensor) -> None:
-    """Store the codes of new tokens where vLLM stores their K/V: ``key_codes [num_blocks, Hkv, block_size,
-    nbytes]``, ``slot_mapping [T]`` (negative: padding, skipped), ``new_codes [T, Hkv, nbytes]`` uint8."""
+def write_at_slots(paged: torch.Tensor, slot_mapping: torch.Tensor, rows: torch.Tensor) -> None:
+    """Store new tokens' rows (codes, keys or values) at their slots: ``paged [num_blocks, Hkv, block_size, X]`` (a
+    logical view, any strides), ``slot_mapping [T]`` (negative: padding, skipped), ``rows [T, Hkv, X]``."""
     keep = slot_mapping >= 0
-    slots, new_codes = slot_mapping[keep].long(), new_codes[keep]
-    block_size = key_codes.shape[2]
-    key_codes[slots // block_size, :, slots % block_size] = new_codes
+    slots, rows = slot_mapping[keep].long(), rows[keep]
+    block_size = paged.shape[2]
+    paged[slots // block_size, :, slots % block_size] = rows.to(paged.dtype)

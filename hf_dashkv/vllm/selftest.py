@@ -127,13 +127,13 @@ class StepChecker:
         from ..selection import Selection
         from ..selectors.hash import HashSelector
         from ..step import DecodeStep
-        from .paged import cpu_kv_views, gather_blocks
+        from .paged import dashkv_kv_views, gather_blocks
 
         c = self.counts
         starts, seq_lens = md.query_start_loc.tolist(), md.seq_lens.tolist()
         lengths = [b - a for a, b in itertools.pairwise(starts)]
         c["mixed batches"] += int(1 in lengths and any(n > 1 for n in lengths))
-        key_view, value_view = cpu_kv_views(kv_cache)
+        key_view, value_view = dashkv_kv_views(kv_cache)
         codes = state.codes.kv_cache
         block_size = codes.shape[2]
         selected = getattr(md, "selected", None)

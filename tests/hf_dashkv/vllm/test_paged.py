@@ -13,7 +13,8 @@ import torch
 
 from hf_dashkv.policy import DecodePolicy
 from hf_dashkv.step import DecodeStep
-from hf_dashkv.vllm.paged import PagedLayer, cpu_kv_views, first_selected, write_codes
+from hf_dashkv.vllm.paged import (PagedLayer, cpu_kv_views, dashkv_kv_views, first_selected, relayout_keys,
+                                  stock_layout_copy, write_at_slots)
 from tests.paged_cases import BITS, BLOCK, DIM, GROUP, KV_HEADS, contiguous, expected, paged, run_paged, share_prefix
 
 
@@ -70,10 +71,10 @@ def test_a_covering_budget_is_plain_attention_over_the_whole_context():
     assert selections[0] is None and selections[1] is not None
 
 
-def test_write_codes_stores_at_the_slots_and_skips_padding():
+def test_write_at_slots_stores_at_the_slots_and_skips_padding():
     codes = torch.zeros(4, KV_HEADS, BLOCK, BITS // 8, dtype=torch.uint8)
     new = torch.randint(1, 256, (3, KV_HEADS, BITS // 8), dtype=torch.uint8)
-    write_codes(codes, torch.tensor([13, -1, 2]), new)
+    write_at_slots(codes, torch.tensor([13, -1, 2]), new)
     assert torch.equal(codes[1, :, 5], new[0]) and torch.equal(codes[0, :, 2], new[2])
     assert int((codes != 0).any(-1).sum()) == 2 * KV_HEADS  # the padding token wrote nothing
 
@@ -85,7 +86,7 @@ def test_written_codes_read_back_through_the_block_table_as_the_contiguous_codes
     slot_mapping = torch.cat([table[0, torch.arange(11) // BLOCK] * BLOCK + torch.arange(11) % BLOCK,
                               table[1, torch.arange(7) // BLOCK] * BLOCK + torch.arange(7) % BLOCK])
     codes = torch.zeros(4, KV_HEADS, BLOCK, BITS // 8, dtype=torch.uint8)
-    write_codes(codes, slot_mapping, torch.cat([r[2][0].transpose(0, 1) for r in requests]))
+    write_at_slots(codes, slot_mapping, torch.cat([r[2][0].transpose(0, 1) for r in requests]))
     layer = PagedLayer(torch.zeros(4, KV_HEADS, BLOCK, DIM), torch.zeros(4, KV_HEADS, BLOCK, DIM), codes)
     for r, n in enumerate((11, 7)):
         step = layer.request_step(torch.zeros(KV_HEADS * GROUP, DIM), table[r], n, 0.25, 0)
@@ -102,6 +103,37 @@ def test_cpu_kv_views_read_vllms_cpu_layout_keys_transposed_per_block():
     assert torch.equal(key_view, key) and torch.equal(value_view, value)
     kv_cache[3, 1].view(-1)[DIM * 0 + 2 * BLOCK + 7] = 42.0  # key of offset 7, dimension 2: in place, no copy
     assert key_view[3, 1, 7, 2] == 42.0
+
+
+def test_a_dashkv_layer_keeps_its_keys_row_major_and_vllms_kernel_gets_a_copy_in_its_layout():
+    # K/V written by slot into a DASH-KV layer's cache ([num_blocks, Hkv, block_size, 2 * D], vLLM's shape): each
+    # [block, head] holds its keys row-major, then its values
+    kv_cache = torch.zeros(5, KV_HEADS, BLOCK, 2 * DIM)
+    key_view, value_view = dashkv_kv_views(kv_cache)
+    slots = torch.tensor([3 * BLOCK + 7, -1, 1 * BLOCK + 0, 4 * BLOCK + BLOCK - 1])
+    key, value = torch.randn(2, 4, KV_HEADS, DIM).unbind(0)
+    write_at_slots(key_view, slots, key)
+    write_at_slots(value_view, slots, value)
+    assert torch.equal(kv_cache[3].reshape(KV_HEADS, -1)[:, 7 * DIM:8 * DIM], key[0])  # in memory: one row
+    assert torch.equal(value_view[1, :, 0], value[2]) and torch.equal(key_view[4, :, BLOCK - 1], key[3])
+    assert int((key_view != 0).any(-1).sum()) == int((value_view != 0).any(-1).sum()) == 3 * KV_HEADS  # not padding
+    # blocks 4 and 3, copied in vLLM's layout (keys transposed per block), as block 0 and 1 of the copy
+    copy = stock_layout_copy(key_view, value_view, torch.tensor([4, 3]))
+    copy_key, copy_value = cpu_kv_views(copy)
+    assert copy.shape == (2, KV_HEADS, BLOCK, 2 * DIM)
+    assert torch.equal(copy_key, key_view[[4, 3]]) and torch.equal(copy_value, value_view[[4, 3]])
+    in_memory = copy[1].reshape(KV_HEADS, -1)[:, : BLOCK * DIM].view(KV_HEADS, DIM, BLOCK)
+    assert torch.equal(in_memory[:, :, 7], key[0])  # a column: transposed
+
+
+def test_relayout_keys_switches_a_layer_between_the_two_layouts_in_place():
+    kv_cache = torch.randn(5, KV_HEADS, BLOCK, 2 * DIM)
+    key, value = (t.clone() for t in dashkv_kv_views(kv_cache))
+    relayout_keys(kv_cache, to_stock=True, blocks_at_once=2)  # chunks of 2, 2 and 1 blocks
+    stock_key, stock_value = cpu_kv_views(kv_cache)
+    assert torch.equal(stock_key, key) and torch.equal(stock_value, value)
+    relayout_keys(kv_cache, to_stock=False)
+    assert torch.equal(dashkv_kv_views(kv_cache)[0], key)
 
 
 def test_the_paged_reference_runs_on_the_cpu_layout_views():
