@@ -27,7 +27,7 @@ import torch
 from vllm import _custom_ops as ops
 
 from hf_dashkv import kernels
-from hf_dashkv.vllm.paged import cpu_kv_views
+from hf_dashkv.vllm.paged import cpu_kv_views, dashkv_kv_views, relayout_keys
 
 KV_HEADS, GROUP, DIM, CODE_BYTES = 3, 3, 64, 16
 
@@ -59,22 +59,26 @@ def main() -> None:
     out = torch.empty_like(query)
     key, value = cpu_kv_views(kv_cache)
     row_major = key.contiguous()
+    layer_cache = kv_cache.clone()
+    relayout_keys(layer_cache, to_stock=False)  # a DASH-KV layer's cache: the same K/V, keys row-major
+    layer_key, layer_value = dashkv_kv_views(layer_cache)
     budgets = torch.full((r,), n // 32)
 
     def stock():
         ops.cpu_attention_with_kv_cache(query, key_cache, value_cache, out, starts, seq_lens, DIM ** -0.5, True, None,
                                         -1, table, 0.0, scheduler, None, None, 1.0, 1.0, "auto")
 
-    def dashkv(keys, budget, rerank):
+    def dashkv(keys, budget, rerank, values=value):
         # the per-step part (block tables, budgets, fixed rows) is built once per step for all layers: not timed
         steps = kernels.PagedBatch.paged(table, bs, seq_lens, 4, 64, budget, rerank)
-        return lambda: kernels.paged_decode_attention(query, query_codes, keys, value, codes, steps, "sum",
+        return lambda: kernels.paged_decode_attention(query, query_codes, keys, values, codes, steps, "sum",
                                                       DIM ** -0.5)
 
     cases = {"vLLM CPU_ATTN": stock, "DASH-KV, rerank 1": dashkv(key, budgets, 1),
              "DASH-KV, rerank 2": dashkv(key, budgets, 2),
              "DASH-KV, rerank 1, keys row-major": dashkv(row_major, budgets, 1),
              "DASH-KV, rerank 2, keys row-major": dashkv(row_major, budgets, 2),
+             "DASH-KV, rerank 2, a DASH-KV layer's cache": dashkv(layer_key, budgets, 2, layer_value),
              "codes only (budget 0)": dashkv(key, torch.zeros_like(budgets), 1)}
     for run in cases.values():  # compile, and warm the caches' pages
         run()
