@@ -26,6 +26,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")  # 16k contexts exceed SmolLM2's 8k: speed, not quality
@@ -37,21 +38,13 @@ def measure(spec: dict) -> dict:
     from vllm.inputs import TokensPrompt
 
     from . import LLM
-    from .paged import relayout_keys
 
     batches, contexts, new_tokens = spec["batches"], spec["contexts"], spec["new_tokens"]
     llm = LLM(spec["model"], encoders=spec["encoders"], policy=spec.get("policy"), dtype="float32",
               skip_tokenizer_init=True, enforce_eager=True, enable_prefix_caching=True,
               max_model_len=max(contexts) + new_tokens + 32, max_num_seqs=max(batches),
               max_num_batched_tokens=8192, kv_cache_memory_bytes=spec["kv_cache_bytes"])
-    context = llm.llm_engine.vllm_config.compilation_config.static_forward_context
-    states = {name: layer.dashkv for name, layer in context.items() if getattr(layer, "dashkv", None) is not None}
-
-    def attach(on: bool) -> None:
-        for name, state in states.items():
-            if (context[name].dashkv is not None) != on:
-                relayout_keys(context[name].kv_cache, to_stock=not on)
-            context[name].dashkv = state if on else None
+    attach, hashed_layers = dashkv_switch(llm)
 
     def timed(prompts: list[list[int]], tokens: int) -> float:
         sampling = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
@@ -76,8 +69,26 @@ def measure(spec: dict) -> dict:
                 values.append(batch * new_tokens / decode)
         attach(True)
         rows.append({"batch": batch, "context": n, **rates})
-    return {"rows": rows, "prefill_seconds": prefill_seconds, "hashed_layers": len(states),
+    return {"rows": rows, "prefill_seconds": prefill_seconds, "hashed_layers": hashed_layers,
             "threads": int(os.environ.get("OMP_NUM_THREADS", "0"))}
+
+
+def dashkv_switch(llm) -> tuple[Callable[[bool], None], int]:
+    """``(attach, count)``: ``attach(on)`` turns DASH-KV on or off on every one of the ``count`` DASH-KV layers of
+    ``llm``'s engine (single process), in place: off, each layer's state is detached and its keys rewritten in vLLM's
+    layout (``paged.relayout_keys``), so vLLM's own attention runs it; on, the reverse."""
+    from .paged import relayout_keys
+
+    context = llm.llm_engine.vllm_config.compilation_config.static_forward_context
+    states = {name: layer.dashkv for name, layer in context.items() if getattr(layer, "dashkv", None) is not None}
+
+    def attach(on: bool) -> None:
+        for name, state in states.items():
+            if (context[name].dashkv is not None) != on:
+                relayout_keys(context[name].kv_cache, to_stock=not on)
+            context[name].dashkv = state if on else None
+
+    return attach, len(states)
 
 
 def main(spec_path: str) -> None:
