@@ -190,10 +190,9 @@ class DashKVCPUImpl(CPUAttentionBackendImpl):
         tokens = min(key.shape[0], slot_mapping.shape[0])
         slots, key = slot_mapping[:tokens], key[:tokens]  # key, value: [T, Hkv, D]
         key_view, value_view = dashkv_kv_views(kv_cache)
-        write_at_slots(key_view, slots, key)
-        write_at_slots(value_view, slots, value[:tokens])
         codes = state.encoders.encode_keys(key.transpose(0, 1).unsqueeze(0))  # [1, Hkv, T, nbytes]
-        write_at_slots(state.codes.kv_cache, slots, codes[0].transpose(0, 1))
+        write_at_slots(slots, (key_view, key), (value_view, value[:tokens]),
+                       (state.codes.kv_cache, codes[0].transpose(0, 1)))
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):

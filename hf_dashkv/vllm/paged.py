@@ -5,7 +5,8 @@ prefix blocks, and the last block of a request is usually partial. This module d
 step decode with selection (:func:`first_selected`: the generated ones whose context the budget does not cover, as
 in ``generate``) and what such a step of one hashed layer returns over that cache: for each request, the output and
 the :class:`~hf_dashkv.selection.Selection` that :class:`~hf_dashkv.plans.CodePlan` (or
-:class:`~hf_dashkv.plans.RerankPlan`) gives on the request's contiguous cache. It gathers each request's rows through its block table and runs ``Plan.attend`` on them, so it is equal to
+:class:`~hf_dashkv.plans.RerankPlan`) gives on the request's contiguous cache. It gathers each request's rows
+through its block table and runs ``Plan.attend`` on them, so it is equal to
 the library by construction; a paged kernel reads the blocks in place and is tested equal to this.
 
 Layouts (the logical layout of vLLM 0.32's CPU attention, ``docs/vllm-plan.md``):
@@ -189,10 +190,13 @@ def paged_decode(
     return out, selections
 
 
-def write_at_slots(paged: torch.Tensor, slot_mapping: torch.Tensor, rows: torch.Tensor) -> None:
-    """Store new tokens' rows (codes, keys or values) at their slots: ``paged [num_blocks, Hkv, block_size, X]`` (a
-    logical view, any strides), ``slot_mapping [T]`` (negative: padding, skipped), ``rows [T, Hkv, X]``."""
+def write_at_slots(slot_mapping: torch.Tensor, *writes: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Store new tokens' rows at their slots, for each ``(paged, rows)`` of ``writes`` (codes, keys, values: the slot
+    arithmetic is done once for all): ``paged [num_blocks, Hkv, block_size, X]`` (a logical view, any strides; one
+    block size for all), ``rows [T, Hkv, X]``; ``slot_mapping [T]`` (negative: padding, skipped)."""
     keep = slot_mapping >= 0
-    slots, rows = slot_mapping[keep].long(), rows[keep]
-    block_size = paged.shape[2]
-    paged[slots // block_size, :, slots % block_size] = rows.to(paged.dtype)
+    slots = slot_mapping[keep].long()
+    block_size = writes[0][0].shape[2]
+    blocks, offsets = slots // block_size, slots % block_size
+    for paged, rows in writes:
+        paged[blocks, :, offsets] = rows[keep].to(paged.dtype)

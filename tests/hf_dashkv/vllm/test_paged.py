@@ -13,8 +13,15 @@ import torch
 
 from hf_dashkv.policy import DecodePolicy
 from hf_dashkv.step import DecodeStep
-from hf_dashkv.vllm.paged import (PagedLayer, cpu_kv_views, dashkv_kv_views, first_selected, relayout_keys,
-                                  stock_layout_copy, write_at_slots)
+from hf_dashkv.vllm.paged import (
+    PagedLayer,
+    cpu_kv_views,
+    dashkv_kv_views,
+    first_selected,
+    relayout_keys,
+    stock_layout_copy,
+    write_at_slots,
+)
 from tests.paged_cases import BITS, BLOCK, DIM, GROUP, KV_HEADS, contiguous, expected, paged, run_paged, share_prefix
 
 
@@ -74,7 +81,7 @@ def test_a_covering_budget_is_plain_attention_over_the_whole_context():
 def test_write_at_slots_stores_at_the_slots_and_skips_padding():
     codes = torch.zeros(4, KV_HEADS, BLOCK, BITS // 8, dtype=torch.uint8)
     new = torch.randint(1, 256, (3, KV_HEADS, BITS // 8), dtype=torch.uint8)
-    write_at_slots(codes, torch.tensor([13, -1, 2]), new)
+    write_at_slots(torch.tensor([13, -1, 2]), (codes, new))
     assert torch.equal(codes[1, :, 5], new[0]) and torch.equal(codes[0, :, 2], new[2])
     assert int((codes != 0).any(-1).sum()) == 2 * KV_HEADS  # the padding token wrote nothing
 
@@ -86,7 +93,7 @@ def test_written_codes_read_back_through_the_block_table_as_the_contiguous_codes
     slot_mapping = torch.cat([table[0, torch.arange(11) // BLOCK] * BLOCK + torch.arange(11) % BLOCK,
                               table[1, torch.arange(7) // BLOCK] * BLOCK + torch.arange(7) % BLOCK])
     codes = torch.zeros(4, KV_HEADS, BLOCK, BITS // 8, dtype=torch.uint8)
-    write_at_slots(codes, slot_mapping, torch.cat([r[2][0].transpose(0, 1) for r in requests]))
+    write_at_slots(slot_mapping, (codes, torch.cat([r[2][0].transpose(0, 1) for r in requests])))
     layer = PagedLayer(torch.zeros(4, KV_HEADS, BLOCK, DIM), torch.zeros(4, KV_HEADS, BLOCK, DIM), codes)
     for r, n in enumerate((11, 7)):
         step = layer.request_step(torch.zeros(KV_HEADS * GROUP, DIM), table[r], n, 0.25, 0)
@@ -112,8 +119,7 @@ def test_a_dashkv_layer_keeps_its_keys_row_major_and_vllms_kernel_gets_a_copy_in
     key_view, value_view = dashkv_kv_views(kv_cache)
     slots = torch.tensor([3 * BLOCK + 7, -1, 1 * BLOCK + 0, 4 * BLOCK + BLOCK - 1])
     key, value = torch.randn(2, 4, KV_HEADS, DIM).unbind(0)
-    write_at_slots(key_view, slots, key)
-    write_at_slots(value_view, slots, value)
+    write_at_slots(slots, (key_view, key), (value_view, value))
     assert torch.equal(kv_cache[3].reshape(KV_HEADS, -1)[:, 7 * DIM:8 * DIM], key[0])  # in memory: one row
     assert torch.equal(value_view[1, :, 0], value[2]) and torch.equal(key_view[4, :, BLOCK - 1], key[3])
     assert int((key_view != 0).any(-1).sum()) == int((value_view != 0).any(-1).sum()) == 3 * KV_HEADS  # not padding
