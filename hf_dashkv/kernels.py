@@ -139,7 +139,8 @@ def decode_attention(
 
     steps = PagedBatch.of(torch.arange(batch)[:, None], k.shape[2], first, per_row(n), sinks, recent,
                           per_row(budget), None if shortlist is None else per_row(shortlist))
-    out, rows, valid = _fused_decode(query[:, :, 0], query_codes, k_codes, k, v, steps, reduce, scale)
+    out, rows, valid = _fused_decode(query[:, :, 0], query_codes, k_codes, (k[:, :, None], 0), (v[:, :, None], 0), steps,
+                                     reduce, scale)
     return out.reshape(batch, heads, 1, -1).transpose(1, 2), rows, valid
 
 
@@ -215,7 +216,8 @@ def paged_decode_attention(
 
     Args:
         query: ``[R, Hq, D]``, one decode token per request; query_codes: ``[R, Hkv, G, nbytes]``.
-        key, value: ``[num_blocks, Hkv, block_size, D]``, any strides (vLLM's CPU keys are transposed per block);
+        key, value: ``[num_blocks, Hkv, block_size, D]``; read in place where they are the two halves of one
+            ``[num_blocks, Hkv, 2, block_size, D]`` slab (a DASH-KV layer's cache in vLLM), copied otherwise;
             key_codes: ``[num_blocks, Hkv, block_size, nbytes]`` uint8, contiguous, the same block ids.
         steps: the requests' block tables, contexts, budgets and fixed rows (:meth:`PagedBatch.paged`).
         reduce, scale: as :func:`decode_attention`.
@@ -224,13 +226,15 @@ def paged_decode_attention(
         ``(output [R, Hq, D], rows [R, Hkv, M], row_valid [R, Hkv, M])``, ``M = sinks + recent + max(budgets)``;
         a request's slots past its own budget are not valid.
     """
-    return _fused_decode(query, query_codes, _array(key_codes), _array(key), _array(value), steps, reduce, scale)
+    return _fused_decode(query, query_codes, _array(key_codes), *_kv_rows(key, value), steps, reduce, scale)
 
 
-def _fused_decode(query, query_codes, k_codes, k, v, steps: PagedBatch, reduce, scale):
+def _fused_decode(query, query_codes, k_codes, keys, values, steps: PagedBatch, reduce, scale):
     """The one launch behind both entry points: ``query [R, Hq, D]``, ``query_codes [R, Hkv, G, nbytes]``;
-    ``k_codes``, ``k``, ``v``: arrays ``[num_blocks, Hkv, block_size, X]``. Returns ``(out [R, Hq, D], rows,
-    valid)``."""
+    ``k_codes``: an array ``[num_blocks, Hkv, block_size, nbytes]``; ``keys``, ``values``: ``(array, slot)``, the rows
+    at ``array[block, head, slot, offset]`` of a C-contiguous ``[num_blocks, Hkv, slots, block_size, D]`` array
+    (:func:`_kv_rows`). Returns ``(out [R, Hq, D], rows, valid)``."""
+    (k, k_slot), (v, v_slot) = keys, values
     count, heads, head_dim = query.shape
     kv_heads = k.shape[1]
     group = heads // kv_heads
@@ -240,7 +244,8 @@ def _fused_decode(query, query_codes, k_codes, k, v, steps: PagedBatch, reduce, 
     q_codes, k_words, max_distance = _code_arrays(query_codes, k_codes, reduce)
     with _LAUNCH:
         _decode_kernel(
-            query.reshape(count, kv_heads, group, head_dim).float().numpy(), q_codes, k_words, k, v, steps.tables,
+            query.reshape(count, kv_heads, group, head_dim).float().numpy(), q_codes, k_words, k, k_slot, v, v_slot,
+            steps.tables,
             steps.block_size, steps.first, steps.ends, steps.sinks, steps.recent, steps.budgets, steps.shortlists,
             reduce == "sum", max_distance, np.float32(scale), rows, valid, out,
         )
@@ -254,6 +259,27 @@ def _code_arrays(query_codes: torch.Tensor, key_codes: np.ndarray, reduce: str):
     bits, group = query_codes.shape[-1] * 8, query_codes.shape[2]
     max_distance = bits * group if reduce == "sum" else bits
     return query_codes.contiguous().numpy().view(word), key_codes.view(word), max_distance
+
+
+def _kv_rows(key: torch.Tensor, value: torch.Tensor) -> tuple[tuple[np.ndarray, int], tuple[np.ndarray, int]]:
+    """Logical ``key``, ``value`` views ``[num_blocks, Hkv, block_size, D]`` as :func:`_fused_decode` reads them: C-contiguous
+    arrays ``[num_blocks, Hkv, slots, block_size, D]`` and the slot of each, so that the compiled loads of a row are
+    unit-stride. Where both are halves of one slab ``[num_blocks, Hkv, 2, block_size, D]`` (keys then values of
+    each block and head: a DASH-KV layer's cache in vLLM, ``hf_dashkv.vllm.paged.dashkv_kv_views``) it is read in
+    place; other layouts are copied."""
+    blocks, heads, block_size, dim = key.shape
+    half = block_size * dim
+    slab_strides = (heads * 2 * half, 2 * half, dim, 1)
+    in_slab = (
+        key.stride() == value.stride() == slab_strides
+        and key.untyped_storage().data_ptr() == value.untyped_storage().data_ptr()
+        and value.storage_offset() - key.storage_offset() == half
+        and (key.storage_offset() + blocks * heads * 2 * half) * key.element_size() <= key.untyped_storage().nbytes()
+    )
+    if in_slab:
+        slab = _array(key.as_strided((blocks, heads, 2, block_size, dim), (heads * 2 * half, 2 * half, half, dim, 1)))
+        return (slab, 0), (slab, 1)
+    return (_array(key.contiguous()[:, :, None]), 0), (_array(value.contiguous()[:, :, None]), 0)
 
 
 def _row_buffer(x: torch.Tensor) -> np.ndarray:
@@ -315,8 +341,9 @@ if numba is not None:
         return None
 
     @intrinsic
-    def _prefetch(typingctx, array, b, h, row, col):
-        """Ask the CPU to start loading ``array[b, h, row, col]``'s cache line (LLVM ``prefetch``, read, keep)."""
+    def _prefetch(typingctx, array, b, h, slot, row, col):
+        """Ask the CPU to start loading ``array[b, h, slot, row, col]``'s cache line (LLVM ``prefetch``, read,
+        keep)."""
 
         def codegen(context, builder, signature, args):
             array_type = signature.args[0]
@@ -329,17 +356,17 @@ if numba is not None:
             builder.call(prefetch, [builder.bitcast(pointer, i8p), i32(0), i32(3), i32(1)])
             return context.get_dummy_value()
 
-        return types.void(array, b, h, row, col), codegen
+        return types.void(array, b, h, slot, row, col), codegen
 
     @numba.njit(inline="always")
-    def _prefetch_row(array, table, block_size, h, rows, b, m):
-        """Start loading the row ``_PREFETCH_ROWS_AHEAD`` slots after slot ``m`` of (b, h)'s ``rows``: each cache
-        line of it (one element per line where the row is strided, as vLLM's transposed CPU keys are)."""
+    def _prefetch_row(array, slot, table, block_size, h, rows, b, m):
+        """Start loading each cache line of the row ``_PREFETCH_ROWS_AHEAD`` slots after slot ``m`` of (b, h)'s
+        ``rows`` (``array [num_blocks, Hkv, slots, block_size, D]``, C-contiguous)."""
         if m + _PREFETCH_ROWS_AHEAD < rows.shape[2]:
             p = rows[b, h, m + _PREFETCH_ROWS_AHEAD]
             block, offset = table[p // block_size], p % block_size
-            for col in range(0, array.shape[3], max(1, _CACHE_LINE // array.strides[3])):
-                _prefetch(array, block, h, offset, col)
+            for col in range(0, array.shape[4], max(1, _CACHE_LINE // array.itemsize)):
+                _prefetch(array, block, h, slot, offset, col)
 
     @numba.njit(cache=True, nogil=True, fastmath=True)
     def _run_distances(q, keys, b, h, reduce_sum, max_distance, dist, start):
@@ -438,20 +465,20 @@ if numba is not None:
                 slot += 1
 
     @numba.njit(cache=True, nogil=True, fastmath=True)
-    def _row_logits(q, k, table, block_size, b, h, rows, row_valid, scale, stop):
+    def _row_logits(q, k, k_slot, table, block_size, b, h, rows, row_valid, scale, stop):
         """``q . k * scale`` of each query head of (b, h)'s group with the valid rows among ``rows[b, h, :stop]``
         (-inf at the others and at slots ``>= stop``): ``[G, M]``. Each key row is read once, with prefetch ahead."""
         group, dim = q.shape[2], q.shape[3]
         logits = np.full((group, rows.shape[2]), -np.inf, np.float32)
         for m in range(stop):
-            _prefetch_row(k, table, block_size, h, rows, b, m)
+            _prefetch_row(k, k_slot, table, block_size, h, rows, b, m)
             if row_valid[b, h, m]:
                 p = rows[b, h, m]
                 block, offset = table[p // block_size], p % block_size
                 for g in range(group):
                     acc = np.float32(0.0)
                     for d in range(dim):
-                        acc += q[b, h, g, d] * _as_float(k[block, h, offset, d])
+                        acc += q[b, h, g, d] * _as_float(k[block, h, k_slot, offset, d])
                     logits[g, m] = acc * scale
         return logits
 
@@ -468,19 +495,19 @@ if numba is not None:
             logits[g] /= total
 
     @numba.njit(cache=True, nogil=True, fastmath=True)
-    def _attend(v, table, block_size, b, h, rows, row_valid, logits, out):
+    def _attend(v, v_slot, table, block_size, b, h, rows, row_valid, logits, out):
         """Softmax attention of (b, h)'s query group over its selected rows, given their ``logits`` ``[G, M]``
         (consumed), into ``out[b, h]``."""
         _softmax(logits)
         for m in range(rows.shape[2]):
-            _prefetch_row(v, table, block_size, h, rows, b, m)
+            _prefetch_row(v, v_slot, table, block_size, h, rows, b, m)
             if row_valid[b, h, m]:
                 p = rows[b, h, m]
                 block, offset = table[p // block_size], p % block_size
                 for g in range(logits.shape[0]):
                     w = logits[g, m]
-                    for d in range(v.shape[3]):
-                        out[b, h, g, d] += w * _as_float(v[block, h, offset, d])
+                    for d in range(v.shape[4]):
+                        out[b, h, g, d] += w * _as_float(v[block, h, v_slot, offset, d])
 
     @numba.njit(parallel=True, cache=True, nogil=True)
     def _nearest_kernel(q, k, tables, block_size, lo, hi, budget, reduce_sum, max_distance, rows_out, valid_out):
@@ -491,7 +518,7 @@ if numba is not None:
                             rows_out, valid_out, 0)
 
     @numba.njit(cache=True, nogil=True, fastmath=True)
-    def _rerank(q, k, table, block_size, b, h, short_rows, short_valid, budget, scale, rows_out, valid_out,
+    def _rerank(q, k, k_slot, table, block_size, b, h, short_rows, short_valid, budget, scale, rows_out, valid_out,
                 logits_out, offset):
         """Of (b, h)'s shortlist (``short_rows[b, h]``, valid ones first, ascending), the ``budget`` rows of most exact
         attention, into slots ``offset...`` in ascending position, with their logits into ``logits_out`` (attention
@@ -499,7 +526,7 @@ if numba is not None:
         count = short_valid[b, h].sum()
         if count == 0:
             return
-        logits = _row_logits(q, k, table, block_size, b, h, short_rows, short_valid, scale, count)
+        logits = _row_logits(q, k, k_slot, table, block_size, b, h, short_rows, short_valid, scale, count)
         probs = logits.copy()
         _softmax(probs)
         score = np.zeros(count, np.float32)
@@ -523,10 +550,11 @@ if numba is not None:
                 slot += 1
 
     @numba.njit(parallel=True, cache=True, nogil=True)
-    def _decode_kernel(query, q_codes, k_codes, k, v, tables, block_size, first, ends, sinks, recent, budgets,
-                       shortlists, reduce_sum, max_distance, scale, rows, valid, out):
-        """Per (request, KV head): select (and re-rank where ``shortlists[b] > budgets[b]``), then attend; the
-        caches ``[num_blocks, Hkv, block_size, X]`` are read through ``tables[b]``."""
+    def _decode_kernel(query, q_codes, k_codes, k, k_slot, v, v_slot, tables, block_size, first, ends, sinks, recent,
+                       budgets, shortlists, reduce_sum, max_distance, scale, rows, valid, out):
+        """Per (request, KV head): select (and re-rank where ``shortlists[b] > budgets[b]``), then attend; the codes
+        ``[num_blocks, Hkv, block_size, words]`` and the rows ``k[block, head, k_slot, offset]``, ``v[..., v_slot,
+        ...]`` (``[num_blocks, Hkv, slots, block_size, D]``) are read through ``tables[b]``."""
         batch, heads = q_codes.shape[:2]
         width = shortlists.max() if (shortlists > budgets).any() else 0  # re-ranking's shortlist slots
         short_rows = np.zeros((batch, heads, width), np.int64)
@@ -539,11 +567,11 @@ if numba is not None:
             if shortlist == budget:
                 _select_nearest(q_codes, k_codes, table, block_size, b, h, lo, hi, budget, reduce_sum, max_distance,
                                 rows, valid, sinks + recent)
-                logits = _row_logits(query, k, table, block_size, b, h, rows, valid, scale, rows.shape[2])
+                logits = _row_logits(query, k, k_slot, table, block_size, b, h, rows, valid, scale, rows.shape[2])
             else:
                 _select_nearest(q_codes, k_codes, table, block_size, b, h, lo, hi, shortlist, reduce_sum,
                                 max_distance, short_rows, short_valid, 0)
-                logits = _row_logits(query, k, table, block_size, b, h, rows, valid, scale, sinks + recent)
-                _rerank(query, k, table, block_size, b, h, short_rows, short_valid, budget, scale, rows, valid,
+                logits = _row_logits(query, k, k_slot, table, block_size, b, h, rows, valid, scale, sinks + recent)
+                _rerank(query, k, k_slot, table, block_size, b, h, short_rows, short_valid, budget, scale, rows, valid,
                         logits, sinks + recent)
-            _attend(v, table, block_size, b, h, rows, valid, logits, out)
+            _attend(v, v_slot, table, block_size, b, h, rows, valid, logits, out)

@@ -6,18 +6,22 @@
 The embedded SmolLM2 with its shipped encoders and policy, fp32, one engine (single process, eager, prefix caching
 on), ``batch`` random prompts of ``context`` tokens prefilled once; then, alternating as ``dashkv bench --engine
 vllm`` does (DASH-KV detached and its layers' keys rewritten in vLLM's layout for "vLLM"), ``generate(1 + new)``
-minus ``generate(1)`` divided by ``new``, and the same difference of the time spent in ``DashKVCPUImpl.forward`` (on
-the layers that carry DASH-KV, and on the others) and in ``backend.kernel_decode``. A diagnostic, not the benchmark: single runs, on a shared machine.
+timed step by step (``bench.step_seconds``): over its last ``new`` steps (decode steps of the whole batch), the
+median of each step's time, of the time spent in ``DashKVCPUImpl.forward`` (on the layers that carry DASH-KV, and on
+the others) and of that in ``backend.kernel_decode``. A diagnostic, not the benchmark: single runs, on a shared
+machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
+SPENT = ("hashed", "other", "kernel")
 
 
 def main() -> None:
@@ -29,14 +33,12 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
 
     from hf_dashkv.embedded import DEFAULT_MODEL
     from hf_dashkv.vllm import LLM, backend
-    from hf_dashkv.vllm.bench import dashkv_switch
+    from hf_dashkv.vllm.bench import dashkv_switch, step_seconds
 
-    spent = {"hashed": 0.0, "other": 0.0, "kernel": 0.0}
+    spent: list[dict[str, float]] = []  # per engine step
 
     def timed_into(name, fn):
         def wrapper(*a, **k):
@@ -44,7 +46,7 @@ def main() -> None:
             try:
                 return fn(*a, **k)
             finally:
-                spent[name(*a) if callable(name) else name] += time.perf_counter() - start
+                spent[-1][name(*a) if callable(name) else name] += time.perf_counter() - start
         return wrapper
 
     # the layers that carry DASH-KV (in either mode: their names), and the others
@@ -54,8 +56,7 @@ def main() -> None:
                                                else "other", backend.DashKVCPUImpl.forward)
     backend.kernel_decode = timed_into("kernel", backend.kernel_decode)
     g = torch.Generator().manual_seed(0)
-    prompts = [TokensPrompt(prompt_token_ids=torch.randint(100, 40000, (args.context,), generator=g).tolist())
-               for _ in range(args.batch)]
+    prompts = [torch.randint(100, 40000, (args.context,), generator=g).tolist() for _ in range(args.batch)]
     llm = LLM(DEFAULT_MODEL, dtype="float32", skip_tokenizer_init=True, enforce_eager=True, enable_prefix_caching=True,
               max_model_len=args.context + args.new_tokens + 32, max_num_seqs=args.batch, max_num_batched_tokens=8192,
               kv_cache_memory_bytes=int(args.batch * (args.context + 256) * 47_000 * 1.1))
@@ -63,22 +64,21 @@ def main() -> None:
     context = llm.llm_engine.vllm_config.compilation_config.static_forward_context
     hashed.update(name for name, layer in context.items() if getattr(layer, "dashkv", None) is not None)
 
-    def run(tokens: int) -> dict:
-        for name in spent:
-            spent[name] = 0.0
-        start = time.perf_counter()
-        llm.generate(prompts, SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True), use_tqdm=False)
-        return {"step": time.perf_counter() - start, **spent}
+    def run(tokens: int) -> dict[str, float]:
+        """Median ms of the last ``tokens - 1`` (decode) steps: the whole step and each counter."""
+        seconds = step_seconds(llm, prompts, tokens, lambda: spent.append(dict.fromkeys(SPENT, 0.0)))
+        decode = [{"step": t, **c} for t, c in zip(seconds, spent)][-(tokens - 1):]
+        spent.clear()
+        return {name: statistics.median(step[name] for step in decode) * 1e3 for name in ("step", *SPENT)}
 
     start = time.perf_counter()
     run(2)
-    print(f"{args.batch} x {args.context}: prefill {time.perf_counter() - start:.1f} s; ms per decode step:")
+    print(f"{args.batch} x {args.context}: prefill {time.perf_counter() - start:.1f} s; ms per decode step (median):")
     print("| mode | step | attention, hashed layers | attention, other layers | DASH-KV kernel |\n|---|---:|---:|---:|---:|")
     for _ in range(args.repeats):
         for mode in ("vLLM", "DASH-KV"):
             attach(mode == "DASH-KV")
-            one, more = run(1), run(1 + args.new_tokens)
-            ms = {name: (more[name] - one[name]) * 1e3 / args.new_tokens for name in more}
+            ms = run(1 + args.new_tokens)
             print(f"| {mode} | {ms['step']:.1f} | {ms['hashed']:.1f} | {ms['other']:.1f} | {ms['kernel']:.1f} |", flush=True)
 
 

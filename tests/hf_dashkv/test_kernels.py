@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -255,18 +256,23 @@ def test_a_process_forked_after_the_kernel_ran_can_decode():
     DecodePolicy(budget=4, sink_tokens=2, recent_tokens=4, group_reduce="min"),
     DecodePolicy(budget=3, sink_tokens=2, recent_tokens=4, rerank=3),
 ], ids=["fixed budget", "fractional budget", "min over the group", "rerank"])
-@pytest.mark.parametrize("layout", ["plain", "vllm cpu"])
+@pytest.mark.parametrize("layout", ["plain", "vllm cpu", "dashkv layer"])
 def test_paged_kernel_equals_the_paged_reference(policy, layout):
     # shuffled blocks with NaN in the unused ones, partial last blocks, three requests sharing two prefix blocks
-    from hf_dashkv.vllm.paged import PagedLayer, cpu_kv_views
+    from hf_dashkv.vllm.paged import PagedLayer, cpu_kv_views, dashkv_kv_views
     from tests.paged_cases import DIM, contiguous, paged, run_paged, share_prefix
 
     requests = contiguous([26, 45, 19, 38], seed=3)
     share_prefix(requests, 1, 3, 16)
     layer, table, seq_lens = paged(requests, shared=[(1, 3, 2)], seed=3)
-    if layout == "vllm cpu":  # keys transposed per block, in one tensor with the values
+    if layout == "vllm cpu":  # keys transposed per block, in one tensor with the values: copied for the kernel
         physical = torch.cat([layer.key.transpose(-1, -2).flatten(2), layer.value.flatten(2)], dim=-1)
         layer = PagedLayer(*cpu_kv_views(physical.view(*layer.key.shape[:3], 2 * DIM)), layer.key_codes)
+    if layout == "dashkv layer":  # each block's keys then values, row-major, in one tensor: read in place
+        physical = torch.cat([layer.key.flatten(2), layer.value.flatten(2)], dim=-1)
+        layer = PagedLayer(*dashkv_kv_views(physical.view(*layer.key.shape[:3], 2 * DIM)), layer.key_codes)
+        (keys, _), (values, _) = kernels._kv_rows(layer.key, layer.value)
+        assert np.shares_memory(keys, physical.numpy()) and np.shares_memory(values, physical.numpy())
     ref_out, selections = run_paged(requests, layer, table, seq_lens, policy)
     budgets = torch.tensor([policy.budget_tokens(int(n)) for n in seq_lens])
     steps = kernels.PagedBatch.paged(table, layer.block_size, seq_lens, policy.sink_tokens, policy.recent_tokens,
