@@ -15,6 +15,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 import argparse  # noqa: E402
 import importlib.util  # noqa: E402
 import subprocess  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -32,8 +33,10 @@ def load_kernels(revision: str):
                             capture_output=True, text=True).stdout
     path = Path(tempfile.mkdtemp(prefix="kernel_ab_")) / "base_kernels.py"
     path.write_text(source)
-    spec = importlib.util.spec_from_file_location("base_kernels", path)
+    # a submodule of the installed package by name, so its relative imports (``from .selection``) resolve
+    spec = importlib.util.spec_from_file_location("hf_dashkv.base_kernels", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

@@ -21,7 +21,7 @@ import time
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
-SPENT = ("hashed", "other", "kernel")
+SPENT = ("hashed", "other", "kernel", "update", "update_other", "build")
 
 
 def main() -> None:
@@ -55,6 +55,10 @@ def main() -> None:
     backend.DashKVCPUImpl.forward = timed_into(lambda impl, layer, *_: "hashed" if layer.layer_name in hashed
                                                else "other", backend.DashKVCPUImpl.forward)
     backend.kernel_decode = timed_into("kernel", backend.kernel_decode)
+    backend.DashKVCPUImpl.do_kv_cache_update = timed_into(
+        lambda impl, layer, *_: "update" if layer.layer_name in hashed else "update_other",
+        backend.DashKVCPUImpl.do_kv_cache_update)
+    backend.DashKVCPUMetadataBuilder.build = timed_into("build", backend.DashKVCPUMetadataBuilder.build)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(100, 40000, (args.context,), generator=g).tolist() for _ in range(args.batch)]
     llm = LLM(DEFAULT_MODEL, dtype="float32", skip_tokenizer_init=True, enforce_eager=True, enable_prefix_caching=True,
@@ -74,12 +78,13 @@ def main() -> None:
     start = time.perf_counter()
     run(2)
     print(f"{args.batch} x {args.context}: prefill {time.perf_counter() - start:.1f} s; ms per decode step (median):")
-    print("| mode | step | attention, hashed layers | attention, other layers | DASH-KV kernel |\n|---|---:|---:|---:|---:|")
+    print("| mode | step | attention, hashed layers | attention, other layers | DASH-KV kernel | K/V (and codes) write, "
+          "hashed layers | K/V write, other layers | metadata build |\n|---|---:|---:|---:|---:|---:|---:|---:|")
     for _ in range(args.repeats):
         for mode in ("vLLM", "DASH-KV"):
             attach(mode == "DASH-KV")
             ms = run(1 + args.new_tokens)
-            print(f"| {mode} | {ms['step']:.1f} | {ms['hashed']:.1f} | {ms['other']:.1f} | {ms['kernel']:.1f} |", flush=True)
+            print(f"| {mode} | {' | '.join(f'{ms[name]:.1f}' for name in ('step', *SPENT))} |", flush=True)
 
 
 if __name__ == "__main__":
