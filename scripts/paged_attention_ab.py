@@ -7,7 +7,7 @@ SmolLM2's attention shape (3 KV heads, 9 query heads, head_dim 64, fp32, 128-bit
 (so the selected rows are scattered as widely as they can be) and shuffled block tables. Rows:
 
 - ``vLLM CPU_ATTN``: ``ops.cpu_attention_with_kv_cache`` on every request, as a decode step runs it;
-- ``DASH-KV, rerank 1`` / ``rerank 2``: ``kernels.paged_decode_attention`` with the shipped policy's windows and a
+- ``DASH-KV, rerank 1`` / ``rerank 2``: ``kernels.paged_decode_attention`` (on OpenMP threads, as in the engine) with the shipped policy's windows and a
   1/32 budget over a DASH-KV layer's cache: the same K/V with each block's keys row-major
   (``paged.dashkv_kv_views``), read in place;
 - ``codes only``: budget 0, the sinks and recent window (the Hamming pass over every code and the fixed rows).
@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    kernels.share_torch_threads()  # as in vLLM's engine (hf_dashkv.vllm.backend.kernels)
     r, n, bs = args.requests, args.context, args.block_size
     blocks = r * n // bs
     g = torch.Generator().manual_seed(0)
