@@ -139,8 +139,8 @@ def decode_attention(
 
     steps = PagedBatch.of(torch.arange(batch)[:, None], k.shape[2], first, per_row(n), sinks, recent,
                           per_row(budget), None if shortlist is None else per_row(shortlist))
-    out, rows, valid = _fused_decode(query[:, :, 0], query_codes, k_codes, (k[:, :, None], 0), (v[:, :, None], 0), steps,
-                                     reduce, scale)
+    out, rows, valid = _fused_decode(query[:, :, 0], query_codes, k_codes, (k[:, :, None], 0), (v[:, :, None], 0),
+                                     steps, reduce, scale)
     return out.reshape(batch, heads, 1, -1).transpose(1, 2), rows, valid
 
 
@@ -245,9 +245,8 @@ def _fused_decode(query, query_codes, k_codes, keys, values, steps: PagedBatch, 
     with _LAUNCH:
         _decode_kernel(
             query.reshape(count, kv_heads, group, head_dim).float().numpy(), q_codes, k_words, k, k_slot, v, v_slot,
-            steps.tables,
-            steps.block_size, steps.first, steps.ends, steps.sinks, steps.recent, steps.budgets, steps.shortlists,
-            reduce == "sum", max_distance, np.float32(scale), rows, valid, out,
+            steps.tables, steps.block_size, steps.first, steps.ends, steps.sinks, steps.recent, steps.budgets,
+            steps.shortlists, reduce == "sum", max_distance, np.float32(scale), rows, valid, out,
         )
     output = torch.from_numpy(out).reshape(count, heads, -1).to(query.dtype)
     return output, torch.from_numpy(rows), torch.from_numpy(valid)
@@ -262,11 +261,12 @@ def _code_arrays(query_codes: torch.Tensor, key_codes: np.ndarray, reduce: str):
 
 
 def _kv_rows(key: torch.Tensor, value: torch.Tensor) -> tuple[tuple[np.ndarray, int], tuple[np.ndarray, int]]:
-    """Logical ``key``, ``value`` views ``[num_blocks, Hkv, block_size, D]`` as :func:`_fused_decode` reads them: C-contiguous
-    arrays ``[num_blocks, Hkv, slots, block_size, D]`` and the slot of each, so that the compiled loads of a row are
-    unit-stride. Where both are halves of one slab ``[num_blocks, Hkv, 2, block_size, D]`` (keys then values of
-    each block and head: a DASH-KV layer's cache in vLLM, ``hf_dashkv.vllm.paged.dashkv_kv_views``) it is read in
-    place; other layouts are copied."""
+    """Logical ``key``, ``value`` views ``[num_blocks, Hkv, block_size, D]`` as :func:`_fused_decode` reads them:
+    C-contiguous arrays ``[num_blocks, Hkv, slots, block_size, D]`` and the slot of each, so that the compiled loads
+    of a row are unit-stride (numba compiles generic strided loads for any other view, which LLVM does not
+    vectorise). The two halves of one slab ``[num_blocks, Hkv, 2, block_size, D]`` (each block and head's keys then
+    values: a DASH-KV layer's cache in vLLM, ``hf_dashkv.vllm.paged.dashkv_kv_views``) are read in place, as are
+    C-contiguous keys and values (one slot each); other layouts are copied."""
     blocks, heads, block_size, dim = key.shape
     half = block_size * dim
     slab_strides = (heads * 2 * half, 2 * half, dim, 1)

@@ -7,9 +7,9 @@ SmolLM2's attention shape (3 KV heads, 9 query heads, head_dim 64, fp32, 128-bit
 (so the selected rows are scattered as widely as they can be) and shuffled block tables. Rows:
 
 - ``vLLM CPU_ATTN``: ``ops.cpu_attention_with_kv_cache`` on every request, as a decode step runs it;
-- ``DASH-KV, rerank 1`` / ``rerank 2``: ``kernels.paged_decode_attention`` (on OpenMP threads, as in the engine) with the shipped policy's windows and a
-  1/32 budget over a DASH-KV layer's cache: the same K/V with each block's keys row-major
-  (``paged.dashkv_kv_views``), read in place;
+- ``DASH-KV, rerank 1`` / ``rerank 2``: ``kernels.paged_decode_attention`` (on OpenMP threads, as in the engine)
+  with the shipped policy's windows and a 1/32 budget over a DASH-KV layer's cache: the same K/V with each block's
+  keys row-major (``paged.dashkv_kv_views``), read in place;
 - ``codes only``: budget 0, the sinks and recent window (the Hamming pass over every code and the fixed rows).
 
 Prints the median ms of each and its speed-up over vLLM's kernel.

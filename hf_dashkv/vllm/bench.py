@@ -94,7 +94,8 @@ def step_seconds(llm, prompts: list[list[int]], tokens: int, before_step: Callab
     finally:
         del engine.step
     if len(seconds) < tokens:
-        raise RuntimeError(f"step_seconds: {tokens} tokens took {len(seconds)} engine steps; expected at least {tokens}.")
+        raise RuntimeError(f"step_seconds: {tokens} tokens took {len(seconds)} engine steps; expected at least "
+                           f"{tokens}.")
     return seconds
 
 
