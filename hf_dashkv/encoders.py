@@ -147,8 +147,15 @@ class LayerEncoders(nn.Module):
 
     @torch.no_grad()
     def encode_keys(self, keys: torch.Tensor) -> torch.Tensor:
-        """Post-RoPE keys ``[B, Hkv, T, D]`` -> packed codes ``[B, Hkv, T, bits // 8]`` uint8."""
-        return pack_signs(self.key(keys))
+        """Post-RoPE keys ``[B, Hkv, T, D]`` -> packed codes ``[B, Hkv, T, bits // 8]`` uint8: the signs of
+        :meth:`key_projections`."""
+        return pack_signs(self.key_projections(keys))
+
+    @torch.no_grad()
+    def key_projections(self, keys: torch.Tensor) -> torch.Tensor:
+        """Post-RoPE keys ``[..., Hkv, T, D]`` -> the key encoder's output before the sign ``[..., Hkv, T, bits]``
+        (a compiled writer packs the signs itself: ``kernels.store_paged``)."""
+        return self.key(keys)
 
     @torch.no_grad()
     def encode_query(self, query: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,9 @@ against them in ``tests/hf_dashkv/test_kernels.py``), faster; ``backends.NumbaBa
   wake-up and the glue between them; with re-ranking (``plans.RerankPlan``) the codes shortlist, the exact
   scores of the shortlisted keys cut it to the budget (a partition, no sort), and attention follows, in the same
   call, reusing those logits (no key row is read twice).
+- :func:`store_paged` writes a serving step's new keys, values and key codes at their slots of a paged cache in
+  one call (the sign packing of ``codes.pack_signs`` and the slot writes of ``vllm.paged.write_at_slots``), where
+  PyTorch takes a dozen small ops per layer.
 
 Why numba: it installs as a wheel (no compiler at install time, unlike a C++ extension), reaches LLVM's
 ``ctpop`` and ``prefetch`` intrinsics, runs ``prange`` loops on all cores, and caches machine code on disk.
@@ -57,10 +60,12 @@ _LAUNCH = threading.Lock()  # one parallel launch at a time (module docstring)
 def share_torch_threads() -> None:
     """Run the kernels on GNU OpenMP threads as PyTorch does (numba's ``omp`` layer), as many as PyTorch uses,
     instead of a pool of their own, unless ``NUMBA_THREADING_LAYER(_PRIORITY)`` says otherwise; call it before the
-    first launch. Between two of its parallel ops PyTorch's threads keep spinning on the cores for a while, so a
-    second pool launched right after one (TBB's) waits for them. The count matters: each launch sets OpenMP's thread
-    count, which other kernels in the process (vLLM's) read. Only for a process that forks no child after its first
-    launch (GNU OpenMP, module docstring), such as vLLM's engine, which spawns its workers."""
+    first launch. numba's OpenMP pool links ``libgomp.so.1``, which the loader resolves to the copy PyTorch loaded
+    first, so the kernels' parallel loops run on PyTorch's own threads (one runtime: checked in vLLM's engine with
+    ``LD_DEBUG=bindings``). Between two of its parallel ops PyTorch's threads keep spinning on the cores for a while,
+    so a second pool launched right after one (TBB's) waits for them. The count matters: each launch sets OpenMP's
+    thread count, which other kernels in the process (vLLM's) read. Only for a process that forks no child after its
+    first launch (GNU OpenMP, module docstring), such as vLLM's engine, which spawns its workers."""
     if numba is not None and not {"NUMBA_THREADING_LAYER", "NUMBA_THREADING_LAYER_PRIORITY"} & set(os.environ):
         numba.config.THREADING_LAYER = "omp"
         numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
@@ -229,6 +234,37 @@ def paged_decode_attention(
     return _fused_decode(query, query_codes, _array(key_codes), *_kv_rows(key, value), steps, reduce, scale)
 
 
+def store_paged(
+    slot_mapping: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_projections: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    code_cache: torch.Tensor,
+) -> None:
+    """New tokens' keys, values and key codes written at their slots of a paged cache, in place:
+    ``vllm.paged.write_at_slots`` of ``key``, ``value`` and ``codes.pack_signs(key_projections)``, compiled (tested
+    equal).
+
+    Args:
+        slot_mapping: int ``[T]``, token ``t`` at block ``slot // block_size``, offset ``slot % block_size``;
+            negative: padding, not written.
+        key, value: ``[T, Hkv, D]``, any strides, the caches' dtype.
+        key_projections: ``[Hkv, T, bits]``, the key encoder's output before the sign (``KeyEncoder``): bit ``i`` of
+            a code is set where ``key_projections[..., i] > 0``.
+        key_cache, value_cache: ``[num_blocks, Hkv, block_size, D]``, the two halves of one ``[num_blocks, Hkv, 2,
+            block_size, D]`` slab (a DASH-KV layer's cache in vLLM) or C-contiguous; other layouts are refused (the
+            write would land in a copy).
+        code_cache: ``[num_blocks, Hkv, block_size, bits // 8]`` uint8, C-contiguous.
+    """
+    (k, k_slot), (v, v_slot) = _kv_rows(key_cache, value_cache, copy=False)
+    if not code_cache.is_contiguous():
+        raise ValueError("store_paged writes the codes in place: give a C-contiguous code cache.")
+    _store_kernel(slot_mapping.to(torch.int64).numpy(), _array(key), _array(value), k, k_slot, v, v_slot,
+                  key_projections.float().numpy(), code_cache.numpy())
+
+
 def _fused_decode(query, query_codes, k_codes, keys, values, steps: PagedBatch, reduce, scale):
     """The one launch behind both entry points: ``query [R, Hq, D]``, ``query_codes [R, Hkv, G, nbytes]``;
     ``k_codes``: an array ``[num_blocks, Hkv, block_size, nbytes]``; ``keys``, ``values``: ``(array, slot)``, the rows
@@ -260,13 +296,14 @@ def _code_arrays(query_codes: torch.Tensor, key_codes: np.ndarray, reduce: str):
     return query_codes.contiguous().numpy().view(word), key_codes.view(word), max_distance
 
 
-def _kv_rows(key: torch.Tensor, value: torch.Tensor) -> tuple[tuple[np.ndarray, int], tuple[np.ndarray, int]]:
-    """Logical ``key``, ``value`` views ``[num_blocks, Hkv, block_size, D]`` as :func:`_fused_decode` reads them:
+def _kv_rows(key: torch.Tensor, value: torch.Tensor,
+             copy: bool = True) -> tuple[tuple[np.ndarray, int], tuple[np.ndarray, int]]:
+    """Logical ``key``, ``value`` views ``[num_blocks, Hkv, block_size, D]`` as the compiled kernels address them:
     C-contiguous arrays ``[num_blocks, Hkv, slots, block_size, D]`` and the slot of each, so that the compiled loads
     of a row are unit-stride (numba compiles generic strided loads for any other view, which LLVM does not
     vectorise). The two halves of one slab ``[num_blocks, Hkv, 2, block_size, D]`` (each block and head's keys then
-    values: a DASH-KV layer's cache in vLLM, ``hf_dashkv.vllm.paged.dashkv_kv_views``) are read in place, as are
-    C-contiguous keys and values (one slot each); other layouts are copied."""
+    values: a DASH-KV layer's cache in vLLM, ``hf_dashkv.vllm.paged.dashkv_kv_views``) are used in place, as are
+    C-contiguous keys and values (one slot each); other layouts are copied (``copy``) or refused."""
     blocks, heads, block_size, dim = key.shape
     half = block_size * dim
     slab_strides = (heads * 2 * half, 2 * half, dim, 1)
@@ -279,6 +316,9 @@ def _kv_rows(key: torch.Tensor, value: torch.Tensor) -> tuple[tuple[np.ndarray, 
     if in_slab:
         slab = _array(key.as_strided((blocks, heads, 2, block_size, dim), (heads * 2 * half, 2 * half, half, dim, 1)))
         return (slab, 0), (slab, 1)
+    if not copy and not (key.is_contiguous() and value.is_contiguous()):
+        raise ValueError("Writing K/V in place needs the two halves of one [num_blocks, Hkv, 2, block_size, D] slab or "
+                         f"C-contiguous keys and values; got strides {key.stride()} and {value.stride()}.")
     return (_array(key.contiguous()[:, :, None]), 0), (_array(value.contiguous()[:, :, None]), 0)
 
 
@@ -548,6 +588,25 @@ if numba is not None:
                 valid_out[b, h, slot] = True
                 logits_out[:, slot] = logits[:, s]
                 slot += 1
+
+    @numba.njit(cache=True, nogil=True)
+    def _store_kernel(slots, key, value, k, k_slot, v, v_slot, projections, codes):
+        """Token ``t``'s key and value rows into ``k[block, h, k_slot, offset]``, ``v[..., v_slot, ...]`` and the signs
+        of its projections, packed (bit ``i % 8`` of byte ``i // 8`` set where ``projections[h, t, i] > 0``), into
+        ``codes[block, h, offset]``, for each token with a slot ``>= 0``."""
+        block_size = k.shape[3]
+        for t in range(slots.shape[0]):
+            if slots[t] < 0:
+                continue
+            block, offset = slots[t] // block_size, slots[t] % block_size
+            for h in range(key.shape[1]):
+                k[block, h, k_slot, offset, :] = key[t, h, :]
+                v[block, h, v_slot, offset, :] = value[t, h, :]
+                for j in range(codes.shape[3]):
+                    byte = 0
+                    for bit in range(8):
+                        byte |= np.uint8(projections[h, t, 8 * j + bit] > 0) << bit
+                    codes[block, h, offset, j] = byte
 
     @numba.njit(parallel=True, cache=True, nogil=True)
     def _decode_kernel(query, q_codes, k_codes, k, k_slot, v, v_slot, tables, block_size, first, ends, sinks, recent,

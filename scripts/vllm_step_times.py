@@ -8,8 +8,8 @@ on), ``batch`` random prompts of ``context`` tokens prefilled once; then, altern
 vllm`` does (DASH-KV detached and its layers' keys rewritten in vLLM's layout for "vLLM"), ``generate(1 + new)``
 timed step by step (``bench.step_seconds``): over its last ``new`` steps (decode steps of the whole batch), the
 median of each step's time, of the time spent in ``DashKVCPUImpl.forward`` (on the layers that carry DASH-KV, and on
-the others) and of that in ``backend.kernel_decode``. A diagnostic, not the benchmark: single runs, on a shared
-machine.
+the others) and of that in ``backend.kernel_decode`` (with ``--per-step``, each step's time too). A diagnostic, not
+the benchmark: single runs, on a shared machine.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--per-step", action="store_true", help="also print each decode step's ms, in order")
     args = parser.parse_args()
 
     import torch
@@ -68,23 +69,31 @@ def main() -> None:
     context = llm.llm_engine.vllm_config.compilation_config.static_forward_context
     hashed.update(name for name, layer in context.items() if getattr(layer, "dashkv", None) is not None)
 
-    def run(tokens: int) -> dict[str, float]:
-        """Median ms of the last ``tokens - 1`` (decode) steps: the whole step and each counter."""
+    def run(tokens: int) -> tuple[dict[str, float], list[float]]:
+        """Median ms of the last ``tokens - 1`` (decode) steps, the whole step's and each counter's, and each of
+        those steps' ms."""
         seconds = step_seconds(llm, prompts, tokens, lambda: spent.append(dict.fromkeys(SPENT, 0.0)))
         decode = [{"step": t, **c} for t, c in zip(seconds, spent)][-(tokens - 1):]
         spent.clear()
-        return {name: statistics.median(step[name] for step in decode) * 1e3 for name in ("step", *SPENT)}
+        medians = {name: statistics.median(step[name] for step in decode) * 1e3 for name in ("step", *SPENT)}
+        return medians, [step["step"] * 1e3 for step in decode]
 
     start = time.perf_counter()
     run(2)
     print(f"{args.batch} x {args.context}: prefill {time.perf_counter() - start:.1f} s; ms per decode step (median):")
     print("| mode | step | attention, hashed layers | attention, other layers | DASH-KV kernel | K/V (and codes) write, "
           "hashed layers | K/V write, other layers | metadata build |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    steps = []
     for _ in range(args.repeats):
         for mode in ("vLLM", "DASH-KV"):
             attach(mode == "DASH-KV")
-            ms = run(1 + args.new_tokens)
+            ms, each = run(1 + args.new_tokens)
+            steps.append((mode, each))
             print(f"| {mode} | {' | '.join(f'{ms[name]:.1f}' for name in ('step', *SPENT))} |", flush=True)
+    if args.per_step:
+        print("\nms of each decode step, in order (sum in brackets):")
+        for mode, each in steps:
+            print(f"{mode}: [{sum(each):.0f}] {', '.join(f'{t:.0f}' for t in each)}")
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ On a DASH-KV layer:
 
 - ``do_kv_cache_update``: K/V written at their slots with the keys row-major (``paged.dashkv_kv_views``: a selected
   key is one contiguous row, not one value per cache line), and the keys (post-RoPE, as ``DashKVCache.store`` sees
-  them) hashed once and their codes written at the same slots (``paged.write_at_slots``): prefill and decode
-  tokens alike;
+  them) hashed once and their codes written at the same slots, prefill and decode tokens alike: the layer's
+  ``LayerState.store`` (:func:`choose_store`: one compiled call, ``kernels.store_paged``, or the PyTorch reference
+  :func:`reference_store`);
 - the metadata builder splits, once per step, the query tokens that decode with selection from the others. A token
   decodes with selection where ``generate`` would: at a position past its request's prompt (a generated token: a
   decode step, or one that vLLM recomputes after a preemption, replayed as the decode step it was) whose context the
@@ -50,6 +51,7 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
+from ..codes import pack_signs
 from ..policy import DecodePolicy
 from .paged import PagedLayer, dashkv_kv_views, first_selected, paged_decode, stock_layout_copy, write_at_slots
 from .settings import WORKER_CLS, LayerState
@@ -188,11 +190,9 @@ class DashKVCPUImpl(CPUAttentionBackendImpl):
         if state is None:
             return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
         tokens = min(key.shape[0], slot_mapping.shape[0])
-        slots, key = slot_mapping[:tokens], key[:tokens]  # key, value: [T, Hkv, D]
-        key_view, value_view = dashkv_kv_views(kv_cache)
-        codes = state.encoders.encode_keys(key.transpose(0, 1).unsqueeze(0))  # [1, Hkv, T, nbytes]
-        write_at_slots(slots, (key_view, key), (value_view, value[:tokens]),
-                       (state.codes.kv_cache, codes[0].transpose(0, 1)))
+        key, value = key[:tokens], value[:tokens]  # [T, Hkv, D]
+        projections = state.encoders.key_projections(key.transpose(0, 1))  # [Hkv, T, bits]: their signs are the codes
+        state.store(slot_mapping[:tokens], key, value, projections, *dashkv_kv_views(kv_cache), state.codes.kv_cache)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
@@ -230,6 +230,22 @@ def choose_decode(isa: str, dtype: torch.dtype) -> Callable:
     if kernels().numba is None or dtype not in kernels().FLOAT_DTYPES:
         return reference_decode
     return kernel_decode
+
+
+def choose_store(dtype: torch.dtype) -> Callable:
+    """How a DASH-KV layer with a ``dtype`` K/V cache writes new tokens' K/V and codes, chosen once per layer (by
+    ``model.attach``): one compiled call (``kernels.store_paged``) for fp32 and bf16, else :func:`reference_store`;
+    the two are tested equal."""
+    if kernels().numba is None or dtype not in kernels().FLOAT_DTYPES:
+        return reference_store
+    return kernels().store_paged
+
+
+def reference_store(slot_mapping, key, value, key_projections, key_cache, value_cache, code_cache) -> None:
+    """``kernels.store_paged`` in PyTorch (the same arguments): ``paged.write_at_slots`` of the K/V and the packed
+    signs of the projections."""
+    codes = pack_signs(key_projections).transpose(0, 1)  # [T, Hkv, nbytes]
+    write_at_slots(slot_mapping, (key_cache, key), (value_cache, value), (code_cache, codes))
 
 
 @functools.cache

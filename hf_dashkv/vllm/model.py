@@ -29,6 +29,7 @@ from vllm.v1.attention.backend import AttentionBackend, AttentionMetadataBuilder
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheLayout
 
 from . import settings
+from .backend import choose_store
 
 
 class CodesMetadataBuilder(AttentionMetadataBuilder):
@@ -106,6 +107,7 @@ def attach(model: torch.nn.Module, vllm_config) -> None:
         raise ValueError(f"DASH-KV in vLLM needs an unquantized KV cache, not kv_cache_dtype="
                          f"{vllm_config.cache_config.cache_dtype!r}.")
     encoders, policy, layout = settings.load(vllm_config.model_config.hf_config)
+    store = choose_store(vllm_config.model_config.dtype)
     heads = settings.rank_kv_heads(layout.num_kv_heads, get_tensor_model_parallel_world_size(),
                                    get_tensor_model_parallel_rank())
     held = range(getattr(model, "start_layer", 0), getattr(model, "end_layer", len(model.layers)))
@@ -120,7 +122,7 @@ def attach(model: torch.nn.Module, vllm_config) -> None:
         codes = DashKVCodes(f"{attn.layer_name}.codes", attn.num_kv_heads, encoders.config.code_bytes)
         owner.dashkv_codes = codes  # a submodule without parameters: weight loading is unchanged
         layer_encoders = encoders[idx] if len(heads) == layout.num_kv_heads else encoders[idx].shard(heads)
-        attn.dashkv = settings.LayerState(layer_encoders, policy, idx, codes)
+        attn.dashkv = settings.LayerState(layer_encoders, policy, idx, codes, store)
 
 
 class DashKVModel:

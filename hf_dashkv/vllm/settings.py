@@ -16,6 +16,7 @@ depends on environment variables or on files the caller must keep. Nothing here 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,11 +168,13 @@ def load(hf_config) -> tuple[HashEncoders, DecodePolicy, ModelLayout]:
 @dataclass(frozen=True)
 class LayerState:
     """What a hashed attention layer carries in the engine (``attn.dashkv``): its encoders (this tensor-parallel
-    rank's KV heads only: ``LayerEncoders.shard``), the policy, its model layer index and the module whose paged
+    rank's KV heads only: ``LayerEncoders.shard``), the policy, its model layer index, the module whose paged
     cache holds its key codes (``codes.kv_cache``, ``[num_blocks, Hkv, block_size, nbytes]`` uint8, bound by vLLM
-    after the model is built)."""
+    after the model is built) and how its new tokens' K/V and codes are written (``store``, with the arguments of
+    ``kernels.store_paged``; chosen once, ``backend.choose_store``)."""
 
     encoders: LayerEncoders
     policy: DecodePolicy
     layer_idx: int
     codes: torch.nn.Module
+    store: Callable

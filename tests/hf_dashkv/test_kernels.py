@@ -286,3 +286,45 @@ def test_paged_kernel_equals_the_paged_reference(policy, layout):
         assert not valid[r, :, width:].any()  # a smaller budget than the batch's largest: the rest unused
         assert torch.equal(valid[r, :, :width], selection.valid[0])
         assert torch.equal(rows[r, :, :width][valid[r, :, :width]], selection.rows[0][selection.valid[0]])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["dashkv layer", "contiguous"])
+def test_paged_store_writes_what_the_slot_writes_and_sign_packing_write(dtype, layout):
+    from hf_dashkv.vllm.paged import dashkv_kv_views, write_at_slots
+
+    g = torch.Generator().manual_seed(0)
+    blocks, heads, block_size, dim, bits, tokens = 6, 2, 4, 8, 24, 7
+    qkv = torch.randn(tokens, 5 * heads * dim, generator=g).to(dtype)  # keys and values are strided views, as in vLLM
+    key = qkv[:, heads * dim:2 * heads * dim].view(tokens, heads, dim)
+    value = qkv[:, -heads * dim:].view(tokens, heads, dim)
+    projections = torch.randn(heads, tokens, bits, generator=g)
+    projections[0, 0, :3] = 0.0  # zero is not positive: no bit
+    slots = torch.randperm(blocks * block_size, generator=g)[:tokens]
+    slots[2] = -1  # padding: not written
+
+    def caches():
+        if layout == "dashkv layer":
+            key_cache, value_cache = dashkv_kv_views(torch.full((blocks, heads, block_size, 2 * dim), 7.0, dtype=dtype))
+        else:
+            key_cache, value_cache = (torch.full((blocks, heads, block_size, dim), 7.0, dtype=dtype) for _ in range(2))
+        return key_cache, value_cache, torch.full((blocks, heads, block_size, bits // 8), 9, dtype=torch.uint8)
+
+    expected, got = caches(), caches()
+    codes = pack_signs(projections).transpose(0, 1)  # [T, Hkv, nbytes]
+    write_at_slots(slots, (expected[0], key), (expected[1], value), (expected[2], codes))
+    kernels.store_paged(slots, key, value, projections, *got)
+    for want, have in zip(expected, got):
+        assert torch.equal(have, want)
+    untouched = torch.ones(blocks * block_size, dtype=torch.bool)
+    untouched[slots[slots >= 0]] = False
+    assert (got[2].transpose(1, 2).flatten(0, 1)[untouched] == 9).all()
+
+
+def test_paged_store_refuses_a_layout_it_would_write_into_a_copy():
+    from hf_dashkv.vllm.paged import cpu_kv_views
+
+    key_cache, value_cache = cpu_kv_views(torch.zeros(2, 1, 4, 16))  # vLLM's layout: keys transposed per block
+    with pytest.raises(ValueError, match="in place"):
+        kernels.store_paged(torch.tensor([0]), torch.zeros(1, 1, 8), torch.zeros(1, 1, 8), torch.zeros(1, 1, 8),
+                            key_cache, value_cache, torch.zeros(2, 1, 4, 1, dtype=torch.uint8))
