@@ -13,8 +13,8 @@ against them in ``tests/hf_dashkv/test_kernels.py``), faster; ``backends.NumbaBa
   scores of the shortlisted keys cut it to the budget (a partition, no sort), and attention follows, in the same
   call, reusing those logits (no key row is read twice).
 - :func:`store_paged` writes a serving step's new keys, values and key codes at their slots of a paged cache in
-  one call (the sign packing of ``codes.pack_signs`` and the slot writes of ``vllm.paged.write_at_slots``), where
-  PyTorch takes a dozen small ops per layer.
+  one call (``vllm.paged.store_at_slots``: the sign packing and three slot writes), where PyTorch takes a dozen
+  small ops per layer.
 
 Why numba: it installs as a wheel (no compiler at install time, unlike a C++ extension), reaches LLVM's
 ``ctpop`` and ``prefetch`` intrinsics, runs ``prange`` loops on all cores, and caches machine code on disk.
@@ -244,8 +244,7 @@ def store_paged(
     code_cache: torch.Tensor,
 ) -> None:
     """New tokens' keys, values and key codes written at their slots of a paged cache, in place:
-    ``vllm.paged.write_at_slots`` of ``key``, ``value`` and ``codes.pack_signs(key_projections)``, compiled (tested
-    equal).
+    ``hf_dashkv.vllm.paged.store_at_slots`` compiled (tested equal).
 
     Args:
         slot_mapping: int ``[T]``, token ``t`` at block ``slot // block_size``, offset ``slot % block_size``;

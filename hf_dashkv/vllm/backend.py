@@ -13,7 +13,7 @@ On a DASH-KV layer:
   key is one contiguous row, not one value per cache line), and the keys (post-RoPE, as ``DashKVCache.store`` sees
   them) hashed once and their codes written at the same slots, prefill and decode tokens alike: the layer's
   ``LayerState.store`` (:func:`choose_store`: one compiled call, ``kernels.store_paged``, or the PyTorch reference
-  :func:`reference_store`);
+  ``paged.store_at_slots``);
 - the metadata builder splits, once per step, the query tokens that decode with selection from the others. A token
   decodes with selection where ``generate`` would: at a position past its request's prompt (a generated token: a
   decode step, or one that vLLM recomputes after a preemption, replayed as the decode step it was) whose context the
@@ -51,9 +51,8 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from ..codes import pack_signs
 from ..policy import DecodePolicy
-from .paged import PagedLayer, dashkv_kv_views, first_selected, paged_decode, stock_layout_copy, write_at_slots
+from .paged import PagedLayer, dashkv_kv_views, first_selected, paged_decode, stock_layout_copy, store_at_slots
 from .settings import WORKER_CLS, LayerState
 
 if TYPE_CHECKING:
@@ -234,18 +233,11 @@ def choose_decode(isa: str, dtype: torch.dtype) -> Callable:
 
 def choose_store(dtype: torch.dtype) -> Callable:
     """How a DASH-KV layer with a ``dtype`` K/V cache writes new tokens' K/V and codes, chosen once per layer (by
-    ``model.attach``): one compiled call (``kernels.store_paged``) for fp32 and bf16, else :func:`reference_store`;
-    the two are tested equal."""
+    ``model.attach``): one compiled call (``kernels.store_paged``) for fp32 and bf16, else the PyTorch reference
+    ``paged.store_at_slots``; the two are tested equal."""
     if kernels().numba is None or dtype not in kernels().FLOAT_DTYPES:
-        return reference_store
+        return store_at_slots
     return kernels().store_paged
-
-
-def reference_store(slot_mapping, key, value, key_projections, key_cache, value_cache, code_cache) -> None:
-    """``kernels.store_paged`` in PyTorch (the same arguments): ``paged.write_at_slots`` of the K/V and the packed
-    signs of the projections."""
-    codes = pack_signs(key_projections).transpose(0, 1)  # [T, Hkv, nbytes]
-    write_at_slots(slot_mapping, (key_cache, key), (value_cache, value), (code_cache, codes))
 
 
 @functools.cache

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..codes import pack_signs
 from ..exact import attend_rows
 from ..policy import DecodePolicy
 from ..selection import Selection
@@ -200,3 +201,13 @@ def write_at_slots(slot_mapping: torch.Tensor, *writes: tuple[torch.Tensor, torc
     blocks, offsets = slots // block_size, slots % block_size
     for paged, rows in writes:
         paged[blocks, :, offsets] = rows[keep].to(paged.dtype)
+
+
+def store_at_slots(slot_mapping: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_projections: torch.Tensor,
+                   key_cache: torch.Tensor, value_cache: torch.Tensor, code_cache: torch.Tensor) -> None:
+    """New tokens' keys, values and key codes at their slots (what a hashed layer writes each step):
+    :func:`write_at_slots` of ``key``, ``value`` ``[T, Hkv, D]`` into ``key_cache``, ``value_cache`` and of the signs
+    of ``key_projections`` ``[Hkv, T, bits]`` (the key encoder's output, ``LayerEncoders.key_projections``), packed as
+    ``codes.pack_signs`` packs them, into ``code_cache``. ``kernels.store_paged`` is this, compiled."""
+    codes = pack_signs(key_projections).transpose(0, 1)  # [T, Hkv, nbytes]
+    write_at_slots(slot_mapping, (key_cache, key), (value_cache, value), (code_cache, codes))

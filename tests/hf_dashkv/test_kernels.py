@@ -290,8 +290,8 @@ def test_paged_kernel_equals_the_paged_reference(policy, layout):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["dashkv layer", "contiguous"])
-def test_paged_store_writes_what_the_slot_writes_and_sign_packing_write(dtype, layout):
-    from hf_dashkv.vllm.paged import dashkv_kv_views, write_at_slots
+def test_paged_store_equals_the_pytorch_store(dtype, layout):
+    from hf_dashkv.vllm.paged import dashkv_kv_views, store_at_slots
 
     g = torch.Generator().manual_seed(0)
     blocks, heads, block_size, dim, bits, tokens = 6, 2, 4, 8, 24, 7
@@ -311,8 +311,7 @@ def test_paged_store_writes_what_the_slot_writes_and_sign_packing_write(dtype, l
         return key_cache, value_cache, torch.full((blocks, heads, block_size, bits // 8), 9, dtype=torch.uint8)
 
     expected, got = caches(), caches()
-    codes = pack_signs(projections).transpose(0, 1)  # [T, Hkv, nbytes]
-    write_at_slots(slots, (expected[0], key), (expected[1], value), (expected[2], codes))
+    store_at_slots(slots, key, value, projections, *expected)
     kernels.store_paged(slots, key, value, projections, *got)
     for want, have in zip(expected, got):
         assert torch.equal(have, want)
