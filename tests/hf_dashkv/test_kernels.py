@@ -315,6 +315,9 @@ def test_paged_store_equals_the_pytorch_store(dtype, layout):
     kernels.store_paged(slots, key, value, projections, *got)
     for want, have in zip(expected, got):
         assert torch.equal(have, want)
+    block, offset = divmod(int(slots[0]), block_size)  # written, not left as filled (both stores a no-op would pass)
+    assert torch.equal(got[0][block, :, offset], key[0]) and torch.equal(got[1][block, :, offset], value[0])
+    assert torch.equal(got[2][block, :, offset], pack_signs(projections[:, 0]))
     untouched = torch.ones(blocks * block_size, dtype=torch.bool)
     untouched[slots[slots >= 0]] = False
     assert (got[2].transpose(1, 2).flatten(0, 1)[untouched] == 9).all()
